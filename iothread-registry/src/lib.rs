@@ -1,1 +1,21 @@
-//! placeholder
+//! Named IOThreads running [`aio_poll`] event loops, with QEMU-compatible
+//! parameters, holder tracking, `query-iothreads`/`info iothreads` output and
+//! `iothread-vq-mapping` assignment.
+#![deny(missing_docs)]
+
+mod error;
+mod holder;
+mod id;
+mod info;
+mod mapping;
+mod params;
+
+pub use error::{Error, IdError, Result};
+pub use holder::IoThreadHolder;
+pub use id::validate_id;
+pub use info::{format_info_iothreads, IoThreadInfo};
+pub use mapping::{assign_vqs, IoThreadVqMapping, MappingError};
+pub use params::{
+    IoThreadParams, Property, DEFAULT_AIO_MAX_BATCH, DEFAULT_POLL_GROW, DEFAULT_POLL_MAX_NS,
+    DEFAULT_POLL_SHRINK, DEFAULT_POLL_WEIGHT, MAX_POLL_WEIGHT,
+};
