@@ -1,0 +1,205 @@
+//! Creating, naming, deleting and stopping IOThreads.
+
+mod common;
+
+use common::{task_comm, task_exists, wait_until};
+use iothread_registry::{Error, IoThreadParams, IoThreadRegistry, IoThreadState};
+
+#[test]
+fn create_lists_ids_in_creation_order() {
+    let r = IoThreadRegistry::new();
+    r.create("io1", IoThreadParams::default()).unwrap();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    r.create("a.b-c_d", IoThreadParams::default()).unwrap();
+    assert_eq!(r.ids(), ["io1", "io0", "a.b-c_d"]);
+    assert!(r.contains("io0"));
+    assert!(!r.contains("io2"));
+    assert_eq!(r.state("io0").unwrap(), IoThreadState::Running);
+}
+
+#[test]
+fn threads_are_named_and_report_their_tid() {
+    let r = IoThreadRegistry::new();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    r.create("iothread-long-name", IoThreadParams::default()).unwrap();
+    let t0 = r.thread_id("io0").unwrap();
+    let t1 = r.thread_id("iothread-long-name").unwrap();
+    // SAFETY: getpid(2) has no preconditions.
+    let pid = i64::from(unsafe { libc::getpid() });
+    assert!(t0 > 0 && t1 > 0 && t0 != t1 && t0 != pid);
+    assert!(task_exists(t0));
+    assert_eq!(task_comm(t0), "IO io0");
+    // The kernel keeps 15 bytes of a thread name.
+    assert_eq!(task_comm(t1), "IO iothread-lon");
+    // The loop runs on that thread.
+    let tid_inside = r.call("io0", |_| std::fs::read_link("/proc/thread-self").unwrap()).unwrap();
+    assert!(tid_inside.ends_with(format!("task/{t0}")), "{tid_inside:?}");
+    let name_inside = r
+        .call("iothread-long-name", |_| std::thread::current().name().map(str::to_owned))
+        .unwrap();
+    assert_eq!(name_inside.as_deref(), Some("IO iothread-long-name"));
+}
+
+#[test]
+fn duplicate_id_refused() {
+    let r = IoThreadRegistry::new();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    let err = r.create("io0", IoThreadParams::default()).unwrap_err();
+    assert!(matches!(&err, Error::AlreadyExists { id } if id == "io0"));
+    assert_eq!(err.to_string(), "an IOThread with id 'io0' already exists");
+    assert_eq!(r.ids(), ["io0"]);
+}
+
+#[test]
+fn bad_ids_refused() {
+    let r = IoThreadRegistry::new();
+    for id in ["", "0io", "_io", "io 0", "io/0", "io\u{e9}", "io:0"] {
+        let err = r.create(id, IoThreadParams::default()).unwrap_err();
+        assert!(matches!(err, Error::InvalidId { .. }), "{id:?}: {err}");
+    }
+    assert!(r.ids().is_empty());
+}
+
+#[test]
+fn bad_params_refused_at_creation() {
+    let r = IoThreadRegistry::new();
+    let p = IoThreadParams {
+        poll_weight: 64,
+        ..Default::default()
+    };
+    let err = r.create("io0", p).unwrap_err();
+    assert_eq!(err.to_string(), "poll-weight value must be in range [0, 63]");
+    let p = IoThreadParams {
+        poll_max_ns: -1,
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.create("io0", p).unwrap_err(),
+        Error::InvalidValue { property: "poll-max-ns", value: -1, .. }
+    ));
+    assert!(!r.contains("io0"));
+}
+
+#[test]
+fn delete_stops_and_joins() {
+    let r = IoThreadRegistry::new();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    r.create("io1", IoThreadParams::default()).unwrap();
+    let tid = r.thread_id("io0").unwrap();
+    r.delete("io0").unwrap();
+    // Joined: the host thread is gone when delete returns.
+    assert!(!task_exists(tid));
+    assert_eq!(r.ids(), ["io1"]);
+    assert!(matches!(r.thread_id("io0"), Err(Error::NotFound { .. })));
+    // The id can be reused.
+    r.create("io0", IoThreadParams::default()).unwrap();
+    assert_eq!(r.ids(), ["io1", "io0"]);
+    assert_ne!(r.thread_id("io0").unwrap(), tid);
+}
+
+#[test]
+fn delete_unknown_is_not_found() {
+    let r = IoThreadRegistry::new();
+    let err = r.delete("nope").unwrap_err();
+    assert!(matches!(&err, Error::NotFound { id } if id == "nope"));
+    assert_eq!(err.to_string(), "Cannot find iothread nope");
+}
+
+#[test]
+fn dropping_the_registry_stops_all() {
+    let r = IoThreadRegistry::new();
+    let clone = r.clone();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    r.create("io1", IoThreadParams::default()).unwrap();
+    let tids = [r.thread_id("io0").unwrap(), r.thread_id("io1").unwrap()];
+    drop(r);
+    // A clone keeps them alive.
+    assert!(tids.iter().all(|&t| task_exists(t)));
+    assert_eq!(clone.call("io1", |_| 5).unwrap(), 5);
+    drop(clone);
+    assert!(tids.iter().all(|&t| !task_exists(t)));
+}
+
+#[test]
+fn submit_and_call_run_on_the_iothread() {
+    let r = IoThreadRegistry::new();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    let tid = r.thread_id("io0").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..100 {
+        let tx = tx.clone();
+        r.submit("io0", move |_| tx.send(i).unwrap()).unwrap();
+    }
+    // Fire-and-forget closures run in submission order.
+    let got: Vec<i32> = (0..100).map(|_| rx.recv_timeout(common::TIMEOUT).unwrap()).collect();
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+    let inside = r
+        .call("io0", |_| std::fs::read_link("/proc/thread-self").unwrap())
+        .unwrap();
+    assert!(inside.ends_with(format!("task/{tid}")));
+    assert!(matches!(r.call("nope", |_| ()), Err(Error::NotFound { .. })));
+    assert!(matches!(r.submit("nope", |_| ()), Err(Error::NotFound { .. })));
+}
+
+#[test]
+fn waiting_on_itself_is_refused() {
+    let r = IoThreadRegistry::new();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    r.create("io1", IoThreadParams::default()).unwrap();
+    let inner = r.clone();
+    let (same, other, delete) = r
+        .call("io0", move |_| {
+            (
+                inner.call("io0", |_| 1),
+                inner.call("io1", |_| 2),
+                inner.delete("io0"),
+            )
+        })
+        .unwrap();
+    assert!(matches!(same, Err(Error::WouldDeadlock { ref id }) if id == "io0"));
+    assert_eq!(other.unwrap(), 2);
+    assert!(matches!(delete, Err(Error::WouldDeadlock { .. })));
+    assert_eq!(r.ids(), ["io0", "io1"]);
+    r.delete("io0").unwrap();
+}
+
+#[test]
+fn panics_are_contained_and_reported() {
+    let r = IoThreadRegistry::new();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    r.create("io1", IoThreadParams::default()).unwrap();
+    r.submit("io0", |_| panic!("boom in io0")).unwrap();
+    assert!(wait_until(|| r.state("io0").unwrap() != IoThreadState::Running));
+    assert_eq!(
+        r.state("io0").unwrap(),
+        IoThreadState::Panicked {
+            message: "boom in io0".into()
+        }
+    );
+    assert!(matches!(r.call("io0", |_| 1), Err(Error::ThreadGone { .. })));
+    assert!(matches!(r.submit("io0", |_| ()), Err(Error::ThreadGone { .. })));
+    let stats = r.stats("io0").unwrap();
+    assert!(matches!(stats.state, IoThreadState::Panicked { .. }));
+    // Other IOThreads are unaffected; the dead one can still be listed and deleted.
+    assert_eq!(r.call("io1", |_| 7).unwrap(), 7);
+    assert_eq!(r.query_iothreads().len(), 2);
+    r.delete("io0").unwrap();
+    assert_eq!(r.ids(), ["io1"]);
+}
+
+#[test]
+fn call_racing_with_a_panic_never_hangs() {
+    let r = IoThreadRegistry::new();
+    r.create("io0", IoThreadParams::default()).unwrap();
+    // The first closure kills the loop; the second is queued behind it and can never
+    // run: call() must notice and fail.
+    r.submit("io0", |_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        panic!("second closure never runs");
+    })
+    .unwrap();
+    match r.call("io0", |_| 1) {
+        Err(Error::ThreadGone { id }) => assert_eq!(id, "io0"),
+        other => panic!("expected ThreadGone, got {other:?}"),
+    }
+}
