@@ -1,0 +1,147 @@
+//! A minimal epoll wrapper with nanosecond timeouts (`epoll_pwait2`, falling
+//! back to millisecond `epoll_wait` on kernels older than 5.11).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether `epoll_pwait2` is known to be missing (ENOSYS once seen).
+static NO_PWAIT2: AtomicBool = AtomicBool::new(false);
+
+/// The epoll instance of a context. Closed on drop.
+#[derive(Debug)]
+pub(crate) struct Epoll {
+    fd: OwnedFd,
+}
+
+/// `epoll_ctl` operations.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ctl {
+    Add,
+    Modify,
+    Delete,
+}
+
+/// An empty event buffer entry.
+pub(crate) fn empty_event() -> libc::epoll_event {
+    libc::epoll_event { events: 0, u64: 0 }
+}
+
+impl Epoll {
+    /// `epoll_create1(EPOLL_CLOEXEC)`.
+    pub(crate) fn new() -> io::Result<Epoll> {
+        // SAFETY: plain syscall without pointer arguments.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Epoll { fd })
+    }
+
+    /// `epoll_ctl(op, fd, {events, data})`.
+    pub(crate) fn ctl(&self, op: Ctl, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: data };
+        let op = match op {
+            Ctl::Add => libc::EPOLL_CTL_ADD,
+            Ctl::Modify => libc::EPOLL_CTL_MOD,
+            Ctl::Delete => libc::EPOLL_CTL_DEL,
+        };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call; the
+        // kernel validates `fd` and returns EBADF/ENOENT/EEXIST on misuse.
+        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ns` (`None` = forever, `Some(0)` = just check) and
+    /// fills `events`. Returns the number of ready events; EINTR yields 0.
+    pub(crate) fn wait(
+        &self,
+        events: &mut [libc::epoll_event],
+        timeout_ns: Option<u64>,
+    ) -> io::Result<usize> {
+        let max = i32::try_from(events.len()).unwrap_or(i32::MAX);
+        if max == 0 {
+            return Ok(0);
+        }
+        let rc = match timeout_ns {
+            Some(ns) if ns > 0 && !NO_PWAIT2.load(Ordering::Relaxed) => {
+                let ts = libc::timespec {
+                    tv_sec: libc::time_t::try_from(ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
+                    tv_nsec: libc::c_long::try_from(ns % 1_000_000_000).unwrap_or(0),
+                };
+                // SAFETY: `events` is a writable buffer of at least `max` entries,
+                // `ts` outlives the call and a null sigmask means "unchanged".
+                let rc = unsafe {
+                    libc::epoll_pwait2(
+                        self.fd.as_raw_fd(),
+                        events.as_mut_ptr(),
+                        max,
+                        &ts,
+                        std::ptr::null(),
+                    )
+                };
+                if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                    NO_PWAIT2.store(true, Ordering::Relaxed);
+                    self.wait_ms(events, max, timeout_ns)
+                } else {
+                    rc
+                }
+            }
+            _ => self.wait_ms(events, max, timeout_ns),
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(err);
+        }
+        Ok(usize::try_from(rc).unwrap_or(0))
+    }
+
+    fn wait_ms(&self, events: &mut [libc::epoll_event], max: i32, timeout_ns: Option<u64>) -> i32 {
+        let ms = match timeout_ns {
+            None => -1,
+            // Round up so that a timer is never woken early.
+            Some(ns) => i32::try_from(ns.div_ceil(1_000_000)).unwrap_or(i32::MAX),
+        };
+        // SAFETY: `events` is a writable buffer of at least `max` entries.
+        unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), max, ms) }
+    }
+}
+
+impl AsRawFd for Epoll {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[test]
+    fn add_wait_delete() {
+        let ep = Epoll::new().unwrap();
+        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+        ep.ctl(Ctl::Add, efd.as_raw_fd(), libc::EPOLLIN as u32, 7)
+            .unwrap();
+        let mut evs = [empty_event(); 4];
+        assert_eq!(ep.wait(&mut evs, Some(0)).unwrap(), 0);
+        assert_eq!(ep.wait(&mut evs, Some(1_000)).unwrap(), 0);
+        efd.write(1).unwrap();
+        assert_eq!(ep.wait(&mut evs, None).unwrap(), 1);
+        let data = evs[0].u64;
+        assert_eq!(data, 7);
+        ep.ctl(Ctl::Delete, efd.as_raw_fd(), 0, 0).unwrap();
+        assert_eq!(ep.wait(&mut evs, Some(0)).unwrap(), 0);
+        assert!(ep.ctl(Ctl::Delete, efd.as_raw_fd(), 0, 0).is_err());
+        assert!(ep.ctl(Ctl::Add, -1, 0, 0).is_err());
+    }
+}
