@@ -1,0 +1,666 @@
+//! A raw disk image file, opened buffered or with `O_DIRECT`, plus the
+//! synchronous primitives every engine shares (vectored read/write loops,
+//! `fdatasync`, discard and write-zeroes via `fallocate`) and the aligned
+//! bounce buffers `O_DIRECT` needs for unaligned guest buffers.
+
+use std::alloc::{self, Layout};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::backend::{DiskOp, DiskOpKind, GuestBuffers};
+
+/// Most iovecs one `preadv`/`pwritev`/io_uring vectored op accepts.
+pub const IOV_MAX: usize = 1024;
+/// Requests larger than this that would need a bounce buffer go through the
+/// buffered file descriptor instead (bounds host memory per request).
+pub const MAX_BOUNCE_BYTES: usize = 8 << 20;
+/// Chunk size of the write-zeroes fallback that writes real zeroes.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// A zero-initialised heap buffer with a given alignment (for `O_DIRECT`).
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: AlignedBuf exclusively owns its allocation (like Vec<u8>).
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `len` zeroed bytes aligned to `align` (a power of two).
+    pub fn new(len: usize, align: usize) -> io::Result<AlignedBuf> {
+        let layout = Layout::from_size_align(len.max(1), align)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for layout.size() initialised bytes, owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    /// One iovec covering the first `len` bytes (clamped to the buffer).
+    pub fn iovec(&mut self, len: usize) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr.as_ptr().cast(),
+            iov_len: len.min(self.layout.size()),
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with exactly this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// How one read or write is carried out on the file.
+pub struct IoPlan {
+    /// The descriptor to use (direct or buffered).
+    pub fd: RawFd,
+    /// File offset.
+    pub offset: u64,
+    /// The buffers (guest memory, or the bounce buffer).
+    pub iovecs: Vec<libc::iovec>,
+    /// The bounce buffer, if the guest buffers could not be used directly.
+    pub bounce: Option<AlignedBuf>,
+}
+
+// SAFETY: the iovecs point either into `bounce` (owned) or into guest memory
+// kept mapped by the DiskOp's GuestBuffers, which the caller keeps alive
+// together with the plan.
+unsafe impl Send for IoPlan {}
+
+/// A raw image file.
+pub struct RawFile {
+    path: PathBuf,
+    buffered: File,
+    direct: Option<File>,
+    read_only: bool,
+    mem_align: usize,
+    offset_align: u64,
+    punch_hole: AtomicBool,
+    zero_range: AtomicBool,
+}
+
+fn dio_alignment(file: &File) -> (usize, u64) {
+    // SAFETY: zeroed statx is a valid out-parameter.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, empty path with AT_EMPTY_PATH, stx points to a statx.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_mem_align != 0 {
+        (
+            (stx.stx_dio_mem_align as usize).max(512),
+            u64::from(stx.stx_dio_offset_align).max(512),
+        )
+    } else {
+        // Unknown: be conservative for memory, assume 512-byte sectors.
+        (4096, 512)
+    }
+}
+
+impl RawFile {
+    /// Opens `path` read-only or read-write; with `direct`, also with
+    /// `O_DIRECT` (used for every request whose offsets and lengths fit the
+    /// file system's direct-I/O alignment).
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> io::Result<RawFile> {
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .custom_flags(flags | libc::O_CLOEXEC)
+                .open(path)
+        };
+        let buffered = open(0)?;
+        let direct = if direct {
+            Some(open(libc::O_DIRECT)?)
+        } else {
+            None
+        };
+        let (mem_align, offset_align) = direct.as_ref().map_or((1, 1), dio_alignment);
+        Ok(RawFile {
+            path: path.to_path_buf(),
+            buffered,
+            direct,
+            read_only,
+            mem_align,
+            offset_align,
+            punch_hole: AtomicBool::new(true),
+            zero_range: AtomicBool::new(true),
+        })
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Opened with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// `(memory, offset)` alignment direct I/O needs.
+    pub fn dio_alignment(&self) -> (usize, u64) {
+        (self.mem_align, self.offset_align)
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> io::Result<u64> {
+        Ok(self.buffered.metadata()?.len())
+    }
+
+    /// The buffered descriptor (always open).
+    pub fn buffered_fd(&self) -> RawFd {
+        self.buffered.as_raw_fd()
+    }
+
+    /// Decides how a read or write runs: straight on guest memory, through
+    /// an aligned bounce buffer (direct I/O with unaligned guest buffers,
+    /// filled from the guest for writes), or on the buffered descriptor
+    /// (offset/length not aligned for direct I/O, a large unaligned request,
+    /// or more than [`IOV_MAX`] iovecs).
+    pub fn plan(&self, offset: u64, bufs: &GuestBuffers, is_write: bool) -> io::Result<IoPlan> {
+        let len = bufs.len();
+        let too_many = bufs.iovecs().len() > IOV_MAX;
+        let Some(direct) = &self.direct else {
+            if too_many {
+                return self.bounce_plan(self.buffered.as_raw_fd(), offset, bufs, is_write, 1);
+            }
+            return Ok(IoPlan {
+                fd: self.buffered.as_raw_fd(),
+                offset,
+                iovecs: bufs.iovecs().to_vec(),
+                bounce: None,
+            });
+        };
+        let geometry_ok = offset % self.offset_align == 0 && len as u64 % self.offset_align == 0;
+        if geometry_ok && !too_many && bufs.is_aligned(self.mem_align, self.offset_align as usize) {
+            return Ok(IoPlan {
+                fd: direct.as_raw_fd(),
+                offset,
+                iovecs: bufs.iovecs().to_vec(),
+                bounce: None,
+            });
+        }
+        if geometry_ok && len <= MAX_BOUNCE_BYTES {
+            return self.bounce_plan(direct.as_raw_fd(), offset, bufs, is_write, self.mem_align);
+        }
+        if too_many {
+            return self.bounce_plan(self.buffered.as_raw_fd(), offset, bufs, is_write, 1);
+        }
+        Ok(IoPlan {
+            fd: self.buffered.as_raw_fd(),
+            offset,
+            iovecs: bufs.iovecs().to_vec(),
+            bounce: None,
+        })
+    }
+
+    fn bounce_plan(
+        &self,
+        fd: RawFd,
+        offset: u64,
+        bufs: &GuestBuffers,
+        is_write: bool,
+        align: usize,
+    ) -> io::Result<IoPlan> {
+        let mut bounce = AlignedBuf::new(bufs.len(), align)?;
+        if is_write {
+            bufs.copy_from_guest(bounce.as_mut_slice())?;
+        }
+        let iov = bounce.iovec(bufs.len());
+        Ok(IoPlan {
+            fd,
+            offset,
+            iovecs: vec![iov],
+            bounce: Some(bounce),
+        })
+    }
+
+    /// After a read through a bounce buffer: copies the `n` bytes read back
+    /// into guest memory.
+    pub fn finish_plan(
+        plan: &IoPlan,
+        bufs: &GuestBuffers,
+        is_write: bool,
+        n: usize,
+    ) -> io::Result<()> {
+        if let (false, Some(b)) = (is_write, &plan.bounce) {
+            let src = b.as_slice().get(..n).unwrap_or(b.as_slice());
+            bufs.copy_to_guest(src)?;
+        }
+        Ok(())
+    }
+
+    /// `fdatasync`.
+    pub fn fdatasync(&self) -> io::Result<()> {
+        self.buffered.sync_data()
+    }
+
+    /// Deallocates a range (punch hole, size kept). Discard is advisory:
+    /// file systems without hole punching succeed without doing anything.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 || !self.punch_hole.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Err(e) if is_unsupported(&e) => {
+                self.punch_hole.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// Zeroes a range: punch hole when `unmap` is allowed, else
+    /// `FALLOC_FL_ZERO_RANGE`, falling back to writing zeroes.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if unmap && self.punch_hole.load(Ordering::Relaxed) {
+            match self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Err(e) if is_unsupported(&e) => self.punch_hole.store(false, Ordering::Relaxed),
+                r => return r,
+            }
+        }
+        if self.zero_range.load(Ordering::Relaxed) {
+            match self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Err(e) if is_unsupported(&e) => self.zero_range.store(false, Ordering::Relaxed),
+                r => return r,
+            }
+        }
+        self.write_zeroes_slow(offset, len)
+    }
+
+    /// The `fallocate` mode [`RawFile::discard`] / [`RawFile::write_zeroes`]
+    /// would try first for `kind`, or `None` when they would not call
+    /// `fallocate` (nothing to do, or the write-zeroes fallback). Lets an
+    /// asynchronous engine submit the same `fallocate` itself.
+    pub fn fallocate_mode(&self, kind: &DiskOpKind) -> Option<i32> {
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match *kind {
+            DiskOpKind::Discard { len, .. } if len > 0 => {
+                self.punch_hole.load(Ordering::Relaxed).then_some(punch)
+            }
+            DiskOpKind::WriteZeroes { len, unmap, .. } if len > 0 => {
+                if unmap && self.punch_hole.load(Ordering::Relaxed) {
+                    Some(punch)
+                } else if self.zero_range.load(Ordering::Relaxed) {
+                    Some(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn write_zeroes_slow(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut zeros = AlignedBuf::new(ZERO_CHUNK, 4096)?;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK as u64) as usize;
+            let pos = offset + done;
+            let iov = [zeros.iovec(n)];
+            let use_direct = pos % self.offset_align == 0 && n as u64 % self.offset_align == 0;
+            let fd = match (&self.direct, use_direct) {
+                (Some(d), true) => d.as_raw_fd(),
+                _ => self.buffered.as_raw_fd(),
+            };
+            rw_all(fd, pos, &iov, true)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        let off =
+            i64::try_from(offset).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let len = i64::try_from(len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        loop {
+            // SAFETY: plain syscall on an owned fd with integer arguments.
+            let rc = unsafe { libc::fallocate64(self.buffered.as_raw_fd(), mode, off, len) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Runs a whole operation synchronously; returns the bytes transferred
+    /// (reads/writes) or 0.
+    pub fn run_sync(&self, op: &DiskOp) -> io::Result<usize> {
+        match op.kind {
+            DiskOpKind::Read { offset } | DiskOpKind::Write { offset } => {
+                let is_write = matches!(op.kind, DiskOpKind::Write { .. });
+                let bufs = op
+                    .bufs
+                    .as_ref()
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no buffers"))?;
+                let plan = self.plan(offset, bufs, is_write)?;
+                let n = rw_all(plan.fd, plan.offset, &plan.iovecs, is_write)?;
+                RawFile::finish_plan(&plan, bufs, is_write, n)?;
+                Ok(n)
+            }
+            DiskOpKind::Flush => self.fdatasync().map(|()| 0),
+            DiskOpKind::Discard { offset, len } => self.discard(offset, len).map(|()| 0),
+            DiskOpKind::WriteZeroes { offset, len, unmap } => {
+                self.write_zeroes(offset, len, unmap).map(|()| 0)
+            }
+        }
+    }
+}
+
+/// True for errors meaning "this fallocate mode is not supported here".
+pub fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
+}
+
+/// Reads or writes all of `iovecs` at `offset`, continuing after short
+/// transfers; a read that hits end-of-file zero-fills the rest. Returns the
+/// total length.
+pub fn rw_all(fd: RawFd, offset: u64, iovecs: &[libc::iovec], is_write: bool) -> io::Result<usize> {
+    let total: usize = iovecs.iter().map(|v| v.iov_len).sum();
+    let mut iov: Vec<libc::iovec> = iovecs.iter().filter(|v| v.iov_len > 0).copied().collect();
+    let mut done = 0usize;
+    let mut start = 0usize;
+    while start < iov.len() {
+        let pos = offset
+            .checked_add(done as u64)
+            .and_then(|p| i64::try_from(p).ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+        let rest = iov.get(start..).unwrap_or(&[]);
+        let cnt = rest.len().min(IOV_MAX) as i32;
+        // SAFETY: every iovec points to memory valid for its length for the
+        // duration of the call (guaranteed by the caller: guest memory held
+        // mapped by GuestBuffers, or an owned bounce buffer).
+        let rc = unsafe {
+            if is_write {
+                libc::pwritev64(fd, rest.as_ptr(), cnt, pos)
+            } else {
+                libc::preadv64(fd, rest.as_ptr(), cnt, pos)
+            }
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut n = rc as usize;
+        if n == 0 {
+            if is_write {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote 0 bytes",
+                ));
+            }
+            // End of file: the rest reads as zeroes.
+            for v in iov.get(start..).unwrap_or(&[]) {
+                // SAFETY: as above; writing zeros into the caller's buffers.
+                unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+            }
+            return Ok(total);
+        }
+        done += n;
+        while n > 0 {
+            let Some(v) = iov.get_mut(start) else { break };
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                start += 1;
+            } else {
+                // SAFETY: n < iov_len, so the advanced pointer stays inside the buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Finishes a read or write the kernel completed only partly: transfers
+/// the rest of `iovecs` (after the first `done` bytes) synchronously.
+/// Returns the total length.
+pub fn complete_short(
+    fd: RawFd,
+    offset: u64,
+    iovecs: &[libc::iovec],
+    done: usize,
+    is_write: bool,
+) -> io::Result<usize> {
+    let mut skip = done;
+    let mut rest = Vec::with_capacity(iovecs.len());
+    for v in iovecs {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        rest.push(libc::iovec {
+            // SAFETY: skip < iov_len, so the pointer stays inside the buffer.
+            iov_base: unsafe { v.iov_base.cast::<u8>().add(skip) }.cast(),
+            iov_len: v.iov_len - skip,
+        });
+        skip = 0;
+    }
+    let pos = offset
+        .checked_add(done as u64)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+    rw_all(fd, pos, &rest, is_write).map(|n| n + done)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::block::request::Segment;
+    use crate::virtio::block::testing::{guest_mem, open_raw, temp_disk};
+
+    fn bufs(mem: &std::sync::Arc<vm_memory::GuestMemoryMmap>, segs: &[(u64, u32)]) -> GuestBuffers {
+        let segs: Vec<Segment> = segs
+            .iter()
+            .map(|&(a, l)| Segment {
+                addr: GuestAddress(a),
+                len: l,
+            })
+            .collect();
+        GuestBuffers::new(mem.clone(), &segs).unwrap()
+    }
+
+    #[test]
+    fn aligned_buf_is_aligned_and_zeroed() {
+        let mut b = AlignedBuf::new(10_000, 4096).unwrap();
+        assert_eq!(b.as_slice().as_ptr() as usize % 4096, 0);
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+        b.as_mut_slice()[9_999] = 1;
+        assert_eq!(b.iovec(20_000).iov_len, 10_000);
+        assert!(AlignedBuf::new(10, 3).is_err());
+    }
+
+    #[test]
+    fn plan_chooses_direct_bounce_or_buffered() {
+        let f = temp_disk(1 << 16, 0);
+        let raw = open_raw(&f, false, true);
+        assert!(raw.is_direct());
+        let (mem_align, off_align) = raw.dio_alignment();
+        assert!(mem_align >= 512 && off_align >= 512);
+        let mem = guest_mem();
+        // Page-aligned guest buffer: straight to the O_DIRECT fd.
+        let b = bufs(&mem, &[(0x2_0000, 4096)]);
+        let p = raw.plan(0, &b, false).unwrap();
+        assert!(p.bounce.is_none());
+        assert_ne!(p.fd, raw.buffered_fd());
+        // Misaligned guest buffer: bounce buffer on the O_DIRECT fd.
+        let b = bufs(&mem, &[(0x2_0001, 4096)]);
+        let p = raw.plan(0, &b, true).unwrap();
+        assert!(p.bounce.is_some());
+        assert_ne!(p.fd, raw.buffered_fd());
+        assert_eq!(p.iovecs[0].iov_base as usize % mem_align, 0);
+        // Offset not aligned for direct I/O: buffered fd.
+        if off_align > 512 {
+            let b = bufs(&mem, &[(0x2_0000, 512)]);
+            let p = raw.plan(512, &b, false).unwrap();
+            assert_eq!(p.fd, raw.buffered_fd());
+        }
+        // Buffered file: always the guest iovecs.
+        let raw = open_raw(&f, false, false);
+        let b = bufs(&mem, &[(0x2_0001, 100)]);
+        let p = raw.plan(3, &b, false).unwrap();
+        assert!(p.bounce.is_none());
+        assert_eq!(p.fd, raw.buffered_fd());
+    }
+
+    #[test]
+    fn direct_io_with_unaligned_guest_buffers_round_trips() {
+        let f = temp_disk(1 << 16, 0);
+        let raw = open_raw(&f, false, true);
+        let mem = guest_mem();
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        mem.write_slice(&pattern, GuestAddress(0x2_0003)).unwrap();
+        // Two segments, both misaligned.
+        let w = bufs(&mem, &[(0x2_0003, 4096), (0x2_1003, 4096)]);
+        let op = DiskOp {
+            kind: DiskOpKind::Write { offset: 8192 },
+            bufs: Some(w),
+        };
+        assert_eq!(raw.run_sync(&op).unwrap(), 8192);
+        let disk = std::fs::read(f.as_path()).unwrap();
+        assert_eq!(&disk[8192..16384], &pattern[..]);
+        let r = bufs(&mem, &[(0x5_0001, 8192)]);
+        let op = DiskOp {
+            kind: DiskOpKind::Read { offset: 8192 },
+            bufs: Some(r),
+        };
+        assert_eq!(raw.run_sync(&op).unwrap(), 8192);
+        let mut back = vec![0u8; 8192];
+        mem.read_slice(&mut back, GuestAddress(0x5_0001)).unwrap();
+        assert_eq!(back, pattern);
+    }
+
+    #[test]
+    fn read_past_eof_zero_fills_and_short_completion_finishes() {
+        let f = temp_disk(1024, 0xab);
+        let raw = open_raw(&f, false, false);
+        let mut buf = vec![0xffu8; 2048];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        assert_eq!(rw_all(raw.buffered_fd(), 0, &iov, false).unwrap(), 2048);
+        assert!(buf[..1024].iter().all(|&b| b == 0xab));
+        assert!(buf[1024..].iter().all(|&b| b == 0));
+        // complete_short: pretend the first 700 bytes were already read.
+        let mut a = vec![0u8; 512];
+        let mut b = vec![0u8; 512];
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: 512,
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: 512,
+            },
+        ];
+        assert_eq!(
+            complete_short(raw.buffered_fd(), 0, &iov, 700, false).unwrap(),
+            1024
+        );
+        assert!(a.iter().all(|&x| x == 0));
+        assert!(b[..188].iter().all(|&x| x == 0));
+        assert!(b[188..].iter().all(|&x| x == 0xab));
+    }
+
+    #[test]
+    fn write_zeroes_and_discard() {
+        let f = temp_disk(1 << 16, 0xee);
+        let raw = open_raw(&f, false, false);
+        raw.write_zeroes(4096, 4096, false).unwrap();
+        raw.write_zeroes(16384, 512, true).unwrap();
+        raw.discard(32768, 4096).unwrap();
+        // The slow path (as on file systems without ZERO_RANGE).
+        raw.write_zeroes_slow(40960, 1000).unwrap();
+        let d = std::fs::read(f.as_path()).unwrap();
+        assert_eq!(d.len(), 1 << 16, "KEEP_SIZE");
+        assert!(d[4096..8192].iter().all(|&b| b == 0));
+        assert!(d[16384..16896].iter().all(|&b| b == 0));
+        assert!(d[40960..41960].iter().all(|&b| b == 0));
+        assert!(d[..4096].iter().all(|&b| b == 0xee));
+        assert!(d[41960..].iter().all(|&b| b == 0xee));
+        assert!(raw
+            .fallocate_mode(&DiskOpKind::Discard { offset: 0, len: 0 })
+            .is_none());
+        assert!(raw
+            .fallocate_mode(&DiskOpKind::WriteZeroes {
+                offset: 0,
+                len: 512,
+                unmap: false
+            })
+            .is_some());
+        raw.fdatasync().unwrap();
+    }
+
+    #[test]
+    fn read_only_file_refuses_writes() {
+        let f = temp_disk(4096, 1);
+        let raw = open_raw(&f, true, false);
+        assert!(raw.read_only());
+        let mem = guest_mem();
+        let op = DiskOp {
+            kind: DiskOpKind::Write { offset: 0 },
+            bufs: Some(bufs(&mem, &[(0x2_0000, 512)])),
+        };
+        assert!(raw.run_sync(&op).is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! Virtio devices for vmm-ref: the device/transport interface, the
+//! virtio-mmio (version 2) transport and the multi-queue virtio-blk device.
+//!
+//! The transport ([`mmio::MmioTransport`]) owns all register state and the
+//! status state machine; it talks to the device model only through the
+//! [`device::VirtioDevice`] trait, and the device signals the guest only
+//! through [`device::VirtioInterrupt`]. The block device (`block::Block`)
+//! serves each virtqueue on the IOThread its `iothread-vq-mapping` names.
+
+pub mod block;
+pub mod device;
+pub mod mmio;
+
+/// Rate-limited `log::warn!` for guest-triggered conditions: the first
+/// `BURST` occurrences at each call site are logged, then one in every
+/// `EVERY`, so that a hostile guest cannot flood the host log.
+macro_rules! guest_warn {
+    ($($arg:tt)+) => {{
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        const BURST: u64 = 10;
+        const EVERY: u64 = 1000;
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n < BURST || n % EVERY == 0 {
+            log::warn!("{} (guest-triggered, occurrence {})", format_args!($($arg)+), n + 1);
+        }
+    }};
+}
+pub(crate) use guest_warn;
