@@ -112,12 +112,18 @@ mod tests {
     #[test]
     fn display_and_accessors() {
         let q = IoThreadHolder::qom_object("/machine/peripheral/d0/virtio-backend");
-        assert_eq!(q.to_string(), "qom-object /machine/peripheral/d0/virtio-backend");
+        assert_eq!(
+            q.to_string(),
+            "qom-object /machine/peripheral/d0/virtio-backend"
+        );
         assert_eq!(q.kind(), "qom-object");
         let b = IoThreadHolder::block_node("disk0");
         assert_eq!(b.to_string(), "block-node disk0");
         assert_eq!(b.name(), "disk0");
         // Same name, different kind: different holders.
-        assert_ne!(IoThreadHolder::qom_object("x"), IoThreadHolder::block_node("x"));
+        assert_ne!(
+            IoThreadHolder::qom_object("x"),
+            IoThreadHolder::block_node("x")
+        );
     }
 }

@@ -306,7 +306,9 @@ impl IoThread {
     }
 
     fn join_handle_finished(&self) -> bool {
-        lock(&self.join).as_ref().is_none_or(JoinHandle::is_finished)
+        lock(&self.join)
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished)
     }
 
     /// Applies `update` to the parameters, validates the result and hands it to the
@@ -319,8 +321,15 @@ impl IoThread {
         let mut next = current.clone();
         update(&mut next)?;
         let next = next.validate()?;
+        let pp = poll_params(&next).validate().map_err(Error::Poll)?;
         let handle = self.remote.handle();
-        handle.set_poll_params(poll_params(&next)).map_err(Error::Poll)?;
+        // Applied inside the loop, in submission order: the loop resets its adaptive
+        // state at once and publishes the new values with that iteration's stats
+        // (a pending update on the handle would only show after the next event).
+        handle.schedule_oneshot(move |ctx| {
+            // Already validated above; an error cannot happen here.
+            let _ = ctx.set_poll_params(pp);
+        });
         handle.set_aio_max_batch(max_batch(&next));
         *current = next;
         Ok(())

@@ -154,13 +154,14 @@ fn assign(
             return Err(MappingError::MixedVqs);
         }
         for &vq in entry.explicit_vqs().unwrap_or_default() {
-            let slot = owner
-                .get_mut(usize::from(vq))
-                .ok_or_else(|| MappingError::VqOutOfRange {
-                    vq,
-                    iothread: name.to_owned(),
-                    num_queues,
-                })?;
+            let slot =
+                owner
+                    .get_mut(usize::from(vq))
+                    .ok_or_else(|| MappingError::VqOutOfRange {
+                        vq,
+                        iothread: name.to_owned(),
+                        num_queues,
+                    })?;
             if slot.is_some() {
                 return Err(MappingError::VqAssignedTwice {
                     vq,

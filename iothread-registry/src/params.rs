@@ -206,7 +206,13 @@ mod tests {
     fn defaults_match_qemu() {
         let p = IoThreadParams::default();
         assert_eq!(
-            (p.poll_max_ns, p.poll_grow, p.poll_shrink, p.poll_weight, p.aio_max_batch),
+            (
+                p.poll_max_ns,
+                p.poll_grow,
+                p.poll_shrink,
+                p.poll_weight,
+                p.aio_max_batch
+            ),
             (32768, 2, 2, 3, 0)
         );
         assert_eq!(p.poll_algorithm, PollAlgorithm::Weighted);
@@ -262,7 +268,13 @@ mod tests {
         };
         let e = p.validate().unwrap();
         assert_eq!(
-            (e.poll_max_ns, e.poll_grow, e.poll_shrink, e.poll_weight, e.aio_max_batch),
+            (
+                e.poll_max_ns,
+                e.poll_grow,
+                e.poll_shrink,
+                e.poll_weight,
+                e.aio_max_batch
+            ),
             (0, 2, 2, 3, 0)
         );
         assert_eq!(e.poll_algorithm, PollAlgorithm::Classic);

@@ -57,7 +57,12 @@ pub(crate) struct Inner {
 impl Inner {
     /// Removes one entry equal to `holder` (the earliest registered) from IOThread
     /// `id`, provided it is still the IOThread with `serial`.
-    pub(crate) fn release(&self, id: &str, serial: Option<u64>, holder: &IoThreadHolder) -> Result<()> {
+    pub(crate) fn release(
+        &self,
+        id: &str,
+        serial: Option<u64>,
+        holder: &IoThreadHolder,
+    ) -> Result<()> {
         let mut state = lock(&self.state);
         let entry = state.entry_mut(id)?;
         let pos = entry
@@ -278,11 +283,7 @@ impl IoThreadRegistry {
 
     /// Runs `f` inside IOThread `id`'s loop without waiting. Errors with
     /// [`Error::ThreadGone`] when the loop no longer runs.
-    pub fn submit(
-        &self,
-        id: &str,
-        f: impl FnOnce(&mut AioContext) + Send + 'static,
-    ) -> Result<()> {
+    pub fn submit(&self, id: &str, f: impl FnOnce(&mut AioContext) + Send + 'static) -> Result<()> {
         self.thread(id)?.remote().submit(f)
     }
 

@@ -40,7 +40,10 @@ fn same_holder_may_hold_several_times() {
     let a = r.acquire("io0", disk.clone()).unwrap();
     let b = r.acquire("io0", dev(1)).unwrap();
     let c = r.acquire("io0", disk.clone()).unwrap();
-    assert_eq!(r.holders("io0").unwrap(), [disk.clone(), dev(1), disk.clone()]);
+    assert_eq!(
+        r.holders("io0").unwrap(),
+        [disk.clone(), dev(1), disk.clone()]
+    );
     // Release removes one matching entry (the earliest).
     a.release().unwrap();
     assert_eq!(r.holders("io0").unwrap(), [dev(1), disk.clone()]);
@@ -61,10 +64,19 @@ fn releasing_what_is_not_held_is_an_error() {
     );
     let _g = r.acquire("io1", dev(0)).unwrap();
     // Held elsewhere, or same name but other kind: still not held here.
-    assert!(matches!(r.release("io0", &dev(0)), Err(Error::NotHeld { .. })));
+    assert!(matches!(
+        r.release("io0", &dev(0)),
+        Err(Error::NotHeld { .. })
+    ));
     let as_node = IoThreadHolder::block_node("/machine/peripheral/blk0/virtio-backend");
-    assert!(matches!(r.release("io1", &as_node), Err(Error::NotHeld { .. })));
-    assert!(matches!(r.release("nope", &dev(0)), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        r.release("io1", &as_node),
+        Err(Error::NotHeld { .. })
+    ));
+    assert!(matches!(
+        r.release("nope", &dev(0)),
+        Err(Error::NotFound { .. })
+    ));
     // A guard whose registration was already released by id reports it cleanly.
     let g = r.acquire("io0", dev(5)).unwrap();
     r.release("io0", &dev(5)).unwrap();
@@ -75,7 +87,10 @@ fn releasing_what_is_not_held_is_an_error() {
 #[test]
 fn acquire_unknown_is_not_found() {
     let r = registry(&[]);
-    assert!(matches!(r.acquire("io0", dev(0)), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        r.acquire("io0", dev(0)),
+        Err(Error::NotFound { .. })
+    ));
     assert!(matches!(r.holders("io0"), Err(Error::NotFound { .. })));
 }
 
@@ -83,7 +98,9 @@ fn acquire_unknown_is_not_found() {
 fn delete_in_use_is_refused_listing_holders() {
     let r = registry(&["io0"]);
     let g1 = r.acquire("io0", dev(0)).unwrap();
-    let g2 = r.acquire("io0", IoThreadHolder::block_node("disk0")).unwrap();
+    let g2 = r
+        .acquire("io0", IoThreadHolder::block_node("disk0"))
+        .unwrap();
     let err = r.delete("io0").unwrap_err();
     match &err {
         Error::InUse { id, holders } => {
@@ -161,7 +178,10 @@ fn concurrent_acquire_release_is_consistent() {
             })
         })
         .collect();
-    let kept: Vec<_> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let kept: Vec<_> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
     let expected: usize = (0..THREADS).sum();
     assert_eq!(kept.len(), expected);
     let total = r.holders("io0").unwrap().len() + r.holders("io1").unwrap().len();
@@ -173,7 +193,12 @@ fn concurrent_acquire_release_is_consistent() {
             .filter(|g| g.iothread_id() == id)
             .map(|g| g.holder().to_string())
             .collect();
-        let mut got: Vec<_> = r.holders(id).unwrap().iter().map(|h| h.to_string()).collect();
+        let mut got: Vec<_> = r
+            .holders(id)
+            .unwrap()
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
         want.sort();
         got.sort();
         assert_eq!(got, want, "{id}");

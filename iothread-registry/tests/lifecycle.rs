@@ -21,7 +21,8 @@ fn create_lists_ids_in_creation_order() {
 fn threads_are_named_and_report_their_tid() {
     let r = IoThreadRegistry::new();
     r.create("io0", IoThreadParams::default()).unwrap();
-    r.create("iothread-long-name", IoThreadParams::default()).unwrap();
+    r.create("iothread-long-name", IoThreadParams::default())
+        .unwrap();
     let t0 = r.thread_id("io0").unwrap();
     let t1 = r.thread_id("iothread-long-name").unwrap();
     // SAFETY: getpid(2) has no preconditions.
@@ -32,10 +33,14 @@ fn threads_are_named_and_report_their_tid() {
     // The kernel keeps 15 bytes of a thread name.
     assert_eq!(task_comm(t1), "IO iothread-lon");
     // The loop runs on that thread.
-    let tid_inside = r.call("io0", |_| std::fs::read_link("/proc/thread-self").unwrap()).unwrap();
+    let tid_inside = r
+        .call("io0", |_| std::fs::read_link("/proc/thread-self").unwrap())
+        .unwrap();
     assert!(tid_inside.ends_with(format!("task/{t0}")), "{tid_inside:?}");
     let name_inside = r
-        .call("iothread-long-name", |_| std::thread::current().name().map(str::to_owned))
+        .call("iothread-long-name", |_| {
+            std::thread::current().name().map(str::to_owned)
+        })
         .unwrap();
     assert_eq!(name_inside.as_deref(), Some("IO iothread-long-name"));
 }
@@ -68,14 +73,21 @@ fn bad_params_refused_at_creation() {
         ..Default::default()
     };
     let err = r.create("io0", p).unwrap_err();
-    assert_eq!(err.to_string(), "poll-weight value must be in range [0, 63]");
+    assert_eq!(
+        err.to_string(),
+        "poll-weight value must be in range [0, 63]"
+    );
     let p = IoThreadParams {
         poll_max_ns: -1,
         ..Default::default()
     };
     assert!(matches!(
         r.create("io0", p).unwrap_err(),
-        Error::InvalidValue { property: "poll-max-ns", value: -1, .. }
+        Error::InvalidValue {
+            property: "poll-max-ns",
+            value: -1,
+            ..
+        }
     ));
     assert!(!r.contains("io0"));
 }
@@ -131,14 +143,22 @@ fn submit_and_call_run_on_the_iothread() {
         r.submit("io0", move |_| tx.send(i).unwrap()).unwrap();
     }
     // Fire-and-forget closures run in submission order.
-    let got: Vec<i32> = (0..100).map(|_| rx.recv_timeout(common::TIMEOUT).unwrap()).collect();
+    let got: Vec<i32> = (0..100)
+        .map(|_| rx.recv_timeout(common::TIMEOUT).unwrap())
+        .collect();
     assert_eq!(got, (0..100).collect::<Vec<_>>());
     let inside = r
         .call("io0", |_| std::fs::read_link("/proc/thread-self").unwrap())
         .unwrap();
     assert!(inside.ends_with(format!("task/{tid}")));
-    assert!(matches!(r.call("nope", |_| ()), Err(Error::NotFound { .. })));
-    assert!(matches!(r.submit("nope", |_| ()), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        r.call("nope", |_| ()),
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        r.submit("nope", |_| ()),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -169,15 +189,23 @@ fn panics_are_contained_and_reported() {
     r.create("io0", IoThreadParams::default()).unwrap();
     r.create("io1", IoThreadParams::default()).unwrap();
     r.submit("io0", |_| panic!("boom in io0")).unwrap();
-    assert!(wait_until(|| r.state("io0").unwrap() != IoThreadState::Running));
+    assert!(wait_until(
+        || r.state("io0").unwrap() != IoThreadState::Running
+    ));
     assert_eq!(
         r.state("io0").unwrap(),
         IoThreadState::Panicked {
             message: "boom in io0".into()
         }
     );
-    assert!(matches!(r.call("io0", |_| 1), Err(Error::ThreadGone { .. })));
-    assert!(matches!(r.submit("io0", |_| ()), Err(Error::ThreadGone { .. })));
+    assert!(matches!(
+        r.call("io0", |_| 1),
+        Err(Error::ThreadGone { .. })
+    ));
+    assert!(matches!(
+        r.submit("io0", |_| ()),
+        Err(Error::ThreadGone { .. })
+    ));
     let stats = r.stats("io0").unwrap();
     assert!(matches!(stats.state, IoThreadState::Panicked { .. }));
     // Other IOThreads are unaffected; the dead one can still be listed and deleted.

@@ -22,9 +22,15 @@ fn query_iothreads_golden_json() {
         },
     )
     .unwrap();
-    let _a = r.acquire("iothread0", IoThreadHolder::qom_object(BLK0)).unwrap();
-    let _b = r.acquire("iothread0", IoThreadHolder::block_node("disk0")).unwrap();
-    let _c = r.acquire("iothread0", IoThreadHolder::qom_object(BLK0)).unwrap();
+    let _a = r
+        .acquire("iothread0", IoThreadHolder::qom_object(BLK0))
+        .unwrap();
+    let _b = r
+        .acquire("iothread0", IoThreadHolder::block_node("disk0"))
+        .unwrap();
+    let _c = r
+        .acquire("iothread0", IoThreadHolder::qom_object(BLK0))
+        .unwrap();
     let t0 = r.thread_id("iothread0").unwrap();
     let t1 = r.thread_id("iothread1").unwrap();
     let json = serde_json::to_string(&r.query_iothreads()).unwrap();
@@ -49,8 +55,12 @@ fn info_iothreads_golden_text() {
     let r = IoThreadRegistry::new();
     r.create("iothread0", IoThreadParams::default()).unwrap();
     r.create("iothread1", IoThreadParams::default()).unwrap();
-    let _a = r.acquire("iothread0", IoThreadHolder::qom_object(BLK0)).unwrap();
-    let _b = r.acquire("iothread0", IoThreadHolder::block_node("disk0")).unwrap();
+    let _a = r
+        .acquire("iothread0", IoThreadHolder::qom_object(BLK0))
+        .unwrap();
+    let _b = r
+        .acquire("iothread0", IoThreadHolder::block_node("disk0"))
+        .unwrap();
     r.set_property("iothread1", "poll-weight", 5).unwrap();
     r.set_property("iothread1", "aio-max-batch", 32).unwrap();
     let t0 = r.thread_id("iothread0").unwrap();
@@ -90,12 +100,18 @@ fn properties_report_values_in_use() {
     assert_eq!(r.params("io0").unwrap().poll_max_ns, 100_000);
     assert_eq!(r.query_iothreads()[0].poll_max_ns, 100_000);
     // The loop got them too.
-    assert_eq!(r.call("io0", |ctx| ctx.poll_params().max_ns).unwrap(), 100_000);
+    assert_eq!(
+        r.call("io0", |ctx| ctx.poll_params().max_ns).unwrap(),
+        100_000
+    );
     r.set_property("io0", "aio-max-batch", 8).unwrap();
     assert_eq!(r.call("io0", |ctx| ctx.aio_max_batch()).unwrap(), 8);
 
     let err = r.set_property("io0", "poll-weight", 64).unwrap_err();
-    assert_eq!(err.to_string(), "poll-weight value must be in range [0, 63]");
+    assert_eq!(
+        err.to_string(),
+        "poll-weight value must be in range [0, 63]"
+    );
     let err = r.set_property("io0", "poll-shrink", -1).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -103,8 +119,14 @@ fn properties_report_values_in_use() {
     );
     let err = r.set_property("io0", "poll_max_ns", 1).unwrap_err();
     assert_eq!(err.to_string(), "Property 'iothread.poll_max_ns' not found");
-    assert!(matches!(r.get_property("io0", "thread-id"), Err(Error::InvalidProperty { .. })));
-    assert!(matches!(r.set_property("nope", "poll-grow", 1), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        r.get_property("io0", "thread-id"),
+        Err(Error::InvalidProperty { .. })
+    ));
+    assert!(matches!(
+        r.set_property("nope", "poll-grow", 1),
+        Err(Error::NotFound { .. })
+    ));
     // Failed sets changed nothing.
     assert_eq!(r.get_property("io0", "poll-shrink").unwrap(), 2);
     assert_eq!(r.get_property("io0", "poll-weight").unwrap(), 3);

@@ -119,16 +119,25 @@ fn checked_entry_by_entry_like_qemu() {
         IoThreadVqMapping::with_vqs("io0", [9]),
         IoThreadVqMapping::with_vqs("nope", [0]),
     ];
-    assert!(matches!(mapping_err(&m, 2), MappingError::VqOutOfRange { vq: 9, .. }));
+    assert!(matches!(
+        mapping_err(&m, 2),
+        MappingError::VqOutOfRange { vq: 9, .. }
+    ));
     // Within one entry, existence comes before duplication and the vqs checks.
     let m = vec![
         IoThreadVqMapping::with_vqs("io0", [0]),
         IoThreadVqMapping::new("nope"),
     ];
-    assert!(matches!(mapping_err(&m, 2), MappingError::NoSuchIoThread { .. }));
+    assert!(matches!(
+        mapping_err(&m, 2),
+        MappingError::NoSuchIoThread { .. }
+    ));
     // Coverage (rule 6) is only checked after all entries passed rules 1-5.
     let m = explicit(&[("io0", &[0]), ("io1", &[0])]);
-    assert!(matches!(mapping_err(&m, 3), MappingError::VqAssignedTwice { .. }));
+    assert!(matches!(
+        mapping_err(&m, 3),
+        MappingError::VqAssignedTwice { .. }
+    ));
 }
 
 #[test]
@@ -148,7 +157,10 @@ fn round_robin_assignment() {
 #[test]
 fn explicit_assignment() {
     let m = explicit(&[("io1", &[3, 0]), ("io0", &[1]), ("io2", &[2])]);
-    assert_eq!(assign_vqs(&m, 4, exists).unwrap(), ["io1", "io0", "io2", "io1"]);
+    assert_eq!(
+        assign_vqs(&m, 4, exists).unwrap(),
+        ["io1", "io0", "io2", "io1"]
+    );
 }
 
 #[test]
@@ -157,7 +169,10 @@ fn json_form_matches_qemu() {
         r#"[{"iothread": "io0", "vqs": [0, 2]}, {"iothread": "io1", "vqs": [1, 3]}]"#,
     )
     .unwrap();
-    assert_eq!(assign_vqs(&m, 4, exists).unwrap(), ["io0", "io1", "io0", "io1"]);
+    assert_eq!(
+        assign_vqs(&m, 4, exists).unwrap(),
+        ["io0", "io1", "io0", "io1"]
+    );
     assert_eq!(
         serde_json::to_string(&m).unwrap(),
         r#"[{"iothread":"io0","vqs":[0,2]},{"iothread":"io1","vqs":[1,3]}]"#

@@ -47,7 +47,8 @@ fn empty_set() -> libc::cpu_set_t {
 
 /// Pins the thread `tid` to `cpus`. Every CPU must be below `CPU_SETSIZE`.
 pub(crate) fn set_affinity(tid: i64, cpus: &[usize]) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(tid).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let pid =
+        libc::pid_t::try_from(tid).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut set = empty_set();
     for &cpu in cpus {
         if cpu >= CPU_SETSIZE {
@@ -66,7 +67,8 @@ pub(crate) fn set_affinity(tid: i64, cpus: &[usize]) -> io::Result<()> {
 
 /// The CPUs thread `tid` may run on (0 = the calling thread), ascending.
 pub(crate) fn get_affinity(tid: i64) -> io::Result<Vec<usize>> {
-    let pid = libc::pid_t::try_from(tid).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let pid =
+        libc::pid_t::try_from(tid).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut set = empty_set();
     // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
     let rc = unsafe { libc::sched_getaffinity(pid, mem::size_of::<libc::cpu_set_t>(), &mut set) };
@@ -74,7 +76,9 @@ pub(crate) fn get_affinity(tid: i64) -> io::Result<Vec<usize>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `cpu` < CPU_SETSIZE for every probe, so CPU_ISSET stays inside `set`.
-    Ok((0..CPU_SETSIZE).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
+    Ok((0..CPU_SETSIZE)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
 }
 
 /// CPUs an IOThread may be pinned to: the online CPUs (`/sys/devices/system/cpu/online`)
@@ -126,7 +130,10 @@ mod tests {
 
     #[test]
     fn cpu_lists() {
-        assert_eq!(parse_cpu_list("0-3,8,10-11").unwrap(), [0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11").unwrap(),
+            [0, 1, 2, 3, 8, 10, 11]
+        );
         assert_eq!(parse_cpu_list("0").unwrap(), [0]);
         assert!(parse_cpu_list("").unwrap().is_empty());
         assert!(parse_cpu_list("3-1").is_err());

@@ -7,6 +7,4 @@
 
 mod linux;
 
-pub(crate) use linux::{
-    available_cpus, get_affinity, gettid, set_affinity, thread_cpu_time_ns,
-};
+pub(crate) use linux::{available_cpus, get_affinity, gettid, set_affinity, thread_cpu_time_ns};
