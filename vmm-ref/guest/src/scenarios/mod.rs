@@ -1,0 +1,236 @@
+//! The test scenarios and their driver.
+//!
+//! Every scenario runs on every virtio-blk device found on the command line
+//! and prints one `RESULT <scenario> PASS|FAIL <detail>` line per device.
+//! Disk layout used (512-byte sectors; the disk must have at least
+//! [`MIN_CAPACITY`] sectors):
+//!
+//! | sectors            | use                                              |
+//! |--------------------|--------------------------------------------------|
+//! | `q*256 .. +128`    | `verify`: queue `q`'s pattern region (q < 16)     |
+//! | `4096 .. 4160`     | `verify`: DISCARD test                            |
+//! | `4224 .. 4288`     | `verify`: WRITE_ZEROES test                       |
+//! | `6144 + q*16 ..+16`| quick verify of queue `q` (malformed/reset/hold)  |
+//! | everything         | `bench` (random; `randwrite` overwrites the disk) |
+
+mod bench;
+mod hold;
+mod malformed;
+mod reset;
+mod verify;
+
+use core::fmt::{self, Write};
+
+use crate::blk::BlkDevice;
+use crate::cmdline::{Config, Scenario};
+use crate::mem::Arena;
+use crate::println;
+use crate::virtio::mmio::{Transport, MIN_WINDOW};
+
+/// Smallest disk the scenarios accept, in sectors (4 MiB).
+pub const MIN_CAPACITY: u64 = 8192;
+
+/// A short, fixed-capacity text (no allocator in the guest).
+pub struct Detail {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl Detail {
+    /// An empty text.
+    pub const fn new() -> Self {
+        Self {
+            buf: [0; 512],
+            len: 0,
+        }
+    }
+
+    /// The text so far.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("<invalid utf-8>")
+    }
+}
+
+impl fmt::Display for Detail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Write for Detail {
+    /// Appends, silently truncating at capacity (on a character boundary).
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for c in s.chars() {
+            let mut tmp = [0u8; 4];
+            let bytes = c.encode_utf8(&mut tmp).as_bytes();
+            if self.len + bytes.len() > self.buf.len() {
+                break;
+            }
+            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+        Ok(())
+    }
+}
+
+/// The result of one scenario on one device.
+pub struct Outcome {
+    /// Passed?
+    pub pass: bool,
+    /// Free-form detail for the RESULT line.
+    pub detail: Detail,
+}
+
+impl Outcome {
+    /// A passing outcome with a formatted detail.
+    pub fn pass(args: fmt::Arguments<'_>) -> Self {
+        let mut detail = Detail::new();
+        let _ = detail.write_fmt(args);
+        Self { pass: true, detail }
+    }
+
+    /// A failing outcome with a formatted detail.
+    pub fn fail(args: fmt::Arguments<'_>) -> Self {
+        Self {
+            pass: false,
+            ..Self::pass(args)
+        }
+    }
+}
+
+/// What every scenario gets.
+pub struct Ctx<'a> {
+    /// The device under test (initialised).
+    pub dev: &'a mut BlkDevice,
+    /// Guest memory for buffers.
+    pub arena: &'a mut Arena,
+    /// The command line.
+    pub cfg: &'a Config,
+    /// Per-run seed of data patterns.
+    pub seed: u64,
+}
+
+/// Probes and initialises one device from the command line.
+fn open(
+    addr: u64,
+    size: u64,
+    arena: &mut Arena,
+) -> Result<Option<BlkDevice>, crate::blk::BlkError> {
+    if size < MIN_WINDOW || addr % 512 != 0 || addr >= 1 << 32 {
+        println!("virtio-mmio {:#x}: window {:#x} unusable (need >= {:#x} bytes, 512-aligned, below 4 GiB)", addr, size, MIN_WINDOW);
+        return Ok(None);
+    }
+    // SAFETY: the command line names this window as a virtio-mmio device; it
+    // is below 4 GiB (identity mapped, uncached) and only this driver uses it.
+    let transport = unsafe { Transport::new(addr) };
+    let Some(mut dev) = BlkDevice::probe(transport)? else {
+        return Ok(None);
+    };
+    dev.init(arena)?;
+    Ok(Some(dev))
+}
+
+/// Probes all devices and runs all scenarios; returns the number of failures.
+pub fn run_all(cfg: &Config, arena: &mut Arena) -> u32 {
+    let mut failures = 0;
+    let mut devices: [Option<BlkDevice>; crate::cmdline::MAX_DEVICES] =
+        [const { None }; crate::cmdline::MAX_DEVICES];
+    let mut nr_devices = 0;
+    for d in cfg.devices() {
+        match open(d.addr, d.size, arena) {
+            Ok(Some(dev)) => {
+                let c = dev.config();
+                println!(
+                    "blk {:#x} irq {}: features={:#x} capacity={} sectors queues={} queue_size={} seg_max={} size_max={} blk_size={}",
+                    d.addr,
+                    d.irq,
+                    dev.features(),
+                    c.capacity,
+                    dev.nr_queues(),
+                    dev.queue_size(),
+                    c.seg_max,
+                    c.size_max,
+                    c.blk_size
+                );
+                devices[nr_devices] = Some(dev);
+                nr_devices += 1;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                println!("RESULT probe FAIL virtio-mmio {:#x}: {}", d.addr, e);
+                failures += 1;
+            }
+        }
+    }
+    if nr_devices == 0 {
+        println!(
+            "RESULT probe FAIL no virtio-blk device among {} virtio_mmio.device= entries",
+            cfg.devices().len()
+        );
+        return failures + 1;
+    }
+    let seed = cfg
+        .verify_seed
+        .unwrap_or_else(|| crate::tsc::now().wrapping_mul(0x2545_f491_4f6c_dd1d));
+    println!("seed: {:#x}", seed);
+    for &scenario in cfg.scenarios() {
+        for dev in devices.iter_mut().flatten() {
+            let base = dev.transport().base();
+            let mut ctx = Ctx {
+                dev,
+                arena,
+                cfg,
+                seed,
+            };
+            let outcome = if ctx.dev.config().capacity < MIN_CAPACITY {
+                Outcome::fail(format_args!(
+                    "disk has {} sectors, need {}",
+                    ctx.dev.config().capacity,
+                    MIN_CAPACITY
+                ))
+            } else {
+                match scenario {
+                    Scenario::Verify => verify::run(&mut ctx),
+                    Scenario::Bench => bench::run(&mut ctx),
+                    Scenario::Malformed => malformed::run(&mut ctx),
+                    Scenario::Reset => reset::run(&mut ctx),
+                    Scenario::Hold => hold::run(&mut ctx),
+                }
+            };
+            let verdict = if outcome.pass { "PASS" } else { "FAIL" };
+            println!(
+                "RESULT {} {} dev={:#x} {}",
+                scenario.name(),
+                verdict,
+                base,
+                outcome.detail.as_str()
+            );
+            if !outcome.pass {
+                failures += 1;
+            }
+        }
+    }
+    failures
+}
+
+/// The pattern word at disk byte offset `addr` (a multiple of 8) for `seed`:
+/// `addr ^ (seed * 0x9e3779b97f4a7c15)` - distinct at every position and for
+/// every seed, so stale data from an earlier run never matches.
+pub fn pattern_word(seed: u64, addr: u64) -> u64 {
+    addr ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Fills `buf` with the pattern for disk byte offset `disk_offset`.
+pub fn fill_pattern(buf: &mut [u8], seed: u64, disk_offset: u64) {
+    for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&pattern_word(seed, disk_offset + 8 * i as u64).to_le_bytes());
+    }
+}
+
+/// Offset of the first byte in `buf` that differs from the pattern.
+pub fn check_pattern(buf: &[u8], seed: u64, disk_offset: u64) -> Option<usize> {
+    buf.chunks_exact(8)
+        .enumerate()
+        .find(|(i, chunk)| **chunk != pattern_word(seed, disk_offset + 8 * *i as u64).to_le_bytes())
+        .map(|(i, _)| 8 * i)
+}

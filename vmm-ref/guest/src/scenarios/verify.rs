@@ -1,0 +1,334 @@
+//! `verify`: data integrity over all queues in parallel, FLUSH, GET_ID,
+//! DISCARD, WRITE_ZEROES, a read past the end, and read-only behaviour.
+
+use core::fmt::Write;
+
+use super::{check_pattern, fill_pattern, Ctx, Detail, Outcome};
+use crate::blk::feature;
+use crate::blk::request::{Op, ReqMem, ID_LEN, SECTOR, S_IOERR, S_OK};
+use crate::blk::{BlkError, MAX_QUEUES};
+
+/// 4 KiB writes per queue, plus one larger write.
+const SMALL_PER_QUEUE: usize = 8;
+const SMALL_LEN: u32 = 4096;
+const BIG_LEN: u32 = 32 * 1024;
+const REQS_PER_QUEUE: usize = SMALL_PER_QUEUE + 1;
+/// Sectors reserved per queue for its pattern region.
+const QUEUE_REGION: u64 = 256;
+const DISCARD_SECTOR: u64 = 4096;
+const WRITE_ZEROES_SECTOR: u64 = 4224;
+const AREA_SECTORS: u32 = 64;
+const QUICK_SECTOR: u64 = 6144;
+const QUICK_SECTORS: u64 = 16;
+const TIMEOUT_US: u64 = 10_000_000;
+
+/// Where request `i` of queue `q` goes: (first sector, length).
+fn placement(q: usize, i: usize) -> (u64, u32) {
+    let base = q as u64 * QUEUE_REGION;
+    if i < SMALL_PER_QUEUE {
+        (base + i as u64 * u64::from(SMALL_LEN) / SECTOR, SMALL_LEN)
+    } else {
+        (
+            base + SMALL_PER_QUEUE as u64 * u64::from(SMALL_LEN) / SECTOR,
+            BIG_LEN,
+        )
+    }
+}
+
+/// Largest data segment the device accepts for one descriptor.
+fn max_segment(ctx: &Ctx<'_>) -> u32 {
+    if ctx.dev.has(feature::SIZE_MAX) && ctx.dev.config().size_max != 0 {
+        ctx.dev.config().size_max
+    } else {
+        u32::MAX
+    }
+}
+
+macro_rules! fail {
+    ($($arg:tt)*) => { return Ok(Outcome::fail(format_args!($($arg)*))) };
+}
+
+/// Runs `verify`.
+pub fn run(ctx: &mut Ctx<'_>) -> Outcome {
+    match run_inner(ctx) {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome::fail(format_args!("driver error: {}", e)),
+    }
+}
+
+fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
+    let nq = ctx.dev.nr_queues();
+    let read_only = ctx.dev.has(feature::RO);
+    let capacity = ctx.dev.config().capacity;
+    let big_len = BIG_LEN
+        .min(max_segment(ctx) & !(SECTOR as u32 - 1))
+        .max(SECTOR as u32);
+    let mut detail = Detail::new();
+    let _ = write!(detail, "queues={} seed={:#x}", nq, ctx.seed);
+
+    // Buffers: one per request for writes and one per request for reads.
+    let mut writes = [[None::<ReqMem>; REQS_PER_QUEUE]; MAX_QUEUES];
+    let mut reads = [[None::<ReqMem>; REQS_PER_QUEUE]; MAX_QUEUES];
+    for q in 0..nq {
+        for i in 0..REQS_PER_QUEUE {
+            writes[q][i] = Some(ReqMem::alloc(ctx.arena, BIG_LEN)?);
+            reads[q][i] = Some(ReqMem::alloc(ctx.arena, BIG_LEN)?);
+        }
+    }
+    let len_of = |q: usize, i: usize| {
+        if i < SMALL_PER_QUEUE {
+            placement(q, i).1
+        } else {
+            big_len
+        }
+    };
+
+    if read_only {
+        let mem = ReqMem::alloc(ctx.arena, SMALL_LEN)?;
+        let status = ctx.dev.run(
+            0,
+            &mem,
+            Op::Write {
+                sector: 0,
+                len: SMALL_LEN,
+            },
+        )?;
+        if status != S_IOERR {
+            fail!("{detail} read-only device: write returned status {status}, expected IOERR");
+        }
+        let _ = write!(detail, " ro_write=ioerr");
+    } else {
+        // 1. Distinct patterns, all queues in parallel.
+        for q in 0..nq {
+            for i in 0..REQS_PER_QUEUE {
+                let (sector, _) = placement(q, i);
+                let len = len_of(q, i);
+                let Some(mem) = writes[q][i] else { continue };
+                fill_pattern(&mut mem.data()[..len as usize], ctx.seed, sector * SECTOR);
+                ctx.dev.submit(
+                    q,
+                    &mem,
+                    Op::Write { sector, len },
+                    (q * REQS_PER_QUEUE + i) as u32,
+                )?;
+            }
+        }
+        for q in 0..nq {
+            ctx.dev.kick(q)?;
+        }
+        let mut bad = None;
+        ctx.dev.wait(nq * REQS_PER_QUEUE, TIMEOUT_US, |q, used| {
+            let i = used.token as usize % REQS_PER_QUEUE;
+            let status = writes[q][i].map_or(0xfe, |m| m.status());
+            if status != S_OK && bad.is_none() {
+                bad = Some((q, i, status));
+            }
+        })?;
+        if let Some((q, i, status)) = bad {
+            fail!("{detail} write {i} on queue {q} returned status {status}");
+        }
+        let _ = write!(detail, " writes={}", nq * REQS_PER_QUEUE);
+
+        // 2. FLUSH on every queue.
+        if ctx.dev.has(feature::FLUSH) {
+            for q in 0..nq {
+                let Some(mem) = writes[q][0] else { continue };
+                ctx.dev.submit(q, &mem, Op::Flush, q as u32)?;
+                ctx.dev.kick(q)?;
+            }
+            let mut bad = None;
+            ctx.dev.wait(nq, TIMEOUT_US, |q, _| {
+                let status = writes[q][0].map_or(0xfe, |m| m.status());
+                if status != S_OK {
+                    bad = Some((q, status));
+                }
+            })?;
+            if let Some((q, status)) = bad {
+                fail!("{detail} flush on queue {q} returned status {status}");
+            }
+            let _ = write!(detail, " flush=ok");
+        }
+    }
+
+    // 3. Read everything back, each region through the next queue.
+    for q in 0..nq {
+        let rq = (q + 1) % nq;
+        for i in 0..REQS_PER_QUEUE {
+            let (sector, _) = placement(q, i);
+            let Some(mem) = reads[q][i] else { continue };
+            mem.data().fill(0xa5);
+            ctx.dev.submit(
+                rq,
+                &mem,
+                Op::Read {
+                    sector,
+                    len: len_of(q, i),
+                },
+                (q * REQS_PER_QUEUE + i) as u32,
+            )?;
+        }
+    }
+    for q in 0..nq {
+        ctx.dev.kick(q)?;
+    }
+    let mut bad_status = None;
+    ctx.dev.wait(nq * REQS_PER_QUEUE, TIMEOUT_US, |_, used| {
+        let (q, i) = (
+            used.token as usize / REQS_PER_QUEUE,
+            used.token as usize % REQS_PER_QUEUE,
+        );
+        let status = reads.get(q).and_then(|r| r[i]).map_or(0xfe, |m| m.status());
+        if status != S_OK && bad_status.is_none() {
+            bad_status = Some((q, i, status));
+        }
+    })?;
+    if let Some((q, i, status)) = bad_status {
+        fail!("{detail} read {i} of queue {q}'s region returned status {status}");
+    }
+    if !read_only {
+        for q in 0..nq {
+            for i in 0..REQS_PER_QUEUE {
+                let (sector, _) = placement(q, i);
+                let len = len_of(q, i) as usize;
+                let Some(mem) = reads[q][i] else { continue };
+                if let Some(off) = check_pattern(&mem.data()[..len], ctx.seed, sector * SECTOR) {
+                    fail!("{detail} data mismatch: queue {q} request {i} (sector {sector}) at byte {off}");
+                }
+            }
+        }
+        let _ = write!(detail, " readback=ok");
+    } else {
+        let _ = write!(detail, " reads=ok");
+    }
+
+    // 4. GET_ID.
+    let mem = ReqMem::alloc(ctx.arena, BIG_LEN)?;
+    let status = ctx.dev.run(0, &mem, Op::GetId)?;
+    if status != S_OK {
+        fail!("{detail} GET_ID returned status {status}");
+    }
+    let id = &mem.data()[..ID_LEN as usize];
+    let id_len = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+    let id_str = core::str::from_utf8(&id[..id_len]).unwrap_or("<binary>");
+    let _ = write!(detail, " id='{}'", id_str);
+
+    // 5. Past the end: must fail with IOERR.
+    for (sector, len) in [(capacity, SECTOR as u32), (capacity - 1, 2 * SECTOR as u32)] {
+        let status = ctx.dev.run(0, &mem, Op::Read { sector, len })?;
+        if status != S_IOERR {
+            fail!("{detail} read of {len} bytes at sector {sector} (capacity {capacity}) returned status {status}, expected IOERR");
+        }
+    }
+    let _ = write!(detail, " past_end=ioerr");
+
+    if !read_only {
+        // 6. DISCARD: must succeed; the data then reads back as zeros or unchanged.
+        if ctx.dev.has(feature::DISCARD) {
+            let kept = area_test(ctx, &mem, DISCARD_SECTOR, true)?;
+            match kept {
+                Ok(how) => {
+                    let _ = write!(detail, " discard={}", how);
+                }
+                Err(msg) => fail!("{detail} discard: {msg}"),
+            }
+        }
+        // 7. WRITE_ZEROES: must read back as zeros.
+        if ctx.dev.has(feature::WRITE_ZEROES) {
+            match area_test(ctx, &mem, WRITE_ZEROES_SECTOR, false)? {
+                Ok(_) => {
+                    let _ = write!(detail, " write_zeroes=ok");
+                }
+                Err(msg) => fail!("{detail} write_zeroes: {msg}"),
+            }
+        }
+    }
+
+    let bogus: u64 = (0..nq)
+        .filter_map(|q| ctx.dev.queue(q).ok().map(|q| q.bogus_used))
+        .sum();
+    if bogus != 0 {
+        fail!("{detail} device returned {bogus} used entries for descriptors not in flight");
+    }
+    Ok(Outcome::pass(format_args!("{}", detail.as_str())))
+}
+
+/// Writes a pattern over an area, then DISCARDs (`discard`) or
+/// WRITE_ZEROES it and reads it back. `Ok(Ok(how))` on success.
+fn area_test(
+    ctx: &mut Ctx<'_>,
+    mem: &ReqMem,
+    sector: u64,
+    discard: bool,
+) -> Result<Result<&'static str, &'static str>, BlkError> {
+    let c = *ctx.dev.config();
+    let (max, align) = if discard {
+        (c.max_discard_sectors, c.discard_sector_alignment.max(1))
+    } else {
+        (c.max_write_zeroes_sectors, 1)
+    };
+    let max = if max == 0 {
+        AREA_SECTORS
+    } else {
+        max.min(AREA_SECTORS)
+    };
+    let sectors = (max / align * align).max(1);
+    let len = sectors * SECTOR as u32;
+    if len > mem.cap {
+        return Ok(Err("area larger than the buffer"));
+    }
+    let data = &mut mem.data()[..len as usize];
+    fill_pattern(data, ctx.seed, sector * SECTOR);
+    if ctx.dev.run(0, mem, Op::Write { sector, len })? != S_OK {
+        return Ok(Err("pattern write failed"));
+    }
+    let op = if discard {
+        Op::Discard { sector, sectors }
+    } else {
+        Op::WriteZeroes { sector, sectors }
+    };
+    let status = ctx.dev.run(0, mem, op)?;
+    if status != S_OK {
+        return Ok(Err(if discard {
+            "DISCARD returned an error status"
+        } else {
+            "WRITE_ZEROES returned an error status"
+        }));
+    }
+    mem.data().fill(0xa5);
+    if ctx.dev.run(0, mem, Op::Read { sector, len })? != S_OK {
+        return Ok(Err("read back failed"));
+    }
+    let data = &mem.data()[..len as usize];
+    if data.iter().all(|&b| b == 0) {
+        Ok(Ok("zeroed"))
+    } else if discard && check_pattern(data, ctx.seed, sector * SECTOR).is_none() {
+        // The device may ignore discards (e.g. QEMU's default discard=ignore).
+        Ok(Ok("kept"))
+    } else {
+        Ok(Err("area reads back neither zeros nor the old data"))
+    }
+}
+
+/// Writes and reads back a few blocks on queue `q` only (used after
+/// malformed requests, resets and idle periods). Read-only devices are only
+/// read.
+pub fn quick(ctx: &mut Ctx<'_>, q: usize) -> Result<Result<(), &'static str>, BlkError> {
+    let sector = QUICK_SECTOR + (q % MAX_QUEUES) as u64 * QUICK_SECTORS;
+    let len = (QUICK_SECTORS * SECTOR) as u32;
+    let mem = ReqMem::alloc(ctx.arena, len)?;
+    let salt = ctx.seed ^ crate::tsc::now();
+    if !ctx.dev.has(feature::RO) {
+        fill_pattern(mem.data(), salt, sector * SECTOR);
+        if ctx.dev.run(q, &mem, Op::Write { sector, len })? != S_OK {
+            return Ok(Err("write failed"));
+        }
+    }
+    mem.data().fill(0xa5);
+    if ctx.dev.run(q, &mem, Op::Read { sector, len })? != S_OK {
+        return Ok(Err("read failed"));
+    }
+    if !ctx.dev.has(feature::RO) && check_pattern(mem.data(), salt, sector * SECTOR).is_some() {
+        return Ok(Err("data mismatch"));
+    }
+    Ok(Ok(()))
+}
