@@ -1,6 +1,4 @@
-//! Named IOThreads running [`aio_poll`] event loops, with QEMU-compatible
-//! parameters, holder tracking, `query-iothreads`/`info iothreads` output and
-//! `iothread-vq-mapping` assignment.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 mod error;
