@@ -471,6 +471,8 @@ impl AioContext {
         }
         self.stats.param_updates += 1;
         self.stats.params = self.adaptive.params();
+        // Visible at once, even if the loop now sleeps for a long time.
+        self.publish_stats();
     }
 
     fn apply_pending_params(&mut self) {

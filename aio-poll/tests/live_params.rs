@@ -1,0 +1,115 @@
+//! Changing the polling parameters from another thread while the loop runs.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use aio_poll::{AioContext, PollAlgorithm, PollParams};
+use common::{add_queue, with_watchdog, Probe, Queue};
+
+#[test]
+fn live_param_change_resets_state_and_shows_in_stats() {
+    with_watchdog(120, || {
+        let mut ctx =
+            AioContext::with_params(PollParams::default().with_max_ns(50_000_000)).unwrap();
+        let handle = ctx.handle();
+        let q = Queue::new();
+        let probe = Probe::default();
+        add_queue(&mut ctx, &q, &probe);
+        // Build up adaptive state: events ~1 ms apart.
+        let q2 = q.clone();
+        let loop_thread = std::thread::spawn(move || {
+            ctx.run(|_| false);
+            ctx
+        });
+        for i in 1..=20u64 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            q2.push();
+            while q2.consumed.load(Ordering::SeqCst) < i {
+                std::thread::yield_now();
+            }
+        }
+        let before = handle.stats();
+        assert!(before.poll_ns > 0, "no adaptive state built: {before:?}");
+        assert!(before.handlers.iter().any(|h| h.ns > 0));
+        assert_eq!(before.param_updates, 0);
+
+        // Invalid values are rejected at once with a clear message.
+        let e = handle
+            .set_poll_params(PollParams::default().with_weight(64))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "poll-weight: value 64 out of range [0, 63]");
+        let e = handle
+            .set_poll_params(PollParams::default().with_max_ns(-5))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("value must be in range [0, INT64_MAX]"),
+            "{e}"
+        );
+
+        let new = PollParams {
+            max_ns: 40_000_000,
+            grow: 0,
+            shrink: 4,
+            weight: 5,
+            algorithm: PollAlgorithm::Classic,
+        };
+        handle.set_poll_params(new).unwrap();
+        // Queries report effective values (grow 0 -> 2), immediately.
+        assert_eq!(handle.poll_params().grow, 2);
+        assert_eq!(handle.poll_params().weight, 5);
+        // The loop applies it (it was woken) without any event.
+        let mut spins = 0u64;
+        let after = loop {
+            let s = handle.stats();
+            if s.param_updates == 1 {
+                break s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            spins += 1;
+            assert!(spins < 60_000);
+        };
+        assert_eq!(after.params, PollParams { grow: 2, ..new });
+        assert_eq!(after.poll_ns, 0, "poll_ns reset");
+        assert!(
+            after.handlers.iter().all(|h| h.ns == 0),
+            "handler ns reset: {:?}",
+            after.handlers
+        );
+
+        // Still works afterwards.
+        q2.push();
+        while q2.consumed.load(Ordering::SeqCst) < 21 {
+            std::thread::yield_now();
+        }
+        handle.request_stop();
+        let ctx = loop_thread.join().unwrap();
+        assert_eq!(ctx.poll_params().algorithm, PollAlgorithm::Classic);
+        assert_eq!(ctx.poll_params().max_ns, 40_000_000);
+    });
+}
+
+#[test]
+fn disabling_polling_leaves_poll_mode() {
+    let mut ctx = AioContext::new().unwrap();
+    let q = Queue::new();
+    let probe = Probe::default();
+    let id = add_queue(&mut ctx, &q, &probe);
+    q.push();
+    assert!(ctx.poll(true));
+    assert!(ctx.is_on_poll_list(id));
+    ctx.set_poll_params(PollParams::disabled()).unwrap();
+    assert!(!ctx.is_on_poll_list(id));
+    assert!(!ctx.in_poll_mode());
+    assert_eq!(Probe::get(&probe.begins), Probe::get(&probe.ends));
+    assert_eq!(ctx.stats().param_updates, 1);
+    assert!(ctx
+        .set_poll_params(PollParams::default().with_grow_shrink(-1, 0))
+        .is_err());
+    assert_eq!(
+        ctx.poll_params().max_ns,
+        0,
+        "a rejected change leaves params untouched"
+    );
+}

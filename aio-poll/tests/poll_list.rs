@@ -1,0 +1,155 @@
+//! The poll list: join on first dispatch, poll mode begin/end, leave after
+//! the (injected) idle timeout with a final poll; nothing at all with
+//! `max_ns = 0`.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use aio_poll::{AioContext, PollAlgorithm, PollParams};
+use common::{add_queue, with_watchdog, Probe, Queue};
+
+#[test]
+fn no_poll_list_when_polling_disabled() {
+    let mut ctx = AioContext::with_params(PollParams::disabled()).unwrap();
+    let q = Queue::new();
+    let probe = Probe::default();
+    let id = add_queue(&mut ctx, &q, &probe);
+    for _ in 0..10 {
+        q.push();
+        assert!(ctx.poll(true));
+    }
+    assert!(!ctx.is_on_poll_list(id));
+    assert_eq!(Probe::get(&probe.begins), 0);
+    assert_eq!(Probe::get(&probe.ends), 0);
+    assert_eq!(Probe::get(&probe.polls_true), 0);
+    assert_eq!(Probe::get(&probe.reads), 10);
+    let s = ctx.stats();
+    assert_eq!(s.poll_time_ns, 0);
+    assert_eq!(s.poll_ns_histogram.samples, 0);
+    assert!(s.handlers.is_empty());
+}
+
+#[test]
+fn join_on_dispatch_poll_mode_and_idle_leave() {
+    with_watchdog(120, || {
+        // Classic: the first dispatch grows ns to 4000 deterministically, so
+        // the loop keeps polling (and checking idleness) on every iteration.
+        let params = PollParams::default()
+            .with_algorithm(PollAlgorithm::Classic)
+            .with_max_ns(10_000_000);
+        let mut ctx = AioContext::with_params(params).unwrap();
+        ctx.set_poll_idle_timeout(Duration::from_millis(30));
+        let q = Queue::new();
+        let probe = Probe::default();
+        let id = add_queue(&mut ctx, &q, &probe);
+        assert!(!ctx.is_on_poll_list(id));
+        q.push();
+        assert!(ctx.poll(true));
+        assert!(ctx.is_on_poll_list(id), "joins on first dispatch");
+        assert_eq!(Probe::get(&probe.reads), 1);
+        let s = ctx.stats();
+        assert_eq!(s.handlers.len(), 1);
+        assert_eq!(s.handlers[0].ns, 4000);
+        assert_eq!(s.poll_ns, 4000);
+
+        // Entry published while the loop polls: found by poll(), no kick.
+        q.push();
+        assert!(ctx.poll(true));
+        assert!(Probe::get(&probe.poll_ready) >= 1 || Probe::get(&probe.reads) == 2);
+
+        // Idle: a periodic timer keeps the loop iterating; after 30 ms without
+        // dispatch the handler leaves the list (poll_end, final poll).
+        let now = ctx.now_ns();
+        ctx.add_timer(now + 2_000_000, Some(2_000_000), |_| {});
+        let mut iterations = 0;
+        while ctx.is_on_poll_list(id) {
+            ctx.poll(true);
+            iterations += 1;
+            assert!(iterations < 100_000, "never left the poll list");
+        }
+        assert!(!ctx.in_poll_mode() || ctx.stats().handlers.is_empty());
+        assert!(ctx.stats().handlers.is_empty());
+        // Leaving poll mode re-enabled notifications: begins == ends.
+        assert_eq!(Probe::get(&probe.begins), Probe::get(&probe.ends));
+        assert!(q.notify_enabled.load(Ordering::SeqCst));
+        // Rejoins on the next dispatch.
+        q.push();
+        while !ctx.is_on_poll_list(id) {
+            ctx.poll(true);
+        }
+        assert_eq!(q.consumed.load(Ordering::SeqCst), 3);
+    });
+}
+
+#[test]
+fn final_poll_catches_event_raced_with_poll_end() {
+    // A handler whose poll_end publishes an entry (the race: the guest
+    // added one while notifications were still suppressed, so no kick).
+    use aio_poll::FdHandler;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+
+    struct Racy {
+        q: Arc<Queue>,
+        inject: bool,
+        ready_runs: u64,
+    }
+    impl FdHandler for Racy {
+        fn read(&mut self, _ctx: &mut AioContext) {
+            let _ = self.q.kick.read();
+            let p = self.q.produced.load(Ordering::SeqCst);
+            self.q.consumed.store(p, Ordering::SeqCst);
+        }
+        fn has_poll(&self) -> bool {
+            true
+        }
+        fn poll(&mut self) -> bool {
+            self.q.produced.load(Ordering::SeqCst) > self.q.consumed.load(Ordering::SeqCst)
+        }
+        fn poll_ready(&mut self, _ctx: &mut AioContext) {
+            self.ready_runs += 1;
+            let p = self.q.produced.load(Ordering::SeqCst);
+            self.q.consumed.store(p, Ordering::SeqCst);
+        }
+        fn poll_begin(&mut self) {
+            self.q.notify_enabled.store(false, Ordering::SeqCst);
+        }
+        fn poll_end(&mut self) {
+            if self.inject {
+                // Arrived before notifications were re-enabled: no kick.
+                self.q.produced.fetch_add(1, Ordering::SeqCst);
+                self.inject = false;
+            }
+            self.q.notify_enabled.store(true, Ordering::SeqCst);
+        }
+    }
+
+    with_watchdog(60, || {
+        let mut ctx = AioContext::with_params(
+            PollParams::default()
+                .with_algorithm(PollAlgorithm::Classic)
+                .with_max_ns(10_000_000),
+        )
+        .unwrap();
+        let q = Queue::new();
+        ctx.add_fd_handler(
+            q.kick.as_raw_fd(),
+            aio_poll::Interest::READABLE,
+            Box::new(Racy {
+                q: q.clone(),
+                inject: true,
+                ready_runs: 0,
+            }),
+        )
+        .unwrap();
+        q.push();
+        assert!(ctx.poll(true)); // joins, ns = 4000
+                                 // Next blocking poll: polls 4 µs, finds nothing, leaves poll mode;
+                                 // poll_end injects an entry without a kick. Without the final poll
+                                 // the loop would sleep forever (the watchdog would fire).
+        assert!(ctx.poll(true));
+        assert_eq!(q.consumed.load(Ordering::SeqCst), 2);
+    });
+}

@@ -1,0 +1,156 @@
+//! QMP control socket: QEMU's machine protocol on a Unix socket, for live IOThread
+//! management (`query-iothreads`, `qom-set`, `object-add`/`object-del`), `query-block`,
+//! `query-status`, `system_reset`, `quit` and asynchronous events.
+//!
+//! Layout (control plane = typed commands + one dispatcher):
+//!
+//! * [`protocol`]: wire format without I/O: the streaming JSON decoder (size limit
+//!   [`protocol::MAX_MESSAGE_SIZE`]), request validation, reply encoding.
+//! * [`commands`]: the typed [`Command`]s (arguments parsed into
+//!   `#[serde(deny_unknown_fields)]` structs, QEMU's error messages) and the one
+//!   [`Dispatcher`] that executes them against a [`QmpMachine`].
+//! * [`session`]: one client's protocol state (capabilities negotiation), bytes in,
+//!   replies out, still without I/O — the entry point for fuzzing.
+//! * `server`: the socket, the `qmp` thread and per-client output queues ([`QmpServer`]).
+//! * `event`: [`EventSender`], how the VMM emits events such as `SHUTDOWN` and `RESET`.
+//!
+//! The VMM implements [`QmpMachine`], starts the server with [`QmpServer::start`] and
+//! keeps the [`QmpServer`] alive as long as the socket should exist.
+
+mod args;
+pub mod commands;
+mod error;
+mod event;
+pub mod protocol;
+mod server;
+pub mod session;
+mod socket;
+
+use serde::Serialize;
+
+// The whole surface (also for the fuzz target and tools); the vmm-ref binary uses part
+// of it, so unused re-exports must not warn there.
+#[allow(unused_imports)]
+pub use commands::{Command, Dispatcher, FollowUp};
+#[allow(unused_imports)]
+pub use error::{CommandError, ErrorClass, QmpError};
+#[allow(unused_imports)]
+pub use event::{Event, EventSender};
+#[allow(unused_imports)]
+pub use server::{QmpServer, QmpServerConfig};
+#[allow(unused_imports)]
+pub use session::Session;
+
+/// What the VMM exposes to QMP. Every method is called on the `qmp` server thread, one
+/// command at a time; implementations serialise with the rest of the VMM as they need.
+pub trait QmpMachine: Send + Sync {
+    /// The run state, as `query-status` reports it.
+    fn status(&self) -> RunStatus;
+
+    /// Reset the machine (`system_reset`). On success the server sends the reply, then a
+    /// `RESET` event `{"guest": false, "reason": "host-qmp-system-reset"}`.
+    fn system_reset(&self) -> Result<(), String>;
+
+    /// Stop the VMM (`quit`). Called after the reply and the `SHUTDOWN` event were queued
+    /// (and flushed as far as the clients read them). Must only *request* the shutdown:
+    /// it runs on the `qmp` thread, so it must not wait for the [`QmpServer`] to stop.
+    /// Dropping the [`QmpServer`] later flushes what is still queued.
+    fn quit(&self);
+
+    /// The block devices, for `query-block`.
+    fn query_block(&self) -> Vec<BlockInfo>;
+
+    /// The IOThread registry that `query-iothreads`, `qom-get`/`qom-set` and
+    /// `object-add`/`object-del` operate on.
+    fn registry(&self) -> &iothread_registry::IoThreadRegistry;
+}
+
+/// The VM run state (QEMU's `RunState`, the values vmm-ref can be in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+// QEMU's vocabulary; a VMM uses the subset it can be in.
+#[allow(dead_code)]
+pub enum RunStatus {
+    /// Not started yet.
+    Prelaunch,
+    /// vCPUs running.
+    Running,
+    /// vCPUs stopped by the host.
+    Paused,
+    /// The guest was stopped for debugging.
+    Debug,
+    /// The guest shut down (or asked for it).
+    Shutdown,
+    /// The guest panicked.
+    GuestPanicked,
+    /// An internal VMM error stopped the guest.
+    InternalError,
+    /// The guest is suspended.
+    Suspended,
+}
+
+impl RunStatus {
+    /// The QEMU name (`running`, `paused`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            RunStatus::Prelaunch => "prelaunch",
+            RunStatus::Running => "running",
+            RunStatus::Paused => "paused",
+            RunStatus::Debug => "debug",
+            RunStatus::Shutdown => "shutdown",
+            RunStatus::GuestPanicked => "guest-panicked",
+            RunStatus::InternalError => "internal-error",
+            RunStatus::Suspended => "suspended",
+        }
+    }
+}
+
+/// One virtqueue's IOThread in [`BlockInfo::queues`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BlockQueueInfo {
+    /// Virtqueue index.
+    pub queue: u16,
+    /// Id of the IOThread that serves it.
+    pub iothread: String,
+}
+
+/// One block device in `query-block` (vmm-ref's own schema; QEMU's `BlockInfo` nests
+/// the image under `inserted` and has no per-queue mapping).
+///
+/// ```text
+/// {"device": "blk0", "qdev": "/machine/peripheral/blk0/virtio-backend",
+///  "file": "/tmp/disk.img", "read-only": false, "direct": false, "format": "raw",
+///  "engine": "io-uring", "num-queues": 2, "queue-size": 256, "activated": true,
+///  "queues": [{"queue": 0, "iothread": "io0"}, {"queue": 1, "iothread": "io1"}]}
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockInfo {
+    /// Drive id (`-drive id=` / `--blk id=`).
+    pub device: String,
+    /// QOM path of the device (its holder name).
+    pub qdev: String,
+    /// Image file.
+    pub file: String,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Opened with O_DIRECT.
+    pub direct: bool,
+    /// Image format (`raw`).
+    pub format: String,
+    /// I/O engine in use (`io-uring`, `sync`, ...).
+    pub engine: String,
+    /// Number of virtqueues.
+    pub num_queues: u16,
+    /// Virtqueue size.
+    pub queue_size: u16,
+    /// The driver activated the device (DRIVER_OK), so it holds its IOThreads.
+    pub activated: bool,
+    /// Per-queue IOThread mapping.
+    pub queues: Vec<BlockQueueInfo>,
+}
+
+#[cfg(test)]
+mod test_util;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,719 @@
+//! The QMP wire protocol (QEMU `docs/interop/qmp-spec.rst`), without any I/O.
+//!
+//! * [`JsonStreamDecoder`] splits a byte stream into JSON texts the way QEMU's
+//!   `json-streamer` does: by balancing `{}`/`[]` outside strings, not by lines, so a
+//!   client may send several objects on one line or one object across many lines.
+//! * [`parse_request`] validates one decoded value as a request
+//!   (`{"execute": "...", "arguments": {...}, "id": any}`) with QEMU's messages.
+//! * [`encode_return`], [`encode_error`] and [`encode_greeting`] produce the replies,
+//!   each terminated by `"\r\n"` as QEMU does.
+//!
+//! # Limits
+//!
+//! * One JSON message (from its first byte to its closing bracket) may be at most
+//!   [`MAX_MESSAGE_SIZE`] bytes (1 MiB; QEMU allows a 64 MiB token, but no QMP request
+//!   needs more than a few KiB). A longer message gets one
+//!   `"JSON message size limit exceeded"` error as soon as the limit is crossed; the
+//!   rest of it is skipped *without being buffered* (the decoder keeps only its bracket
+//!   depth and string state) and decoding resumes after its closing bracket, so a
+//!   100 MiB line costs CPU time to scan but never 100 MiB of memory.
+//! * Nesting deeper than [`MAX_NESTING`] is refused the same way (serde_json's own
+//!   recursion limit is 128).
+//! * A `0xFF` byte, which never occurs in UTF-8, resets the decoder (QMP's documented way
+//!   for a client to get the parser back into a clean state); a partially received
+//!   message is then discarded with an error.
+//!
+//! Malformed JSON inside a balanced message yields one `"JSON parse error, ..."` error and
+//! the decoder continues with the next byte after the message: it always resynchronises
+//! at the end of the offending message.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::qmp::error::CommandError;
+
+/// Largest accepted JSON message in bytes (see the module documentation).
+pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
+
+/// Deepest accepted nesting of objects and arrays.
+pub const MAX_NESTING: usize = 64;
+
+/// Why a chunk of input could not be turned into a JSON value.
+#[derive(Debug)]
+pub enum DecodeError {
+    /// A complete message was not valid JSON.
+    Parse(serde_json::Error),
+    /// The message grew beyond the size limit (its rest is being skipped).
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The message nested deeper than [`MAX_NESTING`] (its rest is being skipped).
+    TooDeep,
+    /// A closing bracket without an opening one.
+    UnexpectedClose(u8),
+    /// A `0xFF` reset byte arrived in the middle of a message.
+    Reset,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Parse(e) => write!(f, "JSON parse error, {e}"),
+            DecodeError::TooLarge { limit } => {
+                write!(f, "JSON message size limit exceeded ({limit} bytes)")
+            }
+            DecodeError::TooDeep => {
+                write!(f, "JSON nesting depth limit exceeded ({MAX_NESTING})")
+            }
+            DecodeError::UnexpectedClose(c) => {
+                write!(f, "JSON parse error, stray '{}'", char::from(*c))
+            }
+            DecodeError::Reset => f.write_str("JSON parse error, message discarded by 0xFF reset"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DecodeError::Parse(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<&DecodeError> for CommandError {
+    fn from(err: &DecodeError) -> Self {
+        CommandError::generic(err.to_string())
+    }
+}
+
+/// Streaming splitter of a byte stream into JSON values (see the module documentation).
+#[derive(Debug)]
+pub struct JsonStreamDecoder {
+    /// Bytes of the message being received (empty while skipping).
+    buf: Vec<u8>,
+    /// Open objects + arrays of the current message.
+    depth: usize,
+    /// Inside a string literal.
+    in_string: bool,
+    /// The previous string byte was a backslash.
+    escape: bool,
+    /// Inside a top-level scalar (number, literal) that ends at a delimiter.
+    in_scalar: bool,
+    /// Skipping the rest of an oversized or too deep message.
+    skipping: bool,
+    /// Size limit of one message.
+    limit: usize,
+    /// Values and errors decoded but not yet taken.
+    ready: VecDeque<Result<Value, DecodeError>>,
+}
+
+impl Default for JsonStreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JsonStreamDecoder {
+    /// A decoder with the default [`MAX_MESSAGE_SIZE`].
+    pub fn new() -> Self {
+        Self::with_limit(MAX_MESSAGE_SIZE)
+    }
+
+    /// A decoder accepting messages of at most `limit` bytes (at least 2).
+    pub fn with_limit(limit: usize) -> Self {
+        JsonStreamDecoder {
+            buf: Vec::new(),
+            depth: 0,
+            in_string: false,
+            escape: false,
+            in_scalar: false,
+            skipping: false,
+            limit: limit.max(2),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// True while no message is partially received.
+    pub fn is_idle(&self) -> bool {
+        self.depth == 0 && !self.in_string && !self.in_scalar && !self.skipping
+    }
+
+    /// Number of decoded values/errors waiting in [`JsonStreamDecoder::next_value`].
+    pub fn pending(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Take the next decoded value (or decode error), in stream order.
+    pub fn next_value(&mut self) -> Option<Result<Value, DecodeError>> {
+        self.ready.pop_front()
+    }
+
+    /// Feed bytes; complete values become available through
+    /// [`JsonStreamDecoder::next_value`].
+    pub fn feed(&mut self, data: &[u8]) {
+        for &byte in data {
+            self.step(byte);
+        }
+    }
+
+    fn reset_state(&mut self) {
+        self.buf.clear();
+        self.depth = 0;
+        self.in_string = false;
+        self.escape = false;
+        self.in_scalar = false;
+        self.skipping = false;
+    }
+
+    fn push(&mut self, byte: u8) {
+        if self.skipping {
+            return;
+        }
+        if self.buf.len() >= self.limit {
+            // Report once, then only track the structure until the message ends.
+            self.buf = Vec::new();
+            self.skipping = true;
+            self.ready
+                .push_back(Err(DecodeError::TooLarge { limit: self.limit }));
+            return;
+        }
+        self.buf.push(byte);
+    }
+
+    /// The current message ended: parse it (unless it was being skipped).
+    fn finish(&mut self) {
+        if self.skipping {
+            self.skipping = false;
+        } else {
+            let result = serde_json::from_slice::<Value>(&self.buf).map_err(DecodeError::Parse);
+            self.ready.push_back(result);
+        }
+        // Keep a modest allocation around, drop big ones.
+        if self.buf.capacity() > 64 * 1024 {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+    }
+
+    fn step(&mut self, byte: u8) {
+        if byte == 0xFF {
+            if !self.is_idle() && !self.skipping {
+                self.ready.push_back(Err(DecodeError::Reset));
+            }
+            self.reset_state();
+            return;
+        }
+        if self.in_string {
+            self.push(byte);
+            if self.escape {
+                self.escape = false;
+            } else if byte == b'\\' {
+                self.escape = true;
+            } else if byte == b'"' {
+                self.in_string = false;
+                if self.depth == 0 {
+                    self.finish();
+                }
+            }
+            return;
+        }
+        if self.in_scalar {
+            if is_delimiter(byte) {
+                self.in_scalar = false;
+                self.finish();
+                // The delimiter itself starts the next token.
+                self.step(byte);
+            } else {
+                self.push(byte);
+            }
+            return;
+        }
+        match byte {
+            b'{' | b'[' => {
+                if self.depth >= MAX_NESTING && !self.skipping {
+                    self.buf = Vec::new();
+                    self.skipping = true;
+                    self.ready.push_back(Err(DecodeError::TooDeep));
+                }
+                // Saturating: a skipped message may nest without bound.
+                self.depth = self.depth.saturating_add(1);
+                self.push(byte);
+            }
+            b'}' | b']' => {
+                if self.depth == 0 {
+                    self.ready
+                        .push_back(Err(DecodeError::UnexpectedClose(byte)));
+                    return;
+                }
+                self.push(byte);
+                self.depth -= 1;
+                if self.depth == 0 {
+                    self.finish();
+                }
+            }
+            b'"' => {
+                self.in_string = true;
+                self.push(byte);
+            }
+            b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => {}
+            _ => {
+                if self.depth == 0 {
+                    self.in_scalar = true;
+                }
+                self.push(byte);
+            }
+        }
+    }
+}
+
+fn is_delimiter(byte: u8) -> bool {
+    matches!(
+        byte,
+        b' ' | b'\t' | b'\r' | b'\n' | b'{' | b'}' | b'[' | b']' | b'"' | b',' | b':'
+    )
+}
+
+/// A validated QMP request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// The command name (`execute`).
+    pub execute: String,
+    /// The `arguments` object, if present.
+    pub arguments: Option<Map<String, Value>>,
+    /// The `id` member (any JSON value), echoed in the reply.
+    pub id: Option<Value>,
+}
+
+/// A request that failed validation; `id` is echoed if the input had one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestError {
+    /// The request's `id`, if it was an object with one.
+    pub id: Option<Value>,
+    /// The error to reply with.
+    pub error: CommandError,
+}
+
+/// Validate a decoded JSON value as a QMP request, with QEMU's
+/// (`qmp_dispatch_check_obj`) messages. `exec-oob` is refused: this server offers no
+/// out-of-band capability.
+pub fn parse_request(value: Value) -> Result<Request, RequestError> {
+    let Value::Object(mut obj) = value else {
+        return Err(RequestError {
+            id: None,
+            error: CommandError::generic("QMP input must be a JSON object"),
+        });
+    };
+    let id = obj.remove("id");
+    let fail = |id: Option<Value>, desc: String| RequestError {
+        id,
+        error: CommandError::generic(desc),
+    };
+    let mut execute = None;
+    let mut arguments = None;
+    for (name, member) in obj {
+        match name.as_str() {
+            "execute" => match member {
+                Value::String(s) => execute = Some(s),
+                _ => {
+                    return Err(fail(
+                        id,
+                        "QMP input member 'execute' must be a string".to_string(),
+                    ))
+                }
+            },
+            "arguments" => match member {
+                Value::Object(map) => arguments = Some(map),
+                _ => {
+                    return Err(fail(
+                        id,
+                        "QMP input member 'arguments' must be an object".to_string(),
+                    ))
+                }
+            },
+            _ => return Err(fail(id, format!("QMP input member '{name}' is unexpected"))),
+        }
+    }
+    match execute {
+        Some(execute) => Ok(Request {
+            execute,
+            arguments,
+            id,
+        }),
+        None => Err(fail(id, "QMP input lacks member 'execute'".to_string())),
+    }
+}
+
+/// Pre-serialised JSON text, so that replies keep the field order of the structs they
+/// were made from (a `serde_json::Value` object would sort its keys).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Json(String);
+
+impl Json {
+    /// Serialise `value`.
+    pub fn new<T: Serialize + ?Sized>(value: &T) -> Self {
+        // Serialising our own types (derived Serialize, string keys) cannot fail; keep a
+        // valid JSON fallback rather than panicking.
+        Json(serde_json::to_string(value).unwrap_or_else(|e| {
+            log::error!("qmp: cannot serialise a reply: {e}");
+            "{}".to_string()
+        }))
+    }
+
+    /// The empty object `{}`.
+    pub fn empty_object() -> Self {
+        Json("{}".to_string())
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn push_id(out: &mut String, id: Option<&Value>) {
+    if let Some(id) = id {
+        out.push_str(", \"id\": ");
+        out.push_str(Json::new(id).as_str());
+    }
+}
+
+/// `{"return": RET, "id": ID}\r\n`.
+pub fn encode_return(ret: &Json, id: Option<&Value>) -> Vec<u8> {
+    let mut out = String::with_capacity(ret.as_str().len() + 32);
+    out.push_str("{\"return\": ");
+    out.push_str(ret.as_str());
+    push_id(&mut out, id);
+    out.push_str("}\r\n");
+    out.into_bytes()
+}
+
+/// `{"error": {"class": ..., "desc": ...}, "id": ID}\r\n`.
+pub fn encode_error(error: &CommandError, id: Option<&Value>) -> Vec<u8> {
+    let mut out = String::from("{\"error\": ");
+    out.push_str(Json::new(error).as_str());
+    push_id(&mut out, id);
+    out.push_str("}\r\n");
+    out.into_bytes()
+}
+
+/// `{"qemu": {"micro", "minor", "major"}, "package"}` as in `query-version` and the
+/// greeting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VersionInfo {
+    /// Version triple.
+    pub qemu: VersionTriple,
+    /// Free-form package string.
+    pub package: String,
+}
+
+/// `{"micro": .., "minor": .., "major": ..}` (QEMU's field order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct VersionTriple {
+    /// Micro version.
+    pub micro: u32,
+    /// Minor version.
+    pub minor: u32,
+    /// Major version.
+    pub major: u32,
+}
+
+impl VersionInfo {
+    /// This program's version (from its Cargo package version).
+    pub fn current() -> Self {
+        let num = |s: &str| s.parse::<u32>().unwrap_or(0);
+        VersionInfo {
+            qemu: VersionTriple {
+                micro: num(env!("CARGO_PKG_VERSION_PATCH")),
+                minor: num(env!("CARGO_PKG_VERSION_MINOR")),
+                major: num(env!("CARGO_PKG_VERSION_MAJOR")),
+            },
+            package: format!("vmm-ref {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Greeting<'a> {
+    #[serde(rename = "QMP")]
+    qmp: GreetingBody<'a>,
+}
+
+#[derive(Serialize)]
+struct GreetingBody<'a> {
+    version: &'a VersionInfo,
+    capabilities: [&'a str; 0],
+}
+
+/// `{"QMP": {"version": {...}, "capabilities": []}}\r\n`.
+pub fn encode_greeting(version: &VersionInfo) -> Vec<u8> {
+    let mut out = Json::new(&Greeting {
+        qmp: GreetingBody {
+            version,
+            capabilities: [],
+        },
+    })
+    .0;
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn decode_all(d: &mut JsonStreamDecoder) -> Vec<Result<Value, String>> {
+        std::iter::from_fn(|| d.next_value())
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn splits_several_objects_on_one_line() {
+        let mut d = JsonStreamDecoder::new();
+        d.feed(b"{\"a\": 1}{\"b\": [1, {\"c\": \"}\"}]}  {\"d\":\"\\\"{\"}\n");
+        assert_eq!(
+            decode_all(&mut d),
+            vec![
+                Ok(json!({"a": 1})),
+                Ok(json!({"b": [1, {"c": "}"}]})),
+                Ok(json!({"d": "\"{"}))
+            ]
+        );
+        assert!(d.is_idle());
+    }
+
+    #[test]
+    fn one_object_across_lines_and_chunks() {
+        let text = b"{\n \"execute\":\n \"query-status\",\n \"id\": [1, 2]\n}\n";
+        let mut d = JsonStreamDecoder::new();
+        for chunk in text.chunks(3) {
+            d.feed(chunk);
+        }
+        assert_eq!(
+            decode_all(&mut d),
+            vec![Ok(json!({"execute": "query-status", "id": [1, 2]}))]
+        );
+    }
+
+    #[test]
+    fn top_level_scalars_and_strings() {
+        let mut d = JsonStreamDecoder::new();
+        d.feed(b"123 true \"x y\" nul");
+        let got = decode_all(&mut d);
+        assert_eq!(got, vec![Ok(json!(123)), Ok(json!(true)), Ok(json!("x y"))]);
+        // "nul" waits for a delimiter, then fails to parse.
+        d.feed(b"\n");
+        let got = decode_all(&mut d);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].as_ref().unwrap_err().starts_with("JSON parse error"));
+    }
+
+    #[test]
+    fn malformed_json_resynchronises() {
+        let mut d = JsonStreamDecoder::new();
+        d.feed(b"{\"execute\": foo} ] {\"execute\": \"quit\"}");
+        let got = decode_all(&mut d);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0]
+            .as_ref()
+            .unwrap_err()
+            .starts_with("JSON parse error, "));
+        assert_eq!(got[1], Err("JSON parse error, stray ']'".to_string()));
+        assert_eq!(got[2], Ok(json!({"execute": "quit"})));
+    }
+
+    #[test]
+    fn oversized_message_is_skipped_without_buffering() {
+        let mut d = JsonStreamDecoder::with_limit(64);
+        d.feed(b"{\"execute\": \"x\", \"arguments\": {\"s\": \"");
+        let chunk = vec![b'a'; 4096];
+        for _ in 0..256 {
+            d.feed(&chunk);
+            assert!(
+                d.buf.capacity() <= 128,
+                "decoder buffered a skipped message"
+            );
+        }
+        d.feed(b"}\"}}");
+        d.feed(b"{\"execute\": \"quit\"}");
+        assert_eq!(
+            decode_all(&mut d),
+            vec![
+                Err("JSON message size limit exceeded (64 bytes)".to_string()),
+                Ok(json!({"execute": "quit"}))
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_bare_token_is_skipped() {
+        let mut d = JsonStreamDecoder::with_limit(16);
+        d.feed(&[b'7'; 1000]);
+        d.feed(b" 5");
+        d.feed(b" ");
+        assert_eq!(
+            decode_all(&mut d),
+            vec![
+                Err("JSON message size limit exceeded (16 bytes)".to_string()),
+                Ok(json!(5))
+            ]
+        );
+    }
+
+    #[test]
+    fn nesting_limit() {
+        let mut d = JsonStreamDecoder::new();
+        let deep = "[".repeat(1000) + &"]".repeat(1000);
+        d.feed(deep.as_bytes());
+        d.feed(b"{}");
+        assert_eq!(
+            decode_all(&mut d),
+            vec![
+                Err(format!("JSON nesting depth limit exceeded ({MAX_NESTING})")),
+                Ok(json!({}))
+            ]
+        );
+        let ok = "[".repeat(MAX_NESTING) + &"]".repeat(MAX_NESTING);
+        d.feed(ok.as_bytes());
+        assert!(matches!(d.next_value(), Some(Ok(_))));
+    }
+
+    #[test]
+    fn ff_byte_resets() {
+        let mut d = JsonStreamDecoder::new();
+        d.feed(b"{\"execute\": \"qu");
+        d.feed(&[0xFF]);
+        d.feed(b"{\"execute\": \"quit\"}");
+        assert_eq!(
+            decode_all(&mut d),
+            vec![
+                Err("JSON parse error, message discarded by 0xFF reset".to_string()),
+                Ok(json!({"execute": "quit"}))
+            ]
+        );
+        d.feed(&[0xFF, 0xFF]);
+        assert!(d.next_value().is_none());
+    }
+
+    #[test]
+    fn invalid_utf8_is_a_parse_error() {
+        let mut d = JsonStreamDecoder::new();
+        d.feed(b"{\"a\": \"\xC3\x28\"}");
+        assert!(matches!(d.next_value(), Some(Err(DecodeError::Parse(_)))));
+    }
+
+    #[test]
+    fn request_validation_messages() {
+        let err = |v: Value| parse_request(v).unwrap_err();
+        assert_eq!(
+            err(json!([1])).error.desc,
+            "QMP input must be a JSON object"
+        );
+        assert_eq!(
+            err(json!({"execute": 1, "id": 7})),
+            RequestError {
+                id: Some(json!(7)),
+                error: CommandError::generic("QMP input member 'execute' must be a string")
+            }
+        );
+        assert_eq!(
+            err(json!({"execute": "x", "arguments": []})).error.desc,
+            "QMP input member 'arguments' must be an object"
+        );
+        assert_eq!(
+            err(json!({"exec-oob": "x"})).error.desc,
+            "QMP input member 'exec-oob' is unexpected"
+        );
+        assert_eq!(
+            err(json!({"execute": "x", "foo": 1})).error.desc,
+            "QMP input member 'foo' is unexpected"
+        );
+        assert_eq!(
+            err(json!({"id": "a"})).error.desc,
+            "QMP input lacks member 'execute'"
+        );
+        let ok =
+            parse_request(json!({"execute": "quit", "id": {"x": 1}, "arguments": {}})).unwrap();
+        assert_eq!(ok.execute, "quit");
+        assert_eq!(ok.id, Some(json!({"x": 1})));
+        assert_eq!(ok.arguments, Some(Map::new()));
+    }
+
+    #[test]
+    fn encodings() {
+        let r = encode_return(&Json::empty_object(), Some(&json!("a")));
+        assert_eq!(r, b"{\"return\": {}, \"id\": \"a\"}\r\n");
+        let e = encode_error(&CommandError::command_not_found("nope"), None);
+        assert_eq!(
+            e,
+            b"{\"error\": {\"class\":\"CommandNotFound\",\"desc\":\"nope\"}}\r\n"
+        );
+        let g: Value = serde_json::from_slice(&encode_greeting(&VersionInfo::current())).unwrap();
+        assert_eq!(g["QMP"]["capabilities"], json!([]));
+        assert!(g["QMP"]["version"]["package"]
+            .as_str()
+            .unwrap()
+            .starts_with("vmm-ref "));
+        assert!(g["QMP"]["version"]["qemu"]["major"].is_u64());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 0..16)) {
+            let mut d = JsonStreamDecoder::with_limit(256);
+            for c in &chunks {
+                d.feed(c);
+                while let Some(v) = d.next_value() {
+                    if let Ok(v) = v {
+                        let _ = parse_request(v);
+                    }
+                }
+                proptest::prop_assert!(d.buf.len() <= 256);
+            }
+        }
+
+        #[test]
+        fn json_values_roundtrip_through_any_chunking(
+            values in proptest::collection::vec(arb_json(), 1..5),
+            split in 1usize..17,
+        ) {
+            let mut text = Vec::new();
+            for v in &values {
+                text.extend_from_slice(serde_json::to_string(v).unwrap().as_bytes());
+                text.push(b'\n');
+            }
+            let mut d = JsonStreamDecoder::new();
+            for c in text.chunks(split) {
+                d.feed(c);
+            }
+            let got: Vec<Value> = std::iter::from_fn(|| d.next_value()).map(|r| r.unwrap()).collect();
+            proptest::prop_assert_eq!(got, values);
+        }
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            ".*".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(".*", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+}
