@@ -56,13 +56,13 @@ pub(crate) mod access;
 mod dirty;
 mod error;
 mod fallback;
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod layout;
 mod page;
 mod regs;
 #[cfg(feature = "sim")]
 pub mod sim;
-#[cfg(feature = "kvm")]
-pub mod kvm;
 
 pub use access::{AccessStats, ExitRegisters, VcpuRegisters};
 pub use dirty::{DirtyClasses, RegisterClass};

@@ -220,11 +220,13 @@ fn bulk_standard_and_special_registers() {
         selector: 0x33,
         attributes: SegmentAttributes::from_bits(0xa0fb),
     };
-    let mut sregs = hv::SpecialRegisters::default();
-    sregs.cs = user_cs.into();
-    sregs.cr0 = 0x8000_0011;
-    sregs.cr2 = 0x1234;
-    sregs.efer = 0x500;
+    let mut sregs = hv::SpecialRegisters {
+        cs: user_cs.into(),
+        cr0: 0x8000_0011,
+        cr2: 0x1234,
+        efer: 0x500,
+        ..Default::default()
+    };
     sregs.gdt.base = 0x500;
     sregs.gdt.limit = 0x27;
     regs.set_special_registers(&sregs).unwrap();

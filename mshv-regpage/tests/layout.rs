@@ -23,13 +23,17 @@ macro_rules! same {
 /// Size of a field of `Hv` reached through a raw pointer (works for union members).
 macro_rules! hv_size {
     ($($f:tt).+) => {{
-        let hv = core::mem::MaybeUninit::<Hv>::uninit();
-        let p = hv.as_ptr();
-        // SAFETY: only the address of a field of an (uninitialised) local is taken.
         fn size_of_pointee<T>(_: *const T) -> usize {
             size_of::<T>()
         }
-        size_of_pointee(unsafe { core::ptr::addr_of!((*p).$($f).+) })
+        let hv = core::mem::MaybeUninit::<Hv>::uninit();
+        let p = hv.as_ptr();
+        let field = {
+            // SAFETY: only the address of a field of an (uninitialised) local is computed;
+            // nothing is read.
+            unsafe { core::ptr::addr_of!((*p).$($f).+) }
+        };
+        size_of_pointee(field)
     }};
 }
 

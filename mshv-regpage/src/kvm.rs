@@ -1,0 +1,509 @@
+//! The same facade over KVM's sync-regs area of `kvm_run` (feature `kvm`).
+//!
+//! `KVM_CAP_SYNC_REGS` is KVM's analogue of the MSHV register page: with
+//! `kvm_run.kvm_valid_regs` set, the kernel stores `kvm_regs` and `kvm_sregs` into
+//! `kvm_run.s.regs` on every exit; classes flagged in `kvm_run.kvm_dirty_regs` are loaded
+//! back (and their flags cleared) at the next `KVM_RUN`. [`KvmVcpuRegisters`] implements
+//! [`ExitRegisters`] on top of it, with the same rules as [`crate::VcpuRegisters`]:
+//! sync area when valid, `KVM_GET_*`/`KVM_SET_*` ioctls otherwise, and no mixing of both
+//! write paths for one KVM class before the next run.
+//!
+//! KVM's classes are coarser than MSHV's: GPRs, RIP and RFLAGS share `KVM_SYNC_X86_REGS`;
+//! segments and control registers share `KVM_SYNC_X86_SREGS`; XMM registers are not in
+//! the sync area at all (`KVM_GET_FPU`/`KVM_SET_FPU`).
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd};
+
+use crate::access::{AccessStats, ExitRegisters};
+use crate::dirty::RegisterClass;
+use crate::error::{Error, Result, WritePath};
+use crate::regs::{Gpr, ReadOnlyRegister, Segment, SegmentAttributes, SegmentRegister, Xmm};
+
+/// A KVM sync-regs class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KvmClass {
+    /// `KVM_SYNC_X86_REGS`: GPRs, RIP, RFLAGS.
+    Regs = 0,
+    /// `KVM_SYNC_X86_SREGS`: segments, descriptor tables, control registers, EFER.
+    Sregs = 1,
+}
+
+impl KvmClass {
+    fn flag(self) -> u64 {
+        match self {
+            KvmClass::Regs => u64::from(KVM_SYNC_X86_REGS),
+            KvmClass::Sregs => u64::from(KVM_SYNC_X86_SREGS),
+        }
+    }
+
+    fn sync_reg(self) -> SyncReg {
+        match self {
+            KvmClass::Regs => SyncReg::Register,
+            KvmClass::Sregs => SyncReg::SystemRegister,
+        }
+    }
+
+    /// The MSHV class used to report a refused write.
+    fn reported_class(self) -> RegisterClass {
+        match self {
+            KvmClass::Regs => RegisterClass::General,
+            KvmClass::Sregs => RegisterClass::Segment,
+        }
+    }
+}
+
+/// GPR `reg` of `regs` (x86 encoding order mapped onto `kvm_regs`' field order).
+fn kvm_gpr(regs: &kvm_regs, reg: Gpr) -> u64 {
+    match reg {
+        Gpr::Rax => regs.rax,
+        Gpr::Rcx => regs.rcx,
+        Gpr::Rdx => regs.rdx,
+        Gpr::Rbx => regs.rbx,
+        Gpr::Rsp => regs.rsp,
+        Gpr::Rbp => regs.rbp,
+        Gpr::Rsi => regs.rsi,
+        Gpr::Rdi => regs.rdi,
+        Gpr::R8 => regs.r8,
+        Gpr::R9 => regs.r9,
+        Gpr::R10 => regs.r10,
+        Gpr::R11 => regs.r11,
+        Gpr::R12 => regs.r12,
+        Gpr::R13 => regs.r13,
+        Gpr::R14 => regs.r14,
+        Gpr::R15 => regs.r15,
+    }
+}
+
+fn kvm_gpr_mut(regs: &mut kvm_regs, reg: Gpr) -> &mut u64 {
+    match reg {
+        Gpr::Rax => &mut regs.rax,
+        Gpr::Rcx => &mut regs.rcx,
+        Gpr::Rdx => &mut regs.rdx,
+        Gpr::Rbx => &mut regs.rbx,
+        Gpr::Rsp => &mut regs.rsp,
+        Gpr::Rbp => &mut regs.rbp,
+        Gpr::Rsi => &mut regs.rsi,
+        Gpr::Rdi => &mut regs.rdi,
+        Gpr::R8 => &mut regs.r8,
+        Gpr::R9 => &mut regs.r9,
+        Gpr::R10 => &mut regs.r10,
+        Gpr::R11 => &mut regs.r11,
+        Gpr::R12 => &mut regs.r12,
+        Gpr::R13 => &mut regs.r13,
+        Gpr::R14 => &mut regs.r14,
+        Gpr::R15 => &mut regs.r15,
+    }
+}
+
+fn kvm_seg(sregs: &kvm_sregs, seg: Segment) -> kvm_segment {
+    match seg {
+        Segment::Es => sregs.es,
+        Segment::Cs => sregs.cs,
+        Segment::Ss => sregs.ss,
+        Segment::Ds => sregs.ds,
+        Segment::Fs => sregs.fs,
+        Segment::Gs => sregs.gs,
+    }
+}
+
+fn kvm_seg_mut(sregs: &mut kvm_sregs, seg: Segment) -> &mut kvm_segment {
+    match seg {
+        Segment::Es => &mut sregs.es,
+        Segment::Cs => &mut sregs.cs,
+        Segment::Ss => &mut sregs.ss,
+        Segment::Ds => &mut sregs.ds,
+        Segment::Fs => &mut sregs.fs,
+        Segment::Gs => &mut sregs.gs,
+    }
+}
+
+/// Converts KVM's unpacked segment into ours (`unusable` is dropped, as for MSHV).
+pub fn segment_from_kvm(s: &kvm_segment) -> SegmentRegister {
+    SegmentRegister {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        attributes: SegmentAttributes {
+            type_: s.type_ & 0xf,
+            s: s.s != 0,
+            dpl: s.dpl & 0x3,
+            present: s.present != 0,
+            reserved: 0,
+            avl: s.avl != 0,
+            long: s.l != 0,
+            db: s.db != 0,
+            granularity: s.g != 0,
+        },
+    }
+}
+
+/// Converts our segment into KVM's (`unusable` = not present).
+pub fn segment_to_kvm(s: &SegmentRegister) -> kvm_segment {
+    let a = s.attributes;
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: a.type_ & 0xf,
+        present: u8::from(a.present),
+        dpl: a.dpl & 0x3,
+        db: u8::from(a.db),
+        s: u8::from(a.s),
+        l: u8::from(a.long),
+        g: u8::from(a.granularity),
+        avl: u8::from(a.avl),
+        unusable: u8::from(!a.present),
+        padding: 0,
+    }
+}
+
+/// A KVM vCPU's registers through the `kvm_run` sync-regs area, with ioctl fallback.
+///
+/// Owns the [`VcpuFd`]. Run the vCPU with [`KvmVcpuRegisters::run`] (or call
+/// [`ExitRegisters::run_done`] after running it yourself through
+/// [`KvmVcpuRegisters::vcpu_mut`]); handle the exit's data (e.g. fill an `IoIn` buffer),
+/// drop the exit, then access registers.
+///
+/// The kernel writes the sync area only inside `KVM_RUN`, a system call, so plain accesses
+/// through kvm-ioctls' `sync_regs_mut` cannot be reordered across it; the borrow checker
+/// guarantees that no access overlaps a run.
+#[derive(Debug)]
+pub struct KvmVcpuRegisters {
+    vcpu: VcpuFd,
+    sync_enabled: bool,
+    synced: bool,
+    written: [Option<WritePath>; 2],
+    stats: AccessStats,
+}
+
+impl KvmVcpuRegisters {
+    /// Wraps `vcpu`; enables the sync area for `KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS` if
+    /// `kvm` reports `KVM_CAP_SYNC_REGS`, otherwise every access uses ioctls.
+    pub fn new(kvm: &Kvm, vcpu: VcpuFd) -> Self {
+        let wanted = u64::from(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS);
+        let supported = u64::try_from(kvm.check_extension_int(Cap::SyncRegs)).unwrap_or(0);
+        Self::with_sync_regs(vcpu, supported & wanted == wanted)
+    }
+
+    /// Wraps `vcpu`, using the sync area only if `enabled` (pass `false` to measure or test
+    /// the ioctl path).
+    pub fn with_sync_regs(mut vcpu: VcpuFd, enabled: bool) -> Self {
+        if enabled {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        } else {
+            vcpu.clear_sync_valid_reg(SyncReg::Register);
+            vcpu.clear_sync_valid_reg(SyncReg::SystemRegister);
+        }
+        KvmVcpuRegisters {
+            vcpu,
+            sync_enabled: enabled,
+            synced: false,
+            written: [None; 2],
+            stats: AccessStats::default(),
+        }
+    }
+
+    /// The vCPU.
+    pub fn vcpu(&self) -> &VcpuFd {
+        &self.vcpu
+    }
+
+    /// The vCPU, mutably (to run it yourself: call [`ExitRegisters::run_done`] afterwards).
+    pub fn vcpu_mut(&mut self) -> &mut VcpuFd {
+        &mut self.vcpu
+    }
+
+    /// Gives the vCPU back.
+    pub fn into_inner(self) -> VcpuFd {
+        self.vcpu
+    }
+
+    /// Whether register reads are currently served from the sync area.
+    pub fn sync_valid(&self) -> bool {
+        self.synced
+    }
+
+    /// Runs the vCPU (`KVM_RUN`).
+    ///
+    /// The kernel stores the valid classes in the sync area on every return from `KVM_RUN`
+    /// and loads (and clears) the dirty classes at its very beginning, so the tracking is
+    /// reset as for [`ExitRegisters::run_done`]. If the run returns an error, call
+    /// [`ExitRegisters::run_done`] once more: it re-derives the tracking from the dirty flags
+    /// the kernel may have left set.
+    pub fn run(&mut self) -> std::result::Result<VcpuExit<'_>, kvm_ioctls::Error> {
+        self.synced = self.sync_enabled;
+        self.written = [None; 2];
+        self.vcpu.run()
+    }
+
+    fn after_run(&mut self) {
+        self.synced = self.sync_enabled;
+        let dirty = self.vcpu.get_kvm_run().kvm_dirty_regs;
+        for class in [KvmClass::Regs, KvmClass::Sregs] {
+            self.written[class as usize] = if dirty & class.flag() != 0 {
+                Some(WritePath::Page)
+            } else {
+                None
+            };
+        }
+    }
+
+    fn read_sync(&self, class: KvmClass) -> bool {
+        self.synced && self.written[class as usize] != Some(WritePath::Hypercall)
+    }
+
+    fn write_path(&mut self, class: KvmClass) -> Result<WritePath> {
+        let synced = self.synced;
+        let slot = &mut self.written[class as usize];
+        let path = match *slot {
+            Some(WritePath::Hypercall) => WritePath::Hypercall,
+            _ if synced => WritePath::Page,
+            Some(WritePath::Page) => {
+                return Err(Error::MixedWrite {
+                    class: class.reported_class(),
+                    earlier: WritePath::Page,
+                    attempted: WritePath::Hypercall,
+                })
+            }
+            None => WritePath::Hypercall,
+        };
+        *slot = Some(path);
+        Ok(path)
+    }
+
+    fn regs_ioctl(&mut self) -> Result<kvm_regs> {
+        self.stats.hypercall_gets += 1;
+        self.vcpu
+            .get_regs()
+            .map_err(|e| Error::backend("KVM_GET_REGS", e))
+    }
+
+    fn sregs_ioctl(&mut self) -> Result<kvm_sregs> {
+        self.stats.hypercall_gets += 1;
+        self.vcpu
+            .get_sregs()
+            .map_err(|e| Error::backend("KVM_GET_SREGS", e))
+    }
+
+    fn read_regs<T>(&mut self, f: impl FnOnce(&kvm_regs) -> T) -> Result<T> {
+        if self.read_sync(KvmClass::Regs) {
+            self.stats.page_reads += 1;
+            return Ok(f(&self.vcpu.sync_regs_mut().regs));
+        }
+        let regs = self.regs_ioctl()?;
+        Ok(f(&regs))
+    }
+
+    fn read_sregs<T>(&mut self, f: impl FnOnce(&kvm_sregs) -> T) -> Result<T> {
+        if self.read_sync(KvmClass::Sregs) {
+            self.stats.page_reads += 1;
+            return Ok(f(&self.vcpu.sync_regs_mut().sregs));
+        }
+        let sregs = self.sregs_ioctl()?;
+        Ok(f(&sregs))
+    }
+
+    fn write_regs(&mut self, f: impl FnOnce(&mut kvm_regs)) -> Result<()> {
+        match self.write_path(KvmClass::Regs)? {
+            WritePath::Page => {
+                self.stats.page_writes += 1;
+                f(&mut self.vcpu.sync_regs_mut().regs);
+                self.vcpu.set_sync_dirty_reg(KvmClass::Regs.sync_reg());
+                Ok(())
+            }
+            WritePath::Hypercall => {
+                let mut regs = self.regs_ioctl()?;
+                f(&mut regs);
+                self.set_regs_unchecked(&regs)
+            }
+        }
+    }
+
+    fn write_sregs(&mut self, f: impl FnOnce(&mut kvm_sregs)) -> Result<()> {
+        match self.write_path(KvmClass::Sregs)? {
+            WritePath::Page => {
+                self.stats.page_writes += 1;
+                f(&mut self.vcpu.sync_regs_mut().sregs);
+                self.vcpu.set_sync_dirty_reg(KvmClass::Sregs.sync_reg());
+                Ok(())
+            }
+            WritePath::Hypercall => {
+                let mut sregs = self.sregs_ioctl()?;
+                f(&mut sregs);
+                self.stats.hypercall_sets += 1;
+                self.vcpu
+                    .set_sregs(&sregs)
+                    .map_err(|e| Error::backend("KVM_SET_SREGS", e))
+            }
+        }
+    }
+
+    fn set_regs_unchecked(&mut self, regs: &kvm_regs) -> Result<()> {
+        self.stats.hypercall_sets += 1;
+        self.vcpu
+            .set_regs(regs)
+            .map_err(|e| Error::backend("KVM_SET_REGS", e))
+    }
+
+    /// `KVM_GET_REGS` through the ioctl, bypassing the sync area (for comparisons).
+    pub fn get_regs_ioctl(&mut self) -> Result<kvm_regs> {
+        self.regs_ioctl()
+    }
+
+    /// `KVM_GET_SREGS` through the ioctl, bypassing the sync area.
+    pub fn get_sregs_ioctl(&mut self) -> Result<kvm_sregs> {
+        self.sregs_ioctl()
+    }
+
+    /// `KVM_SET_REGS` through the ioctl (the explicit slow path). Refused with
+    /// [`Error::MixedWrite`] if `KVM_SYNC_X86_REGS` was written in the sync area since the
+    /// last run: the kernel would load the sync copy over it at the next `KVM_RUN`.
+    pub fn set_regs_ioctl(&mut self, regs: &kvm_regs) -> Result<()> {
+        if self.written[KvmClass::Regs as usize] == Some(WritePath::Page) {
+            return Err(Error::MixedWrite {
+                class: KvmClass::Regs.reported_class(),
+                earlier: WritePath::Page,
+                attempted: WritePath::Hypercall,
+            });
+        }
+        self.set_regs_unchecked(regs)?;
+        self.written[KvmClass::Regs as usize] = Some(WritePath::Hypercall);
+        Ok(())
+    }
+
+    /// The general purpose registers, RIP and RFLAGS.
+    pub fn regs(&mut self) -> Result<kvm_regs> {
+        self.read_regs(|r| *r)
+    }
+
+    /// The special registers.
+    pub fn sregs(&mut self) -> Result<kvm_sregs> {
+        self.read_sregs(|s| *s)
+    }
+}
+
+impl ExitRegisters for KvmVcpuRegisters {
+    fn gpr(&mut self, reg: Gpr) -> Result<u64> {
+        self.read_regs(|r| kvm_gpr(r, reg))
+    }
+
+    fn set_gpr(&mut self, reg: Gpr, value: u64) -> Result<()> {
+        self.write_regs(|r| *kvm_gpr_mut(r, reg) = value)
+    }
+
+    fn rip(&mut self) -> Result<u64> {
+        self.read_regs(|r| r.rip)
+    }
+
+    fn set_rip(&mut self, value: u64) -> Result<()> {
+        self.write_regs(|r| r.rip = value)
+    }
+
+    fn rflags(&mut self) -> Result<u64> {
+        self.read_regs(|r| r.rflags)
+    }
+
+    fn set_rflags(&mut self, value: u64) -> Result<()> {
+        self.write_regs(|r| r.rflags = value)
+    }
+
+    fn segment(&mut self, seg: Segment) -> Result<SegmentRegister> {
+        self.read_sregs(|s| segment_from_kvm(&kvm_seg(s, seg)))
+    }
+
+    fn set_segment(&mut self, seg: Segment, value: SegmentRegister) -> Result<()> {
+        self.write_sregs(|s| *kvm_seg_mut(s, seg) = segment_to_kvm(&value))
+    }
+
+    fn xmm(&mut self, reg: Xmm) -> Result<u128> {
+        self.stats.hypercall_gets += 1;
+        let fpu = self
+            .vcpu
+            .get_fpu()
+            .map_err(|e| Error::backend("KVM_GET_FPU", e))?;
+        let bytes = fpu.xmm.get(reg.index()).copied().unwrap_or_default();
+        Ok(u128::from_le_bytes(bytes))
+    }
+
+    fn set_xmm(&mut self, reg: Xmm, value: u128) -> Result<()> {
+        self.stats.hypercall_gets += 1;
+        let mut fpu = self
+            .vcpu
+            .get_fpu()
+            .map_err(|e| Error::backend("KVM_GET_FPU", e))?;
+        if let Some(slot) = fpu.xmm.get_mut(reg.index()) {
+            *slot = value.to_le_bytes();
+        }
+        self.stats.hypercall_sets += 1;
+        self.vcpu
+            .set_fpu(&fpu)
+            .map_err(|e| Error::backend("KVM_SET_FPU", e))
+    }
+
+    fn read_only(&mut self, reg: ReadOnlyRegister) -> Result<u64> {
+        match reg {
+            ReadOnlyRegister::Cr0 => self.read_sregs(|s| s.cr0),
+            ReadOnlyRegister::Cr3 => self.read_sregs(|s| s.cr3),
+            ReadOnlyRegister::Cr4 => self.read_sregs(|s| s.cr4),
+            ReadOnlyRegister::Cr8 => self.read_sregs(|s| s.cr8),
+            ReadOnlyRegister::Efer => self.read_sregs(|s| s.efer),
+            ReadOnlyRegister::Dr7 => {
+                self.stats.hypercall_gets += 1;
+                self.vcpu
+                    .get_debug_regs()
+                    .map(|d| d.dr7)
+                    .map_err(|e| Error::backend("KVM_GET_DEBUGREGS", e))
+            }
+            ReadOnlyRegister::PendingInterruption => Err(Error::Unsupported {
+                what: "the MSHV pending interruption register on KVM",
+            }),
+            ReadOnlyRegister::InterruptState => Err(Error::Unsupported {
+                what: "the MSHV interrupt state register on KVM",
+            }),
+        }
+    }
+
+    fn run_done(&mut self) {
+        self.after_run();
+    }
+
+    fn stats(&self) -> AccessStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_conversion_round_trips() {
+        for bits in [0xa0fbu16, 0xc0f3, 0x808b, 0x0000, 0xf0ff] {
+            let ours = SegmentRegister {
+                base: 0x1000,
+                limit: 0xfffff,
+                selector: 0x2b,
+                attributes: SegmentAttributes::from_bits(bits & !0x0f00),
+            };
+            let kvm = segment_to_kvm(&ours);
+            assert_eq!(kvm.unusable, u8::from(!ours.attributes.present));
+            assert_eq!(segment_from_kvm(&kvm), ours);
+        }
+    }
+
+    #[test]
+    fn gpr_mapping_follows_names() {
+        let mut regs = kvm_regs::default();
+        for (i, g) in Gpr::ALL.iter().enumerate() {
+            *kvm_gpr_mut(&mut regs, *g) = i as u64;
+        }
+        assert_eq!((regs.rax, regs.rcx, regs.rdx, regs.rbx), (0, 1, 2, 3));
+        assert_eq!((regs.rsp, regs.rbp, regs.rsi, regs.rdi), (4, 5, 6, 7));
+        assert_eq!((regs.r8, regs.r15), (8, 15));
+        for (i, g) in Gpr::ALL.iter().enumerate() {
+            assert_eq!(kvm_gpr(&regs, *g), i as u64);
+        }
+    }
+}
