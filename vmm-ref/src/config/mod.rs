@@ -1,0 +1,640 @@
+//! VM configuration in QEMU's vocabulary: the types (shared by the command line
+//! and the JSON config file) and their validation. Everything is checked here,
+//! before any VM, thread or file handle is created.
+
+pub mod cli;
+pub mod keyval;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use iothread_registry::{IoThreadParams, IoThreadVqMapping, Property};
+use serde::{Deserialize, Serialize};
+
+use crate::vm::layout::{MAX_VCPUS, MAX_VIRTIO_DEVICES};
+pub use keyval::OptionError;
+
+/// Default guest RAM.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// Smallest accepted guest RAM.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest accepted guest RAM.
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Default virtqueue size.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Largest virtqueue size (QEMU's VIRTQUEUE_MAX_SIZE).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Largest number of virtqueues per drive.
+pub const MAX_NUM_QUEUES: u16 = 64;
+/// Length of the virtio-blk GET_ID answer.
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// A byte count, written `256M`, `1G`, `4096` (or a JSON number of bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SizeRepr", into = "u64")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for ByteSize {
+    type Error = String;
+
+    fn try_from(r: SizeRepr) -> Result<Self, String> {
+        match r {
+            SizeRepr::Bytes(b) => Ok(ByteSize(b)),
+            SizeRepr::Text(t) => keyval::parse_size(&t)
+                .map(ByteSize)
+                .ok_or_else(|| format!("invalid size '{t}': expected e.g. 4096, 64K, 256M or 1G")),
+        }
+    }
+}
+
+impl From<ByteSize> for u64 {
+    fn from(b: ByteSize) -> u64 {
+        b.0
+    }
+}
+
+fn default_memory() -> ByteSize {
+    ByteSize(DEFAULT_MEMORY)
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_num_queues() -> u16 {
+    1
+}
+fn default_queue_size() -> u16 {
+    DEFAULT_QUEUE_SIZE
+}
+
+/// The whole VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image (ELF, ELF with PVH note, or bzImage).
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (device arguments are appended).
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest RAM.
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// `--object` entries (IOThreads).
+    #[serde(default)]
+    pub objects: Vec<IoThreadObject>,
+    /// `--drive` entries.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    /// `--qmp unix:/path`.
+    #[serde(default)]
+    pub qmp: Option<QmpAddr>,
+}
+
+/// The only object type vmm-ref knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QomType {
+    /// `iothread`.
+    Iothread,
+}
+
+/// `--object iothread,id=...,poll-max-ns=...`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct IoThreadObject {
+    /// Always `iothread`.
+    pub qom_type: QomType,
+    /// Object id.
+    pub id: String,
+    /// `poll-max-ns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_max_ns: Option<i64>,
+    /// `poll-grow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_grow: Option<i64>,
+    /// `poll-shrink`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_shrink: Option<i64>,
+    /// `poll-weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_weight: Option<i64>,
+    /// `aio-max-batch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aio_max_batch: Option<i64>,
+    /// `poll-algorithm` (extension): `weighted` or `classic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_algorithm: Option<aio_poll::PollAlgorithm>,
+}
+
+impl IoThreadObject {
+    /// The creation parameters, range-checked.
+    pub fn params(&self) -> Result<IoThreadParams, iothread_registry::Error> {
+        let mut p = IoThreadParams::default();
+        for (prop, value) in [
+            (Property::PollMaxNs, self.poll_max_ns),
+            (Property::PollGrow, self.poll_grow),
+            (Property::PollShrink, self.poll_shrink),
+            (Property::PollWeight, self.poll_weight),
+            (Property::AioMaxBatch, self.aio_max_batch),
+        ] {
+            if let Some(v) = value {
+                p.set(prop, v)?;
+            }
+        }
+        if let Some(a) = self.poll_algorithm {
+            p.poll_algorithm = a;
+        }
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// The disk I/O engine (`aio=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AioMode {
+    /// io_uring if the host has it, else synchronous.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// io_uring (fail if unavailable).
+    #[serde(rename = "io_uring")]
+    IoUring,
+    /// Synchronous I/O on the IOThread.
+    #[serde(rename = "threads")]
+    Threads,
+}
+
+impl AioMode {
+    fn parse(s: &str) -> Option<AioMode> {
+        match s {
+            "auto" => Some(AioMode::Auto),
+            "io_uring" => Some(AioMode::IoUring),
+            "threads" => Some(AioMode::Threads),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for AioMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AioMode::Auto => "auto",
+            AioMode::IoUring => "io_uring",
+            AioMode::Threads => "threads",
+        })
+    }
+}
+
+/// `--drive id=...,file=...,num-queues=...`: a virtio-blk device on virtio-mmio.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Device id (QOM path `/machine/peripheral/<id>`).
+    pub id: String,
+    /// Raw image file.
+    pub file: PathBuf,
+    /// Number of request queues.
+    #[serde(default = "default_num_queues")]
+    pub num_queues: u16,
+    /// Size of each virtqueue (power of two).
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    /// Single IOThread serving every queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iothread: Option<String>,
+    /// Per-queue IOThreads (QEMU 9.0 `iothread-vq-mapping`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iothread_vq_mapping: Option<Vec<IoThreadVqMapping>>,
+    /// Read-only drive.
+    #[serde(default)]
+    pub readonly: bool,
+    /// O_DIRECT (cache=none).
+    #[serde(default)]
+    pub direct: bool,
+    /// I/O engine.
+    #[serde(default)]
+    pub aio: AioMode,
+    /// GET_ID serial (at most 20 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// Where the QMP monitor listens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum QmpAddr {
+    /// `unix:/path`.
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for QmpAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some(p) if !p.is_empty() => Ok(QmpAddr::Unix(PathBuf::from(p))),
+            _ => Err(format!("expected unix:/path, got '{s}'")),
+        }
+    }
+}
+
+impl From<QmpAddr> for String {
+    fn from(a: QmpAddr) -> String {
+        match a {
+            QmpAddr::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+/// Where a configuration came from (for error messages).
+#[derive(Clone, Debug)]
+pub enum Origin {
+    /// Command-line options.
+    Cli,
+    /// A JSON file.
+    File(PathBuf),
+}
+
+impl Origin {
+    fn label(&self, cli: String, json: String) -> String {
+        match self {
+            Origin::Cli => cli,
+            Origin::File(p) => format!("--config {}: {json}", p.display()),
+        }
+    }
+}
+
+/// A semantic problem with one option.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidOption {
+    /// Parsing the option string failed.
+    #[error(transparent)]
+    Parse(#[from] OptionError),
+    /// A problem described by the message.
+    #[error("{0}")]
+    Message(String),
+    /// The IOThread parameters were rejected.
+    #[error("invalid IOThread parameters")]
+    IoThread(#[source] iothread_registry::Error),
+    /// The iothread-vq-mapping was rejected.
+    #[error("invalid iothread-vq-mapping")]
+    Mapping(#[source] iothread_registry::Error),
+    /// A file cannot be opened.
+    #[error("cannot open '{path}'{how}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// How it was opened, e.g. " for writing with O_DIRECT".
+        how: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A configuration error: the option it concerns and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// One option is invalid.
+    #[error("{option}")]
+    Option {
+        /// The option, e.g. `--drive id=d0`.
+        option: String,
+        /// What is wrong.
+        #[source]
+        source: InvalidOption,
+    },
+    /// The config file cannot be read.
+    #[error("--config {path}: cannot read the file")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid JSON for [`VmConfig`].
+    #[error("--config {path}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Cause (with line and column).
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Neither `--kernel` nor `--config` was given.
+    #[error("--kernel is required (or give a --config file)")]
+    MissingKernel,
+}
+
+impl ConfigError {
+    fn option(option: impl Into<String>, source: impl Into<InvalidOption>) -> Self {
+        ConfigError::Option {
+            option: option.into(),
+            source: source.into(),
+        }
+    }
+
+    fn msg(option: impl Into<String>, msg: impl Into<String>) -> Self {
+        Self::option(option, InvalidOption::Message(msg.into()))
+    }
+}
+
+/// A drive after validation: its configuration and, per queue, its IOThread.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidDrive {
+    /// The drive.
+    pub config: DriveConfig,
+    /// `queue_iothreads[q]` serves queue `q`.
+    pub queue_iothreads: Vec<String>,
+}
+
+/// A configuration that passed [`validate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidConfig {
+    /// The configuration as given.
+    pub vm: VmConfig,
+    /// IOThreads to create, in order, with their parameters.
+    pub iothreads: Vec<(String, IoThreadParams)>,
+    /// Drives with their queue assignment.
+    pub drives: Vec<ValidDrive>,
+}
+
+/// Reads a JSON config file.
+pub fn load_json(path: &Path) -> Result<VmConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ConfigError::Json {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn check_readable(option: &str, path: &Path) -> Result<(), ConfigError> {
+    File::open(path).map(drop).map_err(|source| {
+        ConfigError::option(
+            option,
+            InvalidOption::File {
+                path: path.to_owned(),
+                how: "",
+                source,
+            },
+        )
+    })
+}
+
+/// Opens the image the way the block device will (read-only or read-write,
+/// O_DIRECT if asked), without writing anything, to catch errors early.
+fn check_image(option: &str, d: &DriveConfig) -> Result<(), ConfigError> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(!d.readonly);
+    if d.direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let how = match (d.readonly, d.direct) {
+        (true, false) => " read-only",
+        (true, true) => " read-only with O_DIRECT (direct=on)",
+        (false, false) => " for writing",
+        (false, true) => " for writing with O_DIRECT (direct=on)",
+    };
+    let file = o.open(&d.file).map_err(|source| {
+        ConfigError::option(
+            option,
+            InvalidOption::File {
+                path: d.file.clone(),
+                how,
+                source,
+            },
+        )
+    })?;
+    let meta = file.metadata().map_err(|source| {
+        ConfigError::option(
+            option,
+            InvalidOption::File {
+                path: d.file.clone(),
+                how,
+                source,
+            },
+        )
+    })?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(ConfigError::msg(
+            option,
+            format!(
+                "'{}' is not a regular file or block device",
+                d.file.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks everything that can be checked before the VM exists.
+pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigError> {
+    let top = |flag: &str, key: &str| origin.label(flag.to_owned(), key.to_owned());
+    check_readable(&top("--kernel", "kernel"), &vm.kernel)?;
+    if let Some(initrd) = &vm.initrd {
+        check_readable(&top("--initrd", "initrd"), initrd)?;
+    }
+    let mem = vm.memory.0;
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&mem) || mem % 4096 != 0 {
+        return Err(ConfigError::msg(
+            top("--memory", "memory"),
+            format!(
+                "memory size {mem} must be a multiple of 4 KiB between {}M and {}G",
+                MIN_MEMORY >> 20,
+                MAX_MEMORY >> 30
+            ),
+        ));
+    }
+    if vm.vcpus == 0 || vm.vcpus > MAX_VCPUS {
+        return Err(ConfigError::msg(
+            top("--vcpus", "vcpus"),
+            format!("number of vCPUs must be between 1 and {MAX_VCPUS}"),
+        ));
+    }
+
+    let mut iothreads = Vec::new();
+    let mut ids = HashSet::new();
+    for (i, o) in vm.objects.iter().enumerate() {
+        let label = origin.label(
+            format!("--object iothread,id={}", o.id),
+            format!("objects[{i}] (id={})", o.id),
+        );
+        iothread_registry::validate_id(&o.id)
+            .map_err(|e| ConfigError::option(label.clone(), InvalidOption::IoThread(e)))?;
+        if !ids.insert(o.id.clone()) {
+            return Err(ConfigError::msg(
+                label,
+                format!("duplicate object id '{}'", o.id),
+            ));
+        }
+        let params = o
+            .params()
+            .map_err(|e| ConfigError::option(label, InvalidOption::IoThread(e)))?;
+        iothreads.push((o.id.clone(), params));
+    }
+
+    if vm.drives.len() > MAX_VIRTIO_DEVICES {
+        return Err(ConfigError::msg(
+            top("--drive", "drives"),
+            format!("at most {MAX_VIRTIO_DEVICES} drives are supported"),
+        ));
+    }
+    let mut drives = Vec::new();
+    let mut drive_ids = HashSet::new();
+    let mut files: Vec<(PathBuf, bool, String)> = Vec::new();
+    for (i, d) in vm.drives.iter().enumerate() {
+        let label = origin.label(
+            format!("--drive id={}", d.id),
+            format!("drives[{i}] (id={})", d.id),
+        );
+        iothread_registry::validate_id(&d.id)
+            .map_err(|e| ConfigError::msg(label.clone(), format!("invalid drive id: {e}")))?;
+        if ids.contains(&d.id) || !drive_ids.insert(d.id.clone()) {
+            return Err(ConfigError::msg(label, format!("duplicate id '{}'", d.id)));
+        }
+        if d.num_queues == 0 || d.num_queues > MAX_NUM_QUEUES {
+            return Err(ConfigError::msg(
+                label,
+                format!("num-queues must be between 1 and {MAX_NUM_QUEUES}"),
+            ));
+        }
+        if d.queue_size < 2 || d.queue_size > MAX_QUEUE_SIZE || !d.queue_size.is_power_of_two() {
+            return Err(ConfigError::msg(
+                label,
+                format!("queue-size must be a power of 2 between 2 and {MAX_QUEUE_SIZE}"),
+            ));
+        }
+        if let Some(s) = &d.serial {
+            if s.len() > MAX_SERIAL_LEN {
+                return Err(ConfigError::msg(
+                    label,
+                    format!("serial must be at most {MAX_SERIAL_LEN} bytes"),
+                ));
+            }
+        }
+        let mapping = match (&d.iothread, &d.iothread_vq_mapping) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::msg(
+                    label,
+                    "iothread and iothread-vq-mapping properties cannot be set at the same time",
+                ))
+            }
+            (Some(t), None) => vec![IoThreadVqMapping::new(t.clone())],
+            (None, Some(m)) => m.clone(),
+            (None, None) => return Err(ConfigError::msg(
+                label,
+                "an IOThread is required: give iothread=<id> or iothread-vq-mapping=<id>:<id>...",
+            )),
+        };
+        let queue_iothreads =
+            iothread_registry::assign_vqs(&mapping, d.num_queues, |id| ids.contains(id))
+                .map_err(|e| ConfigError::option(label.clone(), InvalidOption::Mapping(e)))?;
+        check_image(&label, d)?;
+        let canonical = std::fs::canonicalize(&d.file).unwrap_or_else(|_| d.file.clone());
+        if let Some((_, _, other)) = files
+            .iter()
+            .find(|(p, ro, _)| *p == canonical && !(*ro && d.readonly))
+        {
+            return Err(ConfigError::msg(
+                label,
+                format!(
+                    "'{}' is already used by drive '{other}' (only read-only drives may share an image)",
+                    d.file.display()
+                ),
+            ));
+        }
+        files.push((canonical, d.readonly, d.id.clone()));
+        drives.push(ValidDrive {
+            config: d.clone(),
+            queue_iothreads,
+        });
+    }
+    if let Some(QmpAddr::Unix(path)) = &vm.qmp {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(dir) = parent {
+            if !dir.is_dir() {
+                return Err(ConfigError::msg(
+                    top("--qmp", "qmp"),
+                    format!("directory '{}' does not exist", dir.display()),
+                ));
+            }
+        }
+    }
+    Ok(ValidConfig {
+        vm,
+        iothreads,
+        drives,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_roundtrip_and_unknown_fields() {
+        let text = r#"{
+            "kernel": "/bin/true", "memory": "64M", "vcpus": 2,
+            "objects": [{"qom-type": "iothread", "id": "io0", "poll-max-ns": 0}],
+            "drives": [{"id": "d0", "file": "/tmp/x.img", "num-queues": 2,
+                        "iothread-vq-mapping": [{"iothread": "io0", "vqs": [0, 1]}],
+                        "aio": "io_uring", "readonly": true}],
+            "qmp": "unix:/tmp/q.sock"
+        }"#;
+        let c: VmConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(c.memory, ByteSize(64 << 20));
+        assert_eq!(c.drives[0].aio, AioMode::IoUring);
+        assert_eq!(c.qmp, Some(QmpAddr::Unix("/tmp/q.sock".into())));
+        let again: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+
+        let bad = r#"{"kernel": "k", "drives": [{"id": "d0", "file": "f", "foo": 1}]}"#;
+        let e = serde_json::from_str::<VmConfig>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `foo`"), "{e}");
+        let bad = r#"{"kernel": "k", "memory": "12Q"}"#;
+        assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+        let bad = r#"{"kernel": "k", "objects": [{"qom-type": "memory-backend", "id": "m"}]}"#;
+        assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+        let bad = r#"{"kernel": "k", "qmp": "tcp:1234"}"#;
+        assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+    }
+
+    #[test]
+    fn iothread_params_are_range_checked() {
+        let mut o = IoThreadObject {
+            qom_type: QomType::Iothread,
+            id: "io0".into(),
+            poll_max_ns: Some(0),
+            poll_grow: None,
+            poll_shrink: None,
+            poll_weight: Some(64),
+            aio_max_batch: None,
+            poll_algorithm: None,
+        };
+        assert!(o.params().is_err());
+        o.poll_weight = Some(5);
+        let p = o.params().unwrap();
+        assert_eq!((p.poll_max_ns, p.poll_weight), (0, 5));
+    }
+}

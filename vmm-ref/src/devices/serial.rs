@@ -1,0 +1,124 @@
+//! COM1: the vm-superio 16550A model on port 0x3f8, interrupting through an
+//! irqfd (GSI 4), guest output to a writer (stdout by default).
+
+use std::io::{self, Write};
+
+use vm_superio::{Serial as Uart, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Ports 0x3f8..=0x3ff.
+pub const SERIAL_SIZE: u64 = 8;
+
+/// Raises the serial interrupt by writing the irqfd.
+pub struct EventFdTrigger(EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's serial output goes.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// The serial port device.
+pub struct Serial {
+    uart: Uart<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>,
+}
+
+impl Serial {
+    /// A UART that signals `irq` and writes guest output to `out`.
+    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+        Serial {
+            uart: Uart::new(EventFdTrigger(irq), out),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fitted.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(input) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial input dropped: {e}");
+                0
+            }
+        }
+    }
+
+    /// Flushes buffered guest output.
+    pub fn flush(&mut self) {
+        if let Err(e) = self.uart.writer_mut().flush() {
+            log::warn!("cannot flush serial output: {e}");
+        }
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = u8::try_from(offset).map_or(0, |o| self.uart.read(o));
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = v;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Ok(o) = u8::try_from(offset) else {
+            return;
+        };
+        // `rep outsb` delivers several bytes for the same port.
+        for v in data {
+            if let Err(e) = self.uart.write(o, *v) {
+                log::warn!("serial: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_reaches_the_writer_and_lsr_reports_empty() {
+        let sink = Sink::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(irq, Box::new(sink.clone()));
+        s.write(0, b"hi\n");
+        let mut lsr = [0u8; 1];
+        s.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+        s.write(u64::MAX, &[1]);
+    }
+
+    #[test]
+    fn input_raises_interrupt_when_enabled() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let probe = irq.try_clone().unwrap();
+        let mut s = Serial::new(irq, Box::new(Sink::default()));
+        s.write(1, &[0x01]); // IER: received-data interrupt
+        assert_eq!(s.enqueue_input(b"x"), 1);
+        assert_eq!(probe.read().unwrap(), 1);
+        let mut b = [0u8; 1];
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+    }
+}

@@ -1,0 +1,460 @@
+//! Loading the kernel and writing the x86_64 boot structures into guest memory:
+//! kernel (ELF or bzImage), initrd, command line, zero page with the e820 map,
+//! GDT and identity-mapped page tables. Pure functions over guest memory, so they
+//! are unit-tested without KVM.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::*;
+
+/// e820 type of usable RAM.
+const E820_RAM: u32 = 1;
+/// e820 type of reserved ranges.
+const E820_RESERVED: u32 = 2;
+/// Linux boot protocol: "HdrS".
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+/// Linux boot protocol: boot sector signature.
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+/// Linux boot protocol: loader type "undefined".
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+/// Linux boot protocol: minimum kernel alignment.
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+/// Offset of the 64-bit entry point from the protected-mode load address of a bzImage.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// Page-table entry bits: present | writable.
+const PTE_PRESENT_RW: u64 = 0x3;
+/// Page-directory entry bits: present | writable | 2 MiB page.
+const PDE_2M_PAGE: u64 = 0x83;
+
+/// Errors while preparing the guest for boot.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel image cannot be opened or read.
+    #[error("cannot read kernel image {path}")]
+    KernelFile {
+        /// Path of the kernel.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel is neither a loadable ELF nor a bzImage.
+    #[error("cannot load kernel image (tried ELF and bzImage)")]
+    KernelLoad(#[source] loader::Error),
+    /// The initrd cannot be read.
+    #[error("cannot read initrd {path}")]
+    InitrdFile {
+        /// Path of the initrd.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd does not fit between the kernel and the end of low RAM.
+    #[error("initrd of {size} bytes does not fit in guest RAM below {limit:#x} (kernel ends at {kernel_end:#x})")]
+    InitrdTooLarge {
+        /// Initrd size.
+        size: u64,
+        /// Highest usable address.
+        limit: u64,
+        /// End of the kernel image.
+        kernel_end: u64,
+    },
+    /// Rewinding the kernel image after the ELF probe failed.
+    #[error("cannot rewind kernel image")]
+    KernelSeek(#[source] std::io::Error),
+    /// Writing the command line into guest memory failed.
+    #[error("cannot write the kernel command line into guest memory")]
+    CmdlineLoad(#[source] loader::Error),
+    /// The command line is invalid or too long.
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// Writing a boot structure into guest memory failed.
+    #[error("cannot write {what} into guest memory")]
+    GuestWrite {
+        /// The structure being written.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Guest memory is too small for the boot layout.
+    #[error("guest memory of {0:#x} bytes is too small to boot (need more than {HIMEM_START:#x})")]
+    MemoryTooSmall(u64),
+}
+
+/// Where the kernel landed and how to enter it.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedKernel {
+    /// 64-bit entry point (`rip`).
+    pub entry: u64,
+    /// First byte after the loaded image.
+    pub kernel_end: u64,
+    /// The bzImage setup header, if the kernel was a bzImage.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Loads an ELF (with or without PVH note; entered through its 64-bit `e_entry`) or
+/// a bzImage (entered at its 64-bit entry, load address + 0x200).
+pub fn load_kernel<F: Read + vm_memory::ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    image: &mut F,
+) -> Result<LoadedKernel, BootError> {
+    let highmem = Some(GuestAddress(HIMEM_START));
+    match Elf::load(mem, None, image, highmem) {
+        Ok(res) => Ok(LoadedKernel {
+            entry: res.kernel_load.0,
+            kernel_end: res.kernel_end,
+            setup_header: None,
+        }),
+        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
+            image
+                .seek(SeekFrom::Start(0))
+                .map_err(BootError::KernelSeek)?;
+            let res = BzImage::load(mem, None, image, highmem).map_err(BootError::KernelLoad)?;
+            Ok(LoadedKernel {
+                entry: res.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                kernel_end: res.kernel_end,
+                setup_header: res.setup_header,
+            })
+        }
+        Err(e) => Err(BootError::KernelLoad(e)),
+    }
+}
+
+/// Opens and loads the kernel file at `path`.
+pub fn load_kernel_file(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::KernelFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    load_kernel(mem, &mut file)
+}
+
+/// Loads the initrd at the top of low RAM (page aligned, above the kernel).
+/// Returns `(address, size)`.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel_end: u64,
+    path: &Path,
+    initrd_addr_max: Option<u32>,
+) -> Result<(u64, u64), BootError> {
+    let file_err = |source| BootError::InitrdFile {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = File::open(path).map_err(file_err)?;
+    let size = file.metadata().map_err(file_err)?.len();
+    let mut limit = mem_size.min(MMIO_GAP_START);
+    if let Some(max) = initrd_addr_max.filter(|m| *m != 0) {
+        limit = limit.min(u64::from(max) + 1);
+    }
+    let too_large = BootError::InitrdTooLarge {
+        size,
+        limit,
+        kernel_end,
+    };
+    let addr = match limit.checked_sub(size) {
+        Some(a) => a & !0xfff,
+        None => return Err(too_large),
+    };
+    if addr < kernel_end {
+        return Err(too_large);
+    }
+    let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge {
+        size,
+        limit,
+        kernel_end,
+    })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|source| BootError::GuestWrite {
+            what: "initrd",
+            source,
+        })?;
+    Ok((addr, size))
+}
+
+/// Writes the NUL-terminated command line at [`CMDLINE_START`]; returns its length
+/// without the NUL.
+pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, BootError> {
+    let mut cl =
+        linux_loader::cmdline::Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    if !cmdline.is_empty() {
+        cl.insert_str(cmdline).map_err(BootError::Cmdline)?;
+    }
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::CmdlineLoad)?;
+    Ok(cmdline.len())
+}
+
+/// The e820 map: RAM below the EBDA, RAM from 1 MiB, the MMIO gap reserved, RAM
+/// above 4 GiB.
+pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
+    let entry = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
+    let mut map = vec![entry(0, EBDA_START, E820_RAM)];
+    for (start, size) in ram_ranges(mem_size) {
+        let (start, size) = if start == 0 {
+            (HIMEM_START, size.saturating_sub(HIMEM_START))
+        } else {
+            (start, size)
+        };
+        if size > 0 && start < MMIO_GAP_START {
+            map.push(entry(start, size, E820_RAM));
+            map.push(entry(
+                MMIO_GAP_START,
+                MMIO_GAP_END - MMIO_GAP_START,
+                E820_RESERVED,
+            ));
+        } else if size > 0 {
+            map.push(entry(start, size, E820_RAM));
+        }
+    }
+    map
+}
+
+/// What the zero page describes besides memory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ZeroPageParams {
+    /// Length of the command line at [`CMDLINE_START`] (without NUL).
+    pub cmdline_len: usize,
+    /// Initrd `(address, size)`.
+    pub initrd: Option<(u64, u64)>,
+    /// bzImage setup header to start from.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Writes the zero page (`struct boot_params`) at [`ZERO_PAGE_START`].
+pub fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    p: &ZeroPageParams,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    if let Some(hdr) = p.setup_header {
+        params.hdr = hdr;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = p.cmdline_len as u32;
+    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    if let Some((addr, size)) = p.initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    let map = e820_map(mem_size);
+    for (slot, e) in params.e820_table.iter_mut().zip(map.iter()) {
+        *slot = *e;
+    }
+    params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+        .map_err(|source| BootError::GuestWrite {
+            what: "zero page",
+            source,
+        })
+}
+
+/// Builds a GDT entry from flags, base and limit (the classic packed layout).
+pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << (56 - 24))
+        | ((flags as u64 & 0x0000_f0ff) << 40)
+        | ((limit as u64 & 0x000f_0000) << (48 - 16))
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0x0000_ffff)
+}
+
+/// The boot GDT: null, 64-bit code (selector 0x08), data (0x10), TSS (0x18).
+pub const BOOT_GDT: [u64; 4] = [
+    gdt_entry(0, 0, 0),
+    gdt_entry(0xa09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x808b, 0, 0xfffff),
+];
+
+/// Writes the GDT at [`GDT_START`] and an empty IDT at [`IDT_START`].
+pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    for (i, e) in BOOT_GDT.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(GDT_START + 8 * i as u64))
+            .map_err(|source| BootError::GuestWrite {
+                what: "GDT",
+                source,
+            })?;
+    }
+    mem.write_obj(0u64, GuestAddress(IDT_START))
+        .map_err(|source| BootError::GuestWrite {
+            what: "IDT",
+            source,
+        })
+}
+
+/// Writes identity-mapped page tables for the first [`IDENTITY_MAP_GIB`] GiB with
+/// 2 MiB pages: PML4 at 0x9000, PDPT at 0xa000, page directories from 0xb000.
+pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    let w = |val: u64, addr: u64| {
+        mem.write_obj(val, GuestAddress(addr))
+            .map_err(|source| BootError::GuestWrite {
+                what: "page tables",
+                source,
+            })
+    };
+    w(PDPTE_START | PTE_PRESENT_RW, PML4_START)?;
+    for gib in 0..IDENTITY_MAP_GIB {
+        let pd = PDE_START + gib * 0x1000;
+        w(pd | PTE_PRESENT_RW, PDPTE_START + gib * 8)?;
+        for i in 0..512u64 {
+            let phys = (gib << 30) | (i << 21);
+            w(phys | PDE_2M_PAGE, pd + i * 8)?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything written into guest memory for one boot.
+#[derive(Clone, Debug)]
+pub struct BootSetup {
+    /// Kernel image to load.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Full command line (user part + device and tsc arguments).
+    pub cmdline: String,
+    /// RAM size.
+    pub mem_size: u64,
+}
+
+/// Loads the kernel, initrd, command line, zero page, GDT and page tables.
+/// Returns the loaded kernel (its entry goes into `rip`).
+pub fn prepare(mem: &GuestMemoryMmap, setup: &BootSetup) -> Result<LoadedKernel, BootError> {
+    if setup.mem_size <= HIMEM_START {
+        return Err(BootError::MemoryTooSmall(setup.mem_size));
+    }
+    let kernel = load_kernel_file(mem, &setup.kernel)?;
+    let initrd = match &setup.initrd {
+        Some(path) => Some(load_initrd(
+            mem,
+            setup.mem_size,
+            kernel.kernel_end,
+            path,
+            kernel.setup_header.map(|h| h.initrd_addr_max),
+        )?),
+        None => None,
+    };
+    let cmdline_len = write_cmdline(mem, &setup.cmdline)?;
+    write_zero_page(
+        mem,
+        setup.mem_size,
+        &ZeroPageParams {
+            cmdline_len,
+            initrd,
+            setup_header: kernel.setup_header,
+        },
+    )?;
+    write_gdt(mem)?;
+    write_page_tables(mem)?;
+    Ok(kernel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryBackend;
+
+    fn mem(size: u64) -> GuestMemoryMmap {
+        crate::vm::memory::create(size).unwrap()
+    }
+
+    #[test]
+    fn gdt_entries_match_known_values() {
+        assert_eq!(BOOT_GDT[1], 0x00af_9b00_0000_ffff);
+        assert_eq!(BOOT_GDT[2], 0x00cf_9300_0000_ffff);
+        assert_eq!(BOOT_GDT[3], 0x008f_8b00_0000_ffff);
+    }
+
+    #[test]
+    fn e820_small_memory() {
+        let map = e820_map(256 << 20);
+        let v: Vec<(u64, u64, u32)> = map.iter().map(|e| (e.addr, e.size, e.r#type)).collect();
+        assert_eq!(
+            v,
+            vec![
+                (0, 0x9fc00, 1),
+                (0x10_0000, (256 << 20) - 0x10_0000, 1),
+                (0xd000_0000, 0x3000_0000, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn e820_large_memory_goes_above_4g() {
+        let map = e820_map(4 << 30);
+        assert_eq!(map.len(), 4);
+        assert_eq!({ map[3].addr }, 1 << 32);
+        assert_eq!({ map[3].size }, (4 << 30) - 0xd000_0000);
+    }
+
+    #[test]
+    fn page_tables_identity_map() {
+        let m = mem(1 << 20 << 4);
+        write_page_tables(&m).unwrap();
+        let pml4: u64 = m.read_obj(GuestAddress(PML4_START)).unwrap();
+        assert_eq!(pml4, 0xa003);
+        let pdpt1: u64 = m.read_obj(GuestAddress(PDPTE_START + 8)).unwrap();
+        assert_eq!(pdpt1, 0xc003);
+        let pde5: u64 = m.read_obj(GuestAddress(PDE_START + 5 * 8)).unwrap();
+        assert_eq!(pde5, (5 << 21) | 0x83);
+        let last: u64 = m
+            .read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 511 * 8))
+            .unwrap();
+        assert_eq!(last, (3 << 30) | (511 << 21) | 0x83);
+    }
+
+    #[test]
+    fn zero_page_fields_at_contract_offsets() {
+        let m = mem(64 << 20);
+        let len = write_cmdline(&m, "console=ttyS0 scenario=verify").unwrap();
+        write_zero_page(
+            &m,
+            64 << 20,
+            &ZeroPageParams {
+                cmdline_len: len,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ptr: u32 = m.read_obj(GuestAddress(ZERO_PAGE_START + 0x228)).unwrap();
+        assert_eq!(ptr, CMDLINE_START as u32);
+        let n: u8 = m.read_obj(GuestAddress(ZERO_PAGE_START + 0x1e8)).unwrap();
+        assert_eq!(n, 3);
+        let addr1: u64 = m
+            .read_obj(GuestAddress(ZERO_PAGE_START + 0x2d0 + 20))
+            .unwrap();
+        assert_eq!(addr1, 0x10_0000);
+        let mut buf = [0u8; 31];
+        m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&buf[..30], b"console=ttyS0 scenario=verify\0");
+        assert!(m.last_addr().0 > CMDLINE_START);
+    }
+
+    #[test]
+    fn garbage_kernel_is_an_error_not_a_panic() {
+        let m = mem(16 << 20);
+        let err = load_kernel(&m, &mut std::io::Cursor::new(vec![0u8; 8192])).unwrap_err();
+        assert!(matches!(err, BootError::KernelLoad(_)));
+        let err = load_kernel(&m, &mut std::io::Cursor::new(Vec::<u8>::new())).unwrap_err();
+        assert!(matches!(err, BootError::KernelLoad(_)));
+    }
+
+    #[test]
+    fn too_long_cmdline_is_rejected() {
+        let m = mem(16 << 20);
+        let long = "a".repeat(CMDLINE_MAX_SIZE + 10);
+        assert!(write_cmdline(&m, &long).is_err());
+    }
+}

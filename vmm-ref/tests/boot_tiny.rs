@@ -1,0 +1,95 @@
+//! Boot path with hand-assembled 64-bit guests (no test guest needed): the
+//! 64-bit boot protocol (entry, zero page, command line), the serial port, the
+//! debug-exit port, the i8042 reset, a triple fault.
+
+mod common;
+
+use common::*;
+
+fn write_guest(dir: &TempDir, code: &[u8]) -> String {
+    let path = dir.join("tiny.elf");
+    std::fs::write(&path, tiny_elf(code)).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn serial_cmdline_and_debug_exit_status() {
+    if !kvm_available("serial_cmdline_and_debug_exit_status") {
+        return;
+    }
+    let dir = TempDir::new("tiny");
+    let kernel = write_guest(&dir, &echo_cmdline_code(42));
+    let out = run_vmm(
+        &[
+            "--kernel",
+            &kernel,
+            "--memory",
+            "64M",
+            "--cmdline",
+            "hello world",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.status, Some(42), "{out:?}");
+    let line = out.stdout.lines().next().unwrap_or_default();
+    assert!(line.starts_with("OK:hello world tsc_khz="), "{out:?}");
+}
+
+#[test]
+fn status_zero_and_two_vcpus() {
+    if !kvm_available("status_zero_and_two_vcpus") {
+        return;
+    }
+    let dir = TempDir::new("tiny2");
+    let kernel = write_guest(&dir, &echo_cmdline_code(0));
+    let out = run_vmm(&["run", "--kernel", &kernel, "--vcpus", "2"], RUN_TIMEOUT);
+    assert_eq!(out.status, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("OK:tsc_khz="), "{out:?}");
+}
+
+#[test]
+fn i8042_reset_is_a_clean_stop() {
+    if !kvm_available("i8042_reset_is_a_clean_stop") {
+        return;
+    }
+    let dir = TempDir::new("i8042");
+    // mov al,0xfe; out 0x64,al; hlt; jmp $-1
+    let kernel = write_guest(&dir, &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
+    let out = run_vmm(&["--kernel", &kernel], RUN_TIMEOUT);
+    assert_eq!(out.status, Some(0), "{out:?}");
+    assert!(out.stderr.contains("i8042"), "{out:?}");
+}
+
+#[test]
+fn triple_fault_stops_the_vm() {
+    if !kvm_available("triple_fault_stops_the_vm") {
+        return;
+    }
+    let dir = TempDir::new("tf");
+    // lidt [rip+0] with a zero-limit IDT, then int3 / ud2 => triple fault.
+    let code = [
+        0x0f, 0x01, 0x1d, 0x02, 0x00, 0x00, 0x00, // lidt [rip+2]
+        0xeb, 0x0a, // jmp over the descriptor
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // limit 0, base 0
+        0x0f, 0x0b, // ud2
+    ];
+    let kernel = write_guest(&dir, &code);
+    let out = run_vmm(&["--kernel", &kernel], RUN_TIMEOUT);
+    assert!(
+        out.stderr.contains("triple-faulted") || out.stderr.contains("failed"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn garbage_kernel_fails_cleanly() {
+    if !kvm_available("garbage_kernel_fails_cleanly") {
+        return;
+    }
+    let dir = TempDir::new("garbage");
+    let kernel = dir.join("garbage.bin");
+    std::fs::write(&kernel, vec![0x55u8; 4096]).unwrap();
+    let out = run_vmm(&["--kernel", kernel.to_str().unwrap()], RUN_TIMEOUT);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(out.stderr.contains("cannot load kernel image"), "{out:?}");
+}
