@@ -109,6 +109,9 @@ pub struct Config {
     pub tsc_khz: Option<u64>,
     /// `verify.seed` (extension): fixes the data pattern, else TSC-derived.
     pub verify_seed: Option<u64>,
+    /// `virtio.event_idx=0|1` (extension, default 1): whether to negotiate
+    /// VIRTIO_F_EVENT_IDX (0 makes devices use `VIRTQ_USED_F_NO_NOTIFY`).
+    pub event_idx: bool,
     /// Number of malformed values seen (each is printed when found).
     pub errors: u32,
 }
@@ -183,6 +186,7 @@ pub fn parse(cmdline: &str) -> Config {
         reset_pause_ms: 0,
         tsc_khz: None,
         verify_seed: None,
+        event_idx: true,
         errors: 0,
     };
     for word in cmdline.split(' ').filter(|w| !w.is_empty()) {
@@ -237,6 +241,14 @@ pub fn parse(cmdline: &str) -> Config {
                 .filter(|&k| k > 0)
                 .map(|k| cfg.tsc_khz = Some(k))
                 .is_some(),
+            "virtio.event_idx" => set(
+                &mut cfg.event_idx,
+                match value {
+                    "0" | "off" => Some(false),
+                    "1" | "on" => Some(true),
+                    _ => None,
+                },
+            ),
             "verify.seed" => parse_u64(value)
                 .map(|s| cfg.verify_seed = Some(s))
                 .is_some(),

@@ -158,6 +158,8 @@ impl From<OutOfMemory> for BlkError {
 /// One virtio-blk device.
 pub struct BlkDevice {
     transport: Transport,
+    /// Features we accept (a subset of `WANTED`).
+    accepted: u64,
     features: u64,
     config: BlkConfig,
     queues: [Option<&'static mut SplitQueue>; MAX_QUEUES],
@@ -166,7 +168,8 @@ pub struct BlkDevice {
 
 impl BlkDevice {
     /// Probes the transport; `Ok(None)` for an empty slot (device id 0).
-    pub fn probe(transport: Transport) -> Result<Option<Self>, BlkError> {
+    /// `event_idx` says whether VIRTIO_F_EVENT_IDX may be negotiated.
+    pub fn probe(transport: Transport, event_idx: bool) -> Result<Option<Self>, BlkError> {
         let magic = transport.magic();
         if magic != MAGIC_VALUE {
             return Err(BlkError::BadMagic(magic));
@@ -179,6 +182,11 @@ impl BlkDevice {
             0 => Ok(None),
             DEVICE_ID_BLOCK => Ok(Some(Self {
                 transport,
+                accepted: if event_idx {
+                    WANTED
+                } else {
+                    WANTED & !F_EVENT_IDX
+                },
                 features: 0,
                 config: BlkConfig::default(),
                 queues: Default::default(),
@@ -265,7 +273,7 @@ impl BlkDevice {
             t.set_status(status::FAILED);
             return Err(BlkError::NoVersion1);
         }
-        let features = offered & WANTED;
+        let features = offered & self.accepted;
         t.set_driver_features(features);
         let mut s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         t.set_status(s);

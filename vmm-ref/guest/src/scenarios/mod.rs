@@ -114,16 +114,17 @@ pub struct Ctx<'a> {
 fn open(
     addr: u64,
     size: u64,
+    event_idx: bool,
     arena: &mut Arena,
 ) -> Result<Option<BlkDevice>, crate::blk::BlkError> {
-    if size < MIN_WINDOW || addr % 512 != 0 || addr >= 1 << 32 {
+    if size < MIN_WINDOW || addr & 511 != 0 || addr >= 1 << 32 {
         println!("virtio-mmio {:#x}: window {:#x} unusable (need >= {:#x} bytes, 512-aligned, below 4 GiB)", addr, size, MIN_WINDOW);
         return Ok(None);
     }
     // SAFETY: the command line names this window as a virtio-mmio device; it
     // is below 4 GiB (identity mapped, uncached) and only this driver uses it.
     let transport = unsafe { Transport::new(addr) };
-    let Some(mut dev) = BlkDevice::probe(transport)? else {
+    let Some(mut dev) = BlkDevice::probe(transport, event_idx)? else {
         return Ok(None);
     };
     dev.init(arena)?;
@@ -137,7 +138,7 @@ pub fn run_all(cfg: &Config, arena: &mut Arena) -> u32 {
         [const { None }; crate::cmdline::MAX_DEVICES];
     let mut nr_devices = 0;
     for d in cfg.devices() {
-        match open(d.addr, d.size, arena) {
+        match open(d.addr, d.size, cfg.event_idx, arena) {
             Ok(Some(dev)) => {
                 let c = dev.config();
                 println!(

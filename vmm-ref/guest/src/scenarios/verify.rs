@@ -5,7 +5,7 @@ use core::fmt::Write;
 
 use super::{check_pattern, fill_pattern, Ctx, Detail, Outcome};
 use crate::blk::feature;
-use crate::blk::request::{Op, ReqMem, ID_LEN, SECTOR, S_IOERR, S_OK};
+use crate::blk::request::{Op, ReqMem, ID_LEN, SECTOR, S_IOERR, S_OK, S_PENDING};
 use crate::blk::{BlkError, MAX_QUEUES};
 
 /// 4 KiB writes per queue, plus one larger write.
@@ -66,21 +66,23 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
     let mut detail = Detail::new();
     let _ = write!(detail, "queues={} seed={:#x}", nq, ctx.seed);
 
-    // Buffers: one per request for writes and one per request for reads.
-    let mut writes = [[None::<ReqMem>; REQS_PER_QUEUE]; MAX_QUEUES];
-    let mut reads = [[None::<ReqMem>; REQS_PER_QUEUE]; MAX_QUEUES];
-    for q in 0..nq {
-        for i in 0..REQS_PER_QUEUE {
-            writes[q][i] = Some(ReqMem::alloc(ctx.arena, BIG_LEN)?);
-            reads[q][i] = Some(ReqMem::alloc(ctx.arena, BIG_LEN)?);
-        }
-    }
-    let len_of = |q: usize, i: usize| {
+    // Buffers: one per request for writes and one per request for reads;
+    // request `slot` belongs to queue `slot / REQS_PER_QUEUE`.
+    let slots = nq * REQS_PER_QUEUE;
+    let writes = alloc_reqs(ctx, slots)?;
+    let reads = alloc_reqs(ctx, slots)?;
+    let split = |slot: usize| (slot / REQS_PER_QUEUE, slot % REQS_PER_QUEUE);
+    let len_of = |slot: usize| {
+        let (q, i) = split(slot);
         if i < SMALL_PER_QUEUE {
             placement(q, i).1
         } else {
             big_len
         }
+    };
+    let sector_of = |slot: usize| {
+        let (q, i) = split(slot);
+        placement(q, i).0
     };
 
     if read_only {
@@ -99,51 +101,27 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
         let _ = write!(detail, " ro_write=ioerr");
     } else {
         // 1. Distinct patterns, all queues in parallel.
-        for q in 0..nq {
-            for i in 0..REQS_PER_QUEUE {
-                let (sector, _) = placement(q, i);
-                let len = len_of(q, i);
-                let Some(mem) = writes[q][i] else { continue };
-                fill_pattern(&mut mem.data()[..len as usize], ctx.seed, sector * SECTOR);
-                ctx.dev.submit(
-                    q,
-                    &mem,
-                    Op::Write { sector, len },
-                    (q * REQS_PER_QUEUE + i) as u32,
-                )?;
-            }
+        for (slot, mem) in writes.iter().enumerate() {
+            let (sector, len) = (sector_of(slot), len_of(slot));
+            fill_pattern(&mut mem.data()[..len as usize], ctx.seed, sector * SECTOR);
+            ctx.dev
+                .submit(split(slot).0, mem, Op::Write { sector, len }, slot as u32)?;
         }
-        for q in 0..nq {
-            ctx.dev.kick(q)?;
-        }
-        let mut bad = None;
-        ctx.dev.wait(nq * REQS_PER_QUEUE, TIMEOUT_US, |q, used| {
-            let i = used.token as usize % REQS_PER_QUEUE;
-            let status = writes[q][i].map_or(0xfe, |m| m.status());
-            if status != S_OK && bad.is_none() {
-                bad = Some((q, i, status));
-            }
-        })?;
-        if let Some((q, i, status)) = bad {
+        kick_all(ctx)?;
+        if let Some((slot, status)) = wait_statuses(ctx, writes)? {
+            let (q, i) = split(slot);
             fail!("{detail} write {i} on queue {q} returned status {status}");
         }
-        let _ = write!(detail, " writes={}", nq * REQS_PER_QUEUE);
+        let _ = write!(detail, " writes={}", slots);
 
         // 2. FLUSH on every queue.
         if ctx.dev.has(feature::FLUSH) {
-            for q in 0..nq {
-                let Some(mem) = writes[q][0] else { continue };
-                ctx.dev.submit(q, &mem, Op::Flush, q as u32)?;
-                ctx.dev.kick(q)?;
+            let flushes = &writes[..nq];
+            for (q, mem) in flushes.iter().enumerate() {
+                ctx.dev.submit(q, mem, Op::Flush, q as u32)?;
             }
-            let mut bad = None;
-            ctx.dev.wait(nq, TIMEOUT_US, |q, _| {
-                let status = writes[q][0].map_or(0xfe, |m| m.status());
-                if status != S_OK {
-                    bad = Some((q, status));
-                }
-            })?;
-            if let Some((q, status)) = bad {
+            kick_all(ctx)?;
+            if let Some((q, status)) = wait_statuses(ctx, flushes)? {
                 fail!("{detail} flush on queue {q} returned status {status}");
             }
             let _ = write!(detail, " flush=ok");
@@ -151,49 +129,26 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
     }
 
     // 3. Read everything back, each region through the next queue.
-    for q in 0..nq {
-        let rq = (q + 1) % nq;
-        for i in 0..REQS_PER_QUEUE {
-            let (sector, _) = placement(q, i);
-            let Some(mem) = reads[q][i] else { continue };
-            mem.data().fill(0xa5);
-            ctx.dev.submit(
-                rq,
-                &mem,
-                Op::Read {
-                    sector,
-                    len: len_of(q, i),
-                },
-                (q * REQS_PER_QUEUE + i) as u32,
-            )?;
-        }
+    for (slot, mem) in reads.iter().enumerate() {
+        let (sector, len) = (sector_of(slot), len_of(slot));
+        mem.data().fill(0xa5);
+        let rq = (split(slot).0 + 1) % nq;
+        ctx.dev
+            .submit(rq, mem, Op::Read { sector, len }, slot as u32)?;
     }
-    for q in 0..nq {
-        ctx.dev.kick(q)?;
-    }
-    let mut bad_status = None;
-    ctx.dev.wait(nq * REQS_PER_QUEUE, TIMEOUT_US, |_, used| {
-        let (q, i) = (
-            used.token as usize / REQS_PER_QUEUE,
-            used.token as usize % REQS_PER_QUEUE,
-        );
-        let status = reads.get(q).and_then(|r| r[i]).map_or(0xfe, |m| m.status());
-        if status != S_OK && bad_status.is_none() {
-            bad_status = Some((q, i, status));
-        }
-    })?;
-    if let Some((q, i, status)) = bad_status {
+    kick_all(ctx)?;
+    if let Some((slot, status)) = wait_statuses(ctx, reads)? {
+        let (q, i) = split(slot);
         fail!("{detail} read {i} of queue {q}'s region returned status {status}");
     }
     if !read_only {
-        for q in 0..nq {
-            for i in 0..REQS_PER_QUEUE {
-                let (sector, _) = placement(q, i);
-                let len = len_of(q, i) as usize;
-                let Some(mem) = reads[q][i] else { continue };
-                if let Some(off) = check_pattern(&mem.data()[..len], ctx.seed, sector * SECTOR) {
-                    fail!("{detail} data mismatch: queue {q} request {i} (sector {sector}) at byte {off}");
-                }
+        for (slot, mem) in reads.iter().enumerate() {
+            let (sector, len) = (sector_of(slot), len_of(slot) as usize);
+            if let Some(off) = check_pattern(&mem.data()[..len], ctx.seed, sector * SECTOR) {
+                let (q, i) = split(slot);
+                fail!(
+                    "{detail} data mismatch: queue {q} request {i} (sector {sector}) at byte {off}"
+                );
             }
         }
         let _ = write!(detail, " readback=ok");
@@ -250,6 +205,42 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
         fail!("{detail} device returned {bogus} used entries for descriptors not in flight");
     }
     Ok(Outcome::pass(format_args!("{}", detail.as_str())))
+}
+
+/// Allocates `n` requests with [`BIG_LEN`]-byte buffers.
+fn alloc_reqs(ctx: &mut Ctx<'_>, n: usize) -> Result<&'static [ReqMem], BlkError> {
+    let placeholder = ReqMem {
+        hdr: 0,
+        data: 0,
+        cap: 0,
+    };
+    let reqs = ctx.arena.slice(n, placeholder)?;
+    for req in reqs.iter_mut() {
+        *req = ReqMem::alloc(ctx.arena, BIG_LEN)?;
+    }
+    Ok(reqs)
+}
+
+/// Notifies every queue that has new requests (as the device asks).
+fn kick_all(ctx: &mut Ctx<'_>) -> Result<(), BlkError> {
+    for q in 0..ctx.dev.nr_queues() {
+        ctx.dev.kick(q)?;
+    }
+    Ok(())
+}
+
+/// Waits for all of `reqs` (submitted with their index as token) and
+/// returns the first one that did not end with OK, with its status.
+fn wait_statuses(ctx: &mut Ctx<'_>, reqs: &[ReqMem]) -> Result<Option<(usize, u8)>, BlkError> {
+    let mut bad = None;
+    ctx.dev.wait(reqs.len(), TIMEOUT_US, |_, used| {
+        let slot = used.token as usize;
+        let status = reqs.get(slot).map_or(S_PENDING, |m| m.status());
+        if status != S_OK && bad.is_none() {
+            bad = Some((slot, status));
+        }
+    })?;
+    Ok(bad)
 }
 
 /// Writes a pattern over an area, then DISCARDs (`discard`) or
