@@ -34,8 +34,10 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Life-cycle state of an IOThread's event loop.
+///
+/// JSON: `"running"`, `"stopped"`, `{"panicked": {"message": "..."}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum IoThreadState {
     /// The event loop is running.

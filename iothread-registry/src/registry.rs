@@ -51,8 +51,11 @@ fn not_found(id: &str) -> Error {
 
 pub(crate) struct Inner {
     state: Mutex<State>,
-    next_serial: AtomicU64,
 }
+
+/// Serials identify IOThreads process-wide (across registries) for the deadlock
+/// check and for guards; 0 means "not an IOThread".
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 impl Inner {
     /// Removes one entry equal to `holder` (the earliest registered) from IOThread
@@ -156,7 +159,6 @@ impl IoThreadRegistry {
         IoThreadRegistry {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
-                next_serial: AtomicU64::new(1),
             }),
         }
     }
@@ -177,7 +179,7 @@ impl IoThreadRegistry {
             }
             state.pending.push(id.to_owned());
         }
-        let serial = self.inner.next_serial.fetch_add(1, Ordering::Relaxed);
+        let serial = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
         let spawned = IoThread::spawn(id, serial, params);
         let mut state = lock(&self.inner.state);
         state.pending.retain(|p| p != id);

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::iothread::IoThreadState;
 
 /// Statistics of one IOThread (see [`IoThreadRegistry::stats`](crate::IoThreadRegistry::stats)).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct IoThreadStats {
     /// IOThread id.

@@ -231,3 +231,37 @@ fn call_racing_with_a_panic_never_hangs() {
         other => panic!("expected ThreadGone, got {other:?}"),
     }
 }
+
+#[test]
+fn registries_are_independent_and_types_are_thread_safe() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<IoThreadRegistry>();
+    send_sync::<iothread_registry::HolderGuard>();
+    send_sync::<Error>();
+
+    // Both registries have an "io0"; waiting on the other registry's io0 from inside
+    // this one's io0 is not a self-wait.
+    let a = IoThreadRegistry::new();
+    let b = IoThreadRegistry::new();
+    a.create("io0", IoThreadParams::default()).unwrap();
+    b.create("io0", IoThreadParams::default()).unwrap();
+    assert_ne!(a.thread_id("io0").unwrap(), b.thread_id("io0").unwrap());
+    let b2 = b.clone();
+    let got = a.call("io0", move |_| b2.call("io0", |_| 11)).unwrap();
+    assert_eq!(got.unwrap(), 11);
+}
+
+#[test]
+fn state_serializes_as_documented() {
+    assert_eq!(
+        serde_json::to_string(&IoThreadState::Running).unwrap(),
+        r#""running""#
+    );
+    assert_eq!(
+        serde_json::to_string(&IoThreadState::Panicked {
+            message: "x".into()
+        })
+        .unwrap(),
+        r#"{"panicked":{"message":"x"}}"#
+    );
+}
