@@ -14,18 +14,11 @@ pub enum DriveError {
     Unavailable,
 }
 
-/// Information for QMP `query-block`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DriveInfo {
-    /// Drive id.
-    pub id: String,
-}
-
 /// An attached drive.
 pub struct Drive {
     base: u64,
     gsi: u32,
-    info: DriveInfo,
+    info: crate::qmp::BlockInfo,
 }
 
 impl Drive {
@@ -48,7 +41,7 @@ impl Drive {
         self.gsi
     }
     /// query-block info.
-    pub fn info(&self) -> DriveInfo {
+    pub fn info(&self) -> crate::qmp::BlockInfo {
         self.info.clone()
     }
     /// Device reset.

@@ -15,7 +15,9 @@ pub mod demo;
 pub mod devices;
 pub mod drives;
 pub mod logger;
+pub mod qmp;
 pub mod ratelimit;
+pub mod virtio;
 pub mod vm;
 pub mod vmm;
 

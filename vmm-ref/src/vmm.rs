@@ -14,7 +14,8 @@ use crate::config::ValidConfig;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_SIZE};
 use crate::devices::i8042::{I8042, I8042_SIZE};
 use crate::devices::serial::{Serial, SerialOut, SERIAL_SIZE};
-use crate::drives::{self, Drive, DriveInfo};
+use crate::drives::{self, Drive};
+use crate::qmp::BlockInfo;
 use crate::vm::boot::{self, BootSetup};
 use crate::vm::iobus::IoBus;
 use crate::vm::layout;
@@ -43,6 +44,9 @@ pub enum VmmError {
     /// Bus layout conflict (a bug).
     #[error("cannot map a device")]
     Bus(#[source] vm::iobus::IoBusError),
+    /// The QMP monitor could not be started.
+    #[error("cannot start the QMP monitor")]
+    Qmp(#[source] crate::qmp::QmpError),
     /// A drive could not be attached.
     #[error("cannot attach drive '{id}'")]
     Drive {
@@ -327,7 +331,7 @@ impl Vmm {
     }
 
     /// Per-drive information for QMP `query-block`.
-    pub fn query_block(&self) -> Vec<DriveInfo> {
+    pub fn query_block(&self) -> Vec<BlockInfo> {
         self.inner.drives.iter().map(Drive::info).collect()
     }
 
@@ -404,15 +408,18 @@ impl Vmm {
 pub fn run(config: ValidConfig) -> Result<i32, VmmError> {
     let qmp = config.vm.qmp.clone();
     let vmm = Vmm::start(config, VmmOptions::default())?;
-    if let Some(addr) = qmp {
-        crate::control::start_qmp(&vmm, &addr);
-    }
-    let reason = vmm.wait();
-    let reason = {
-        let r = vmm.shutdown();
-        debug_assert_eq!(r, reason);
-        r
+    let qmp_server = match qmp.map(|addr| crate::control::start_qmp(&vmm, &addr)) {
+        Some(Err(e)) => {
+            vmm.shutdown();
+            return Err(VmmError::Qmp(e));
+        }
+        Some(Ok(server)) => Some(server),
+        None => None,
     };
+    vmm.wait();
+    let reason = vmm.shutdown();
+    // Dropped after the shutdown so that the SHUTDOWN event reaches the clients.
+    drop(qmp_server);
     match &reason {
         StopReason::VcpuError { .. } => eprintln!("vmm-ref: {reason}"),
         StopReason::DebugExit(_) => log::info!("{reason}"),

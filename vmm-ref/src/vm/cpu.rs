@@ -187,10 +187,14 @@ impl CpuSetup {
     }
 
     /// Puts `fd` in its boot state. The boot processor (id 0) starts at `entry`
-    /// in 64-bit mode; application processors wait for INIT/SIPI.
-    pub fn apply(&self, fd: &VcpuFd, entry: u64) -> Result<(), CpuError> {
-        fd.set_cpuid2(&self.cpuid)
-            .map_err(self.ioctl("KVM_SET_CPUID2"))?;
+    /// in 64-bit mode; application processors wait for INIT/SIPI. CPUID is set
+    /// only the first time (`initial`): KVM refuses to change it after `KVM_RUN`,
+    /// and it does not change across resets.
+    pub fn apply(&self, fd: &VcpuFd, entry: u64, initial: bool) -> Result<(), CpuError> {
+        if initial {
+            fd.set_cpuid2(&self.cpuid)
+                .map_err(self.ioctl("KVM_SET_CPUID2"))?;
+        }
         let entries = [
             (MSR_IA32_SYSENTER_CS, 0),
             (MSR_IA32_SYSENTER_ESP, 0),

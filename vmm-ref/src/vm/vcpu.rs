@@ -122,7 +122,7 @@ impl Vcpus {
             cv: Condvar::new(),
         });
         for (fd, setup) in &vcpus {
-            setup.apply(fd, entry).map_err(VcpuError::Setup)?;
+            setup.apply(fd, entry, true).map_err(VcpuError::Setup)?;
         }
         let mut this = Vcpus {
             control,
@@ -298,10 +298,10 @@ impl Runner {
             };
             if let Some(entry) = reset_entry {
                 parked = false;
-                if let Err(e) = self.setup.apply(&self.fd, entry) {
+                if let Err(e) = self.setup.apply(&self.fd, entry, false) {
                     self.ctx.stop.request(StopReason::VcpuError {
                         vcpu: id,
-                        detail: format!("reset failed: {e}"),
+                        detail: format!("reset failed: {}", crate::error_chain(&e)),
                     });
                     parked = true;
                     continue;
