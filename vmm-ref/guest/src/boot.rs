@@ -108,6 +108,7 @@ guest_long_common:
     iretq
 
     .text
+    .globl guest_user_entry
 guest_user_entry:
     movq %rdi, %r8
     leaq __bss_start(%rip), %rdi

@@ -19,8 +19,10 @@ const PIT_CALIBRATION_MS: u64 = 50;
 const PIT_CH2_DATA: u16 = 0x42;
 const PIT_COMMAND: u16 = 0x43;
 const PORT_61: u16 = 0x61;
-/// Bound on port 0x61 polls (each is a VM exit of tens of microseconds).
+/// Bound on counter reads (each is a few VM exits of tens of microseconds).
 const PIT_MAX_POLLS: u32 = 200_000;
+/// Reads after which an unchanged counter means there is no PIT.
+const PIT_STUCK_POLLS: u32 = 1000;
 
 /// Reads the time-stamp counter.
 pub fn now() -> u64 {
@@ -149,7 +151,8 @@ fn calibrate_pit() -> Option<u64> {
             return (khz > 100_000).then_some(khz);
         }
         polls += 1;
-        if polls > PIT_MAX_POLLS {
+        // A missing PIT reads as a constant 0xffff: give up early.
+        if polls > PIT_MAX_POLLS || (polls == PIT_STUCK_POLLS && count == start) {
             crate::println!("tsc: PIT channel 2 is not counting (count {:#x})", count);
             return None;
         }
