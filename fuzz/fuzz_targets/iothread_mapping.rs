@@ -1,0 +1,7 @@
+#![no_main]
+//! See [`vmm_ref_fuzz::iothread_mapping`] for the input format and the invariants.
+
+use libfuzzer_sys::fuzz_target;
+use vmm_ref_fuzz::iothread_mapping::{check, Input};
+
+fuzz_target!(|data: &[u8]| check(&Input::decode(data)));
