@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod assignment;
 mod error;
 mod holder;
 mod id;
@@ -13,6 +14,7 @@ mod remote;
 mod stats;
 mod sys;
 
+pub use assignment::VqAssignment;
 pub use error::{Error, IdError, Result};
 pub use holder::IoThreadHolder;
 pub use id::validate_id;

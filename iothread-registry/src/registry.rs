@@ -5,11 +5,13 @@ use std::sync::{Arc, Mutex, Weak};
 
 use aio_poll::AioContext;
 
+use crate::assignment::VqAssignment;
 use crate::error::{Error, Result};
 use crate::holder::IoThreadHolder;
 use crate::id::validate_id;
 use crate::info::{format_info_iothreads, IoThreadInfo};
 use crate::iothread::{lock, IoThread, IoThreadState};
+use crate::mapping::{assign_vqs, IoThreadVqMapping};
 use crate::params::{IoThreadParams, Property};
 use crate::remote::HolderGuard;
 use crate::stats::IoThreadStats;
@@ -201,7 +203,7 @@ impl IoThreadRegistry {
                 .iter()
                 .position(|e| e.thread.remote().id() == id)
                 .ok_or_else(|| not_found(id))?;
-            let entry = &state.threads[pos];
+            let entry = state.threads.get(pos).ok_or_else(|| not_found(id))?;
             if !entry.holders.is_empty() {
                 return Err(Error::InUse {
                     id: id.to_owned(),
@@ -241,6 +243,54 @@ impl IoThreadRegistry {
             Arc::clone(entry.thread.remote()),
             holder,
         ))
+    }
+
+    /// Applies an `iothread-vq-mapping` for a device with `num_queues` queues: validates
+    /// it against the existing IOThreads (see [`assign_vqs`]) and registers `holder`
+    /// on every mapped IOThread, all under one lock (all or nothing). Like QEMU, every
+    /// listed IOThread is held even if round-robin leaves it without a queue.
+    pub fn acquire_vq_mapping(
+        &self,
+        mapping: &[IoThreadVqMapping],
+        num_queues: u16,
+        holder: IoThreadHolder,
+    ) -> Result<VqAssignment> {
+        let mut state = lock(&self.inner.state);
+        let per_queue = assign_vqs(mapping, num_queues, |id| state.entry(id).is_ok())?;
+        // Validation passed under this lock: every entry exists and is listed once.
+        let mut guards = Vec::with_capacity(mapping.len());
+        let mut missing = None;
+        for m in mapping {
+            match state.entry_mut(&m.iothread) {
+                Ok(entry) => {
+                    entry.holders.push(holder.clone());
+                    guards.push(HolderGuard::new(
+                        Arc::downgrade(&self.inner),
+                        Arc::clone(entry.thread.remote()),
+                        holder.clone(),
+                    ));
+                }
+                Err(e) => {
+                    missing = Some(e);
+                    break;
+                }
+            }
+        }
+        // Guards release under the lock: drop it before they can go away.
+        drop(state);
+        if let Some(e) = missing {
+            return Err(e);
+        }
+        let queue_guard = per_queue
+            .iter()
+            .map(|id| {
+                mapping
+                    .iter()
+                    .position(|m| &m.iothread == id)
+                    .ok_or_else(|| not_found(id))
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        Ok(VqAssignment::new(guards, queue_guard))
     }
 
     /// Removes one registration of `holder` from IOThread `id` (the earliest one).

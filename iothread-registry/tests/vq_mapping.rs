@@ -256,3 +256,49 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn registry_applies_a_mapping_and_holds_every_iothread() {
+    use iothread_registry::{IoThreadHolder, IoThreadParams, IoThreadRegistry};
+    let r = IoThreadRegistry::new();
+    for id in ["io0", "io1", "io2"] {
+        r.create(id, IoThreadParams::default()).unwrap();
+    }
+    let dev = IoThreadHolder::qom_object("/machine/peripheral/blk0/virtio-backend");
+    // Round-robin over 3 IOThreads with 2 queues: io2 gets no queue but is held.
+    let a = r
+        .acquire_vq_mapping(&rr(&["io0", "io1", "io2"]), 2, dev.clone())
+        .unwrap();
+    assert_eq!(a.num_queues(), 2);
+    assert_eq!(a.iothread_for_queue(0), Some("io0"));
+    assert_eq!(a.iothread_for_queue(1), Some("io1"));
+    assert_eq!(a.iothread_for_queue(2), None);
+    assert_eq!(a.guards().len(), 3);
+    for id in ["io0", "io1", "io2"] {
+        assert_eq!(r.holders(id).unwrap(), [dev.clone()]);
+    }
+    // Each queue's guard runs work on its IOThread.
+    let tid = a
+        .guard_for_queue(1)
+        .unwrap()
+        .call(|_| std::fs::read_link("/proc/thread-self").unwrap())
+        .unwrap();
+    assert!(tid.ends_with(format!("task/{}", r.thread_id("io1").unwrap())));
+
+    // An invalid mapping registers nothing.
+    let bad = explicit(&[("io0", &[0]), ("io1", &[0])]);
+    assert!(matches!(
+        r.acquire_vq_mapping(&bad, 2, IoThreadHolder::block_node("x")),
+        Err(Error::Mapping(MappingError::VqAssignedTwice { .. }))
+    ));
+    assert!(matches!(
+        r.acquire_vq_mapping(&rr(&["io0", "nope"]), 2, IoThreadHolder::block_node("x")),
+        Err(Error::Mapping(MappingError::NoSuchIoThread { .. }))
+    ));
+    assert_eq!(r.holders("io0").unwrap(), [dev.clone()]);
+
+    a.release().unwrap();
+    for id in ["io0", "io1", "io2"] {
+        assert!(r.holders(id).unwrap().is_empty());
+    }
+}
