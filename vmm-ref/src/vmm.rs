@@ -325,6 +325,11 @@ impl Vmm {
         self.inner.stop.wait()
     }
 
+    /// Blocks until the guest stops, a quit is requested, or `timeout` passes.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<StopReason> {
+        self.inner.stop.wait_timeout(timeout)
+    }
+
     /// The stop reason, if the VM is stopping or stopped.
     pub fn stop_reason(&self) -> Option<StopReason> {
         self.inner.stop.reason()

@@ -167,3 +167,160 @@ pub fn echo_cmdline_code(status: u8) -> Vec<u8> {
     c.extend_from_slice(&[0xef, 0xf4, 0xeb, 0xfd]); // out dx,eax; hlt; jmp $-1
     c
 }
+
+/// 64-bit code: prints "OK:" + the command line, then halts with interrupts off
+/// (the vCPU sleeps in the kernel until it is kicked).
+pub fn echo_cmdline_then_halt_code() -> Vec<u8> {
+    let mut c = echo_cmdline_code(0);
+    // Drop the exit tail (mov dx,0xf4; mov eax,imm32; out; hlt; jmp) and halt instead.
+    c.truncate(c.len() - 13);
+    c.extend_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp $-1
+    c
+}
+
+/// A spawned vmm-ref whose stdout lines arrive on a channel.
+pub struct Running {
+    pub child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    pub fn spawn(args: &[&str]) -> Running {
+        use std::io::BufRead;
+        let mut child = Command::new(VMM_REF)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vmm-ref");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                match line {
+                    Ok(l) => {
+                        if tx.send(l).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        Running { child, lines: rx }
+    }
+
+    /// Waits for a stdout line containing `needle`; returns it.
+    pub fn expect_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no line containing {needle:?}: {e}"),
+            }
+        }
+    }
+
+    /// Waits for the exit status (kills after `timeout`).
+    pub fn wait(mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal line-based QMP client (one JSON object per line).
+pub struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connects (retrying while the socket appears), reads the greeting and
+    /// negotiates capabilities.
+    pub fn connect(path: &Path, timeout: Duration) -> Qmp {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+            }
+        };
+        stream.set_read_timeout(Some(timeout)).unwrap();
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        let greeting = q.read();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        let r = q.execute("qmp_capabilities", serde_json::Value::Null);
+        assert_eq!(r, serde_json::json!({}));
+        q
+    }
+
+    /// Reads the next message.
+    pub fn read(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read QMP");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// Executes a command; returns its `return` value (events before it are skipped
+    /// into `events`).
+    pub fn execute_collect(
+        &mut self,
+        cmd: &str,
+        args: serde_json::Value,
+        events: &mut Vec<serde_json::Value>,
+    ) -> serde_json::Value {
+        use std::io::Write;
+        let mut req = serde_json::json!({"execute": cmd});
+        if !args.is_null() {
+            req["arguments"] = args;
+        }
+        writeln!(self.writer, "{req}").unwrap();
+        loop {
+            let msg = self.read();
+            if msg.get("event").is_some() {
+                events.push(msg);
+                continue;
+            }
+            if let Some(r) = msg.get("return") {
+                return r.clone();
+            }
+            panic!("{cmd} failed: {msg}");
+        }
+    }
+
+    /// Executes a command; returns its `return` value.
+    pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        let mut ev = Vec::new();
+        self.execute_collect(cmd, args, &mut ev)
+    }
+}

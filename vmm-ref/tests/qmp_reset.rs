@@ -1,0 +1,57 @@
+//! `system_reset` through QMP reloads the kernel and re-runs the guest from its
+//! entry point; `quit` stops the VMM with status 0.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn system_reset_reruns_the_guest_and_quit_exits() {
+    if !kvm_available("system_reset_reruns_the_guest_and_quit_exits") {
+        return;
+    }
+    let dir = TempDir::new("qmpreset");
+    let kernel = dir.join("halt.elf");
+    std::fs::write(&kernel, tiny_elf(&echo_cmdline_then_halt_code())).unwrap();
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", sock.display());
+    let vmm = Running::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "first",
+        "--qmp",
+        &qmp_arg,
+    ]);
+    let t = Duration::from_secs(120);
+    let line = vmm.expect_line("OK:", t);
+    assert!(line.starts_with("OK:first tsc_khz="), "{line}");
+    let mut qmp = Qmp::connect(&sock, t);
+    assert_eq!(
+        qmp.execute("query-status", json!(null)),
+        json!({"status": "running", "running": true})
+    );
+    let mut events = Vec::new();
+    for round in 0..2 {
+        qmp.execute_collect("system_reset", json!(null), &mut events);
+        let line = vmm.expect_line("OK:", t);
+        assert!(line.starts_with("OK:first"), "round {round}: {line}");
+    }
+    let ev = loop {
+        if let Some(e) = events.iter().find(|e| e["event"] == "RESET") {
+            break e.clone();
+        }
+        events.push(qmp.read());
+    };
+    assert_eq!(
+        ev["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"})
+    );
+    assert_eq!(qmp.execute("query-block", json!(null)), json!([]));
+    qmp.execute("quit", json!(null));
+    assert_eq!(vmm.wait(t), Some(0));
+    assert!(!sock.exists(), "socket removed on exit");
+}
