@@ -63,7 +63,7 @@ pub extern "C" fn guest_main(kind: u64, info: u64) -> ! {
         io::exit(SETUP_FAILURE_STATUS);
     };
     println!("mem: {} KiB free above the image", arena.remaining() / 1024);
-    let failures = scenarios::run_all(&cfg, &mut arena) + cfg.errors;
+    let failures = scenarios::run_all(&cfg, boot.ram(), &mut arena) + cfg.errors;
     println!("DONE failures={}", failures);
     io::exit(failures)
 }

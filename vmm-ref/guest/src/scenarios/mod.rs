@@ -22,6 +22,7 @@ mod verify;
 use core::fmt::{self, Write};
 
 use crate::blk::BlkDevice;
+use crate::bootinfo::Region;
 use crate::cmdline::{Config, Scenario};
 use crate::mem::Arena;
 use crate::println;
@@ -111,18 +112,34 @@ pub struct Ctx<'a> {
 }
 
 /// Probes and initialises one device from the command line.
+/// Why a `virtio_mmio.device=` window cannot be used, if it cannot.
+fn window_problem(addr: u64, size: u64, ram: &[Region]) -> Option<&'static str> {
+    let Some(end) = addr.checked_add(size) else {
+        return Some("address + size overflows");
+    };
+    if size < MIN_WINDOW {
+        Some("smaller than 0x200 bytes")
+    } else if addr & 511 != 0 {
+        Some("not 512-byte aligned")
+    } else if end > 1 << 32 {
+        Some("not below 4 GiB (the guest maps only that)")
+    } else if ram.iter().any(|r| addr < r.end && r.start < end) {
+        Some("overlaps RAM")
+    } else {
+        None
+    }
+}
+
+/// Probes and initialises the device at `addr` (a window checked by
+/// [`window_problem`]).
 fn open(
     addr: u64,
-    size: u64,
     event_idx: bool,
     arena: &mut Arena,
 ) -> Result<Option<BlkDevice>, crate::blk::BlkError> {
-    if size < MIN_WINDOW || addr & 511 != 0 || addr >= 1 << 32 {
-        println!("virtio-mmio {:#x}: window {:#x} unusable (need >= {:#x} bytes, 512-aligned, below 4 GiB)", addr, size, MIN_WINDOW);
-        return Ok(None);
-    }
-    // SAFETY: the command line names this window as a virtio-mmio device; it
-    // is below 4 GiB (identity mapped, uncached) and only this driver uses it.
+    // SAFETY: the command line names this window as a virtio-mmio device and
+    // `window_problem` found it below 4 GiB (identity mapped, uncached) and
+    // outside RAM; only this driver uses it.
     let transport = unsafe { Transport::new(addr) };
     let Some(mut dev) = BlkDevice::probe(transport, event_idx)? else {
         return Ok(None);
@@ -132,13 +149,21 @@ fn open(
 }
 
 /// Probes all devices and runs all scenarios; returns the number of failures.
-pub fn run_all(cfg: &Config, arena: &mut Arena) -> u32 {
+pub fn run_all(cfg: &Config, ram: &[Region], arena: &mut Arena) -> u32 {
     let mut failures = 0;
     let mut devices: [Option<BlkDevice>; crate::cmdline::MAX_DEVICES] =
         [const { None }; crate::cmdline::MAX_DEVICES];
     let mut nr_devices = 0;
     for d in cfg.devices() {
-        match open(d.addr, d.size, cfg.event_idx, arena) {
+        if let Some(problem) = window_problem(d.addr, d.size, ram) {
+            println!(
+                "RESULT probe FAIL virtio-mmio {:#x} size {:#x}: {}",
+                d.addr, d.size, problem
+            );
+            failures += 1;
+            continue;
+        }
+        match open(d.addr, cfg.event_idx, arena) {
             Ok(Some(dev)) => {
                 let c = dev.config();
                 println!(

@@ -164,8 +164,17 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
     }
     let id = &mem.data()[..ID_LEN as usize];
     let id_len = id.iter().position(|&b| b == 0).unwrap_or(id.len());
-    let id_str = core::str::from_utf8(&id[..id_len]).unwrap_or("<binary>");
-    let _ = write!(detail, " id='{}'", id_str);
+    // Keep the RESULT line parseable: no spaces or control characters.
+    let _ = write!(detail, " id='");
+    for &b in &id[..id_len] {
+        let c = if b.is_ascii_graphic() {
+            char::from(b)
+        } else {
+            '_'
+        };
+        let _ = write!(detail, "{}", c);
+    }
+    let _ = write!(detail, "'");
 
     // 5. Past the end: must fail with IOERR.
     for (sector, len) in [(capacity, SECTOR as u32), (capacity - 1, 2 * SECTOR as u32)] {
