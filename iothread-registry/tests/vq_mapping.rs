@@ -275,7 +275,7 @@ fn registry_applies_a_mapping_and_holds_every_iothread() {
     assert_eq!(a.iothread_for_queue(2), None);
     assert_eq!(a.guards().len(), 3);
     for id in ["io0", "io1", "io2"] {
-        assert_eq!(r.holders(id).unwrap(), [dev.clone()]);
+        assert_eq!(r.holders(id).unwrap(), std::slice::from_ref(&dev));
     }
     // Each queue's guard runs work on its IOThread.
     let tid = a
@@ -295,7 +295,7 @@ fn registry_applies_a_mapping_and_holds_every_iothread() {
         r.acquire_vq_mapping(&rr(&["io0", "nope"]), 2, IoThreadHolder::block_node("x")),
         Err(Error::Mapping(MappingError::NoSuchIoThread { .. }))
     ));
-    assert_eq!(r.holders("io0").unwrap(), [dev.clone()]);
+    assert_eq!(r.holders("io0").unwrap(), std::slice::from_ref(&dev));
 
     a.release().unwrap();
     for id in ["io0", "io1", "io2"] {
