@@ -131,3 +131,224 @@ impl DiskBackend for FaultyBackend {
         self.inner.completion_fd()
     }
 }
+
+/// A minimal virtio-mmio driver used by the end-to-end tests: it programs
+/// the transport through `BusDevice` reads and writes exactly like a guest
+/// driver, and builds split rings and requests in guest memory by hand
+/// (virtio-queue's `MockSplitQueue` zeroes the rings whenever it is
+/// created, so it cannot be re-attached to live rings).
+pub mod driver {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use crate::bus::BusDevice;
+    use crate::virtio::mmio::{regs, status, MmioTransport};
+
+    /// Reads a register.
+    pub fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    /// Writes a register.
+    pub fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Split ring layout of queue `i` (`size` entries).
+    pub struct Rings {
+        /// Descriptor table.
+        pub desc: u64,
+        /// Available ring.
+        pub avail: u64,
+        /// Used ring.
+        pub used: u64,
+        /// Queue size.
+        pub size: u16,
+    }
+
+    impl Rings {
+        /// Rings of queue `i` at `0x1_0000 * (i + 1)`.
+        pub fn of(i: u16, size: u16) -> Rings {
+            let desc = 0x1_0000 * (u64::from(i) + 1);
+            let avail = desc + 16 * u64::from(size);
+            let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+            Rings {
+                desc,
+                avail,
+                used,
+                size,
+            }
+        }
+
+        /// Zeroes the rings.
+        pub fn clear(&self, mem: &GuestMemoryMmap) {
+            let len = (self.used + 6 + 8 * u64::from(self.size) - self.desc) as usize;
+            mem.write_slice(&vec![0u8; len], GuestAddress(self.desc))
+                .unwrap();
+        }
+
+        /// Writes descriptor `idx`.
+        pub fn set_desc(
+            &self,
+            mem: &GuestMemoryMmap,
+            idx: u16,
+            addr: u64,
+            len: u32,
+            flags: u16,
+            next: u16,
+        ) {
+            let a = self.desc + 16 * u64::from(idx);
+            mem.write_obj(addr, GuestAddress(a)).unwrap();
+            mem.write_obj(len, GuestAddress(a + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(a + 14)).unwrap();
+        }
+
+        /// Makes chain `head` available.
+        pub fn push_avail(&self, mem: &GuestMemoryMmap, head: u16) {
+            let idx: u16 = mem
+                .load(GuestAddress(self.avail + 2), Ordering::Acquire)
+                .unwrap();
+            let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
+            mem.write_obj(head, GuestAddress(slot)).unwrap();
+            mem.store(
+                idx.wrapping_add(1),
+                GuestAddress(self.avail + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+        }
+
+        /// The used index.
+        pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+            mem.load(GuestAddress(self.used + 2), Ordering::Acquire)
+                .unwrap()
+        }
+
+        /// Used element `i`: (id, len).
+        pub fn used_elem(&self, mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
+            let a = self.used + 4 + 8 * u64::from(i % self.size);
+            (
+                mem.read_obj(GuestAddress(a)).unwrap(),
+                mem.read_obj(GuestAddress(a + 4)).unwrap(),
+            )
+        }
+    }
+
+    /// Negotiates `want & offered`, sets up queues `0..nq` of `size` (see
+    /// [`Rings::of`]), and sets DRIVER_OK. Returns the final status.
+    pub fn bring_up(
+        t: &mut MmioTransport,
+        mem: &GuestMemoryMmap,
+        want: u64,
+        nq: u16,
+        size: u16,
+    ) -> u32 {
+        assert_eq!(rd(t, regs::MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(rd(t, regs::VERSION), 2);
+        assert_eq!(rd(t, regs::DEVICE_ID), 2);
+        wr(t, regs::STATUS, 0);
+        wr(t, regs::STATUS, status::ACKNOWLEDGE);
+        wr(t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, regs::DEVICE_FEATURES_SEL, 0);
+        let lo = rd(t, regs::DEVICE_FEATURES);
+        wr(t, regs::DEVICE_FEATURES_SEL, 1);
+        let hi = rd(t, regs::DEVICE_FEATURES);
+        let acked = ((u64::from(hi) << 32) | u64::from(lo)) & want;
+        wr(t, regs::DRIVER_FEATURES_SEL, 0);
+        wr(t, regs::DRIVER_FEATURES, acked as u32);
+        wr(t, regs::DRIVER_FEATURES_SEL, 1);
+        wr(t, regs::DRIVER_FEATURES, (acked >> 32) as u32);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        wr(t, regs::STATUS, s);
+        assert_eq!(rd(t, regs::STATUS), s, "FEATURES_OK refused");
+        for i in 0..nq {
+            let r = Rings::of(i, size);
+            r.clear(mem);
+            wr(t, regs::QUEUE_SEL, u32::from(i));
+            assert!(rd(t, regs::QUEUE_NUM_MAX) >= u32::from(size));
+            assert_eq!(rd(t, regs::QUEUE_READY), 0);
+            wr(t, regs::QUEUE_NUM, u32::from(size));
+            for (lo, hi, a) in [
+                (regs::QUEUE_DESC_LOW, regs::QUEUE_DESC_HIGH, r.desc),
+                (regs::QUEUE_AVAIL_LOW, regs::QUEUE_AVAIL_HIGH, r.avail),
+                (regs::QUEUE_USED_LOW, regs::QUEUE_USED_HIGH, r.used),
+            ] {
+                wr(t, lo, a as u32);
+                wr(t, hi, (a >> 32) as u32);
+            }
+            wr(t, regs::QUEUE_READY, 1);
+        }
+        wr(t, regs::STATUS, s | status::DRIVER_OK);
+        rd(t, regs::STATUS)
+    }
+
+    /// One request as the driver builds it.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Req {
+        /// Request type.
+        pub t: u32,
+        /// Sector.
+        pub sector: u64,
+        /// Data buffer (header at `buf - 0x100`, status at `buf - 0x10`).
+        pub buf: u64,
+        /// Data length (0 = no data descriptor).
+        pub len: u32,
+        /// Data is device-writable.
+        pub write: bool,
+    }
+
+    /// Places `reqs` in queue `qi`'s rings (descriptors from index
+    /// `first`, 3 per request at most), without notifying. Returns the
+    /// next free descriptor index.
+    pub fn post(mem: &GuestMemoryMmap, qi: u16, size: u16, reqs: &[Req], first: u16) -> u16 {
+        let rings = Rings::of(qi, size);
+        let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let w = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let mut idx = first % size;
+        for r in reqs {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&r.t.to_le_bytes());
+            h[8..].copy_from_slice(&r.sector.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(r.buf - 0x100)).unwrap();
+            mem.write_obj(0xffu8, GuestAddress(r.buf - 0x10)).unwrap();
+            let head = idx;
+            let mut chain = vec![(r.buf - 0x100, 16u32, 0u16)];
+            if r.len > 0 {
+                chain.push((r.buf, r.len, if r.write { w } else { 0 }));
+            }
+            chain.push((r.buf - 0x10, 1, w));
+            let n = chain.len();
+            for (k, (addr, len, flags)) in chain.into_iter().enumerate() {
+                let nxt = (idx + 1) % size;
+                let f = if k + 1 < n { flags | next } else { flags };
+                rings.set_desc(mem, idx, addr, len, f, nxt);
+                idx = nxt;
+            }
+            rings.push_avail(mem, head);
+        }
+        idx
+    }
+
+    /// Waits (up to 20 s) until queue `qi`'s used index reaches `want`.
+    pub fn wait_used(mem: &GuestMemoryMmap, qi: u16, size: u16, want: u16) -> bool {
+        let rings = Rings::of(qi, size);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if rings.used_idx(mem) == want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// Status byte of a request.
+    pub fn status_of(mem: &GuestMemoryMmap, r: &Req) -> u8 {
+        mem.read_obj(GuestAddress(r.buf - 0x10)).unwrap()
+    }
+}

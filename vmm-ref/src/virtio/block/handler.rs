@@ -1,0 +1,658 @@
+//! Per-queue request processing on an IOThread.
+//!
+//! A [`QueueWorker`] owns one virtqueue and its disk backend. Two aio-poll
+//! handlers drive it on the queue's IOThread:
+//! - [`QueueHandler`] on the queue's ioeventfd: `read()` drains the eventfd
+//!   and processes the avail ring; `poll()` is one load of `avail.idx`
+//!   compared with the last index consumed; `poll_begin()`/`poll_end()`
+//!   suppress / re-enable guest notifications (the loop polls once more
+//!   after `poll_end`, which closes the race with a driver that saw
+//!   notifications disabled);
+//! - [`CompletionHandler`] on the backend's completion eventfd (io_uring
+//!   only): `poll()` checks the completion ring without a syscall, `read()`
+//!   clears the eventfd; both reap completions, put them in the used ring
+//!   and signal the guest when the driver asked for it.
+//!
+//! Both handlers share the worker through an `Arc<Mutex<_>>` that is only
+//! ever contended while the device is being torn down.
+
+use std::num::Wrapping;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aio_poll::{AioContext, FdHandler};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::{DiskBackend, DiskCompletion};
+use super::request::{parse_request, DiskLimits, Prepared, Request, VIRTIO_BLK_ID_BYTES};
+use crate::virtio::device::VirtioInterrupt;
+use crate::virtio::guest_warn;
+
+/// Counters of one queue (for `query-block`-style reports and benchmarks).
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    /// Requests (descriptor chains) taken from the avail ring.
+    pub requests: AtomicU64,
+    /// Guest notifications (ioeventfd wake-ups; several kicks may coalesce).
+    pub notifications: AtomicU64,
+    /// Used-buffer interrupts sent to the guest.
+    pub interrupts: AtomicU64,
+    /// Requests completed with a non-OK status or rejected.
+    pub errors: AtomicU64,
+}
+
+/// One queue's state, run on its IOThread.
+pub struct QueueWorker {
+    index: u16,
+    queue: Queue,
+    mem: Arc<GuestMemoryMmap>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    backend: Box<dyn DiskBackend>,
+    limits: DiskLimits,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+    inflight: Vec<Option<Request>>,
+    free: Vec<usize>,
+    reaped: Vec<DiskCompletion>,
+    polling: bool,
+    /// Notifications were left disabled because the backend was full.
+    stalled: bool,
+    broken: bool,
+    counters: Arc<QueueCounters>,
+}
+
+impl QueueWorker {
+    /// A worker for queue `index`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: u16,
+        queue: Queue,
+        mem: Arc<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        backend: Box<dyn DiskBackend>,
+        limits: DiskLimits,
+        id: [u8; VIRTIO_BLK_ID_BYTES],
+        counters: Arc<QueueCounters>,
+    ) -> QueueWorker {
+        QueueWorker {
+            index,
+            queue,
+            mem,
+            interrupt,
+            backend,
+            limits,
+            id,
+            inflight: Vec::new(),
+            free: Vec::new(),
+            reaped: Vec::new(),
+            polling: false,
+            stalled: false,
+            broken: false,
+            counters,
+        }
+    }
+
+    /// Sets `aio-max-batch` on the backend (0 = engine default).
+    pub fn set_max_batch(&mut self, n: u64) {
+        self.backend
+            .set_max_batch(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+
+    /// The backend's completion eventfd, if any.
+    pub fn completion_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.backend.completion_fd()
+    }
+
+    /// Whether the driver made new requests available that we can take.
+    /// One atomic load of `avail.idx`; no syscall.
+    pub fn avail_pending(&self) -> bool {
+        if self.broken || !self.backend.has_capacity() {
+            return false;
+        }
+        match self.queue.avail_idx(&*self.mem, Ordering::Acquire) {
+            Ok(idx) => idx != Wrapping(self.queue.next_avail()),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether the queue must be processed again after completions: new
+    /// requests wait, or notifications were left off while the backend was full.
+    pub fn needs_resume(&self) -> bool {
+        !self.broken && (self.stalled || self.avail_pending())
+    }
+
+    /// Whether the backend has completions to reap (no syscall).
+    pub fn completions_pending(&mut self) -> bool {
+        self.backend.has_completions()
+    }
+
+    fn fail(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        if !self.broken {
+            log::error!(
+                "virtio-blk queue {}: {what}: {e}; device needs reset",
+                self.index
+            );
+            self.broken = true;
+            self.interrupt.set_needs_reset();
+        }
+    }
+
+    /// Takes every available request (as far as the backend has room),
+    /// submits the I/O, and completes whatever is finished.
+    pub fn process_queue(&mut self) {
+        loop {
+            if self.broken {
+                return;
+            }
+            if !self.polling {
+                if let Err(e) = self.queue.disable_notification(&*self.mem) {
+                    return self.fail("disable notification", &e);
+                }
+            }
+            self.take_requests();
+            self.backend.flush_submissions();
+            self.complete_ready();
+            self.stalled = !self.polling && !self.backend.has_capacity();
+            if self.broken || self.polling || self.stalled {
+                // Polling re-checks by itself; a full backend resumes when
+                // completions free room (see `needs_resume`).
+                return;
+            }
+            match self.queue.enable_notification(&*self.mem) {
+                Ok(true) => continue, // more arrived while notifications were off
+                Ok(false) => return,
+                Err(e) => return self.fail("enable notification", &e),
+            }
+        }
+    }
+
+    fn take_requests(&mut self) {
+        let mem = self.mem.clone();
+        let mut added = false;
+        loop {
+            if !self.backend.has_capacity() {
+                break;
+            }
+            let next = match self.queue.iter(&*mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return self.fail("avail ring", &e),
+            };
+            let Some(chain) = next else {
+                break;
+            };
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let req = match parse_request(chain, &self.limits) {
+                Ok(r) => r,
+                Err(rej) => {
+                    guest_warn!("virtio-blk queue {}: {}", self.index, rej.error);
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    let used = rej.complete(&*mem);
+                    added = true;
+                    if let Err(e) = self.queue.add_used(&*mem, rej.head_index, used) {
+                        return self.fail("add_used", &e);
+                    }
+                    continue;
+                }
+            };
+            match req.prepare(&mem, &self.id) {
+                Prepared::Done { used_len } => {
+                    added = true;
+                    if let Err(e) = self.queue.add_used(&*mem, req.head_index, used_len) {
+                        return self.fail("add_used", &e);
+                    }
+                }
+                Prepared::Io(op) => {
+                    let slot = match self.free.pop() {
+                        Some(s) => s,
+                        None => {
+                            self.inflight.push(None);
+                            self.inflight.len() - 1
+                        }
+                    };
+                    if let Some(s) = self.inflight.get_mut(slot) {
+                        *s = Some(req);
+                    }
+                    self.backend.submit(op, slot as u64);
+                }
+            }
+        }
+        if added {
+            self.signal_used();
+        }
+    }
+
+    /// Reaps backend completions into the used ring and notifies the guest.
+    pub fn complete_ready(&mut self) {
+        let mut reaped = std::mem::take(&mut self.reaped);
+        self.backend.reap(&mut reaped);
+        let mut added = false;
+        let mut failure = None;
+        for c in reaped.drain(..) {
+            let slot = usize::try_from(c.user_data).unwrap_or(usize::MAX);
+            let Some(req) = self.inflight.get_mut(slot).and_then(Option::take) else {
+                log::error!(
+                    "virtio-blk queue {}: completion for unknown request {slot}",
+                    self.index
+                );
+                continue;
+            };
+            self.free.push(slot);
+            if c.result.is_err() {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            let used = req.finish(&*self.mem, &c.result);
+            added = true;
+            if failure.is_none() {
+                if let Err(e) = self.queue.add_used(&*self.mem, req.head_index, used) {
+                    failure = Some(e);
+                }
+            }
+        }
+        self.reaped = reaped;
+        if let Some(e) = failure {
+            return self.fail("add_used", &e);
+        }
+        if added {
+            self.signal_used();
+        }
+    }
+
+    fn signal_used(&mut self) {
+        let needed = if self.queue.event_idx_enabled() {
+            match self.queue.needs_notification(&*self.mem) {
+                Ok(n) => n,
+                Err(e) => return self.fail("used_event", &e),
+            }
+        } else {
+            // virtio-queue ignores VRING_AVAIL_F_NO_INTERRUPT; honour it.
+            let flags: u16 = self
+                .mem
+                .read_obj(vm_memory::GuestAddress(self.queue.avail_ring()))
+                .map(u16::from_le)
+                .unwrap_or(0);
+            flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
+        };
+        if needed {
+            self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.interrupt.trigger_queue(self.index) {
+                log::error!("virtio-blk queue {}: interrupt failed: {e}", self.index);
+            }
+        }
+    }
+
+    /// Enters or leaves poll mode (guest notifications off while polling).
+    pub fn set_polling(&mut self, polling: bool) {
+        self.polling = polling;
+        if self.broken {
+            return;
+        }
+        let r = if polling {
+            self.queue.disable_notification(&*self.mem)
+        } else {
+            self.queue.enable_notification(&*self.mem).map(|_| ())
+        };
+        if let Err(e) = r {
+            self.fail("notification suppression", &e);
+        }
+    }
+
+    /// Waits for every in-flight operation and completes it (device
+    /// teardown). Returns the number of operations drained.
+    pub fn drain(&mut self) -> usize {
+        let mut n = 0;
+        while self.backend.in_flight() > 0 {
+            let before = self.backend.in_flight();
+            self.backend.flush_submissions();
+            if let Err(e) = self.backend.wait() {
+                log::error!("virtio-blk queue {}: waiting for I/O: {e}", self.index);
+                break;
+            }
+            self.complete_ready();
+            n += before.saturating_sub(self.backend.in_flight());
+        }
+        n
+    }
+
+    /// Requests submitted and not completed.
+    pub fn in_flight(&self) -> usize {
+        self.backend.in_flight()
+    }
+}
+
+fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
+    // A panic inside a worker is contained by the IOThread; keep serving.
+    w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The handler on a queue's ioeventfd.
+pub struct QueueHandler {
+    worker: Arc<Mutex<QueueWorker>>,
+    kick: EventFd,
+    counters: Arc<QueueCounters>,
+}
+
+impl QueueHandler {
+    /// A handler for `worker` woken by `kick`.
+    pub fn new(
+        worker: Arc<Mutex<QueueWorker>>,
+        kick: EventFd,
+        counters: Arc<QueueCounters>,
+    ) -> Self {
+        QueueHandler {
+            worker,
+            kick,
+            counters,
+        }
+    }
+
+    /// The ioeventfd.
+    pub fn kick_fd(&self) -> std::os::unix::io::RawFd {
+        use std::os::unix::io::AsRawFd;
+        self.kick.as_raw_fd()
+    }
+}
+
+impl FdHandler for QueueHandler {
+    fn read(&mut self, ctx: &mut AioContext) {
+        // Non-blocking eventfd: EAGAIN just means another wake-up already drained it.
+        if self.kick.read().is_ok() {
+            self.counters.notifications.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut w = lock(&self.worker);
+        w.set_max_batch(ctx.aio_max_batch());
+        w.process_queue();
+    }
+
+    fn has_poll(&self) -> bool {
+        true
+    }
+
+    fn poll(&mut self) -> bool {
+        lock(&self.worker).avail_pending()
+    }
+
+    fn poll_ready(&mut self, ctx: &mut AioContext) {
+        let mut w = lock(&self.worker);
+        w.set_max_batch(ctx.aio_max_batch());
+        w.process_queue();
+    }
+
+    fn poll_begin(&mut self) {
+        lock(&self.worker).set_polling(true);
+    }
+
+    fn poll_end(&mut self) {
+        lock(&self.worker).set_polling(false);
+    }
+}
+
+/// The handler on a backend's completion eventfd (io_uring).
+pub struct CompletionHandler {
+    worker: Arc<Mutex<QueueWorker>>,
+}
+
+impl CompletionHandler {
+    /// A completion handler for `worker`.
+    pub fn new(worker: Arc<Mutex<QueueWorker>>) -> Self {
+        CompletionHandler { worker }
+    }
+
+    fn complete(&mut self, ctx: &mut AioContext, ack: bool) {
+        let mut w = lock(&self.worker);
+        if ack {
+            w.backend.ack_completion_event();
+        }
+        w.complete_ready();
+        // Completions freed room: take requests that waited for it.
+        if w.needs_resume() {
+            w.set_max_batch(ctx.aio_max_batch());
+            w.process_queue();
+        }
+    }
+}
+
+impl FdHandler for CompletionHandler {
+    fn read(&mut self, ctx: &mut AioContext) {
+        self.complete(ctx, true);
+    }
+
+    fn has_poll(&self) -> bool {
+        true
+    }
+
+    fn poll(&mut self) -> bool {
+        lock(&self.worker).completions_pending()
+    }
+
+    fn poll_ready(&mut self, ctx: &mut AioContext) {
+        self.complete(ctx, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+    use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::virtio::block::backend::DiskOpKind;
+    use crate::virtio::block::request::{req_type, status};
+    use crate::virtio::block::sync_engine::SyncEngine;
+    use crate::virtio::block::testing::driver::{post, status_of, Req, Rings};
+    use crate::virtio::block::testing::{limits, open_raw, temp_disk, FaultyBackend};
+
+    const QSIZE: u16 = 16;
+
+    #[derive(Default)]
+    struct CountingInterrupt {
+        queue: AtomicUsize,
+        needs_reset: AtomicBool,
+    }
+
+    impl VirtioInterrupt for CountingInterrupt {
+        fn trigger_queue(&self, _q: u16) -> std::io::Result<()> {
+            self.queue.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn trigger_config(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn set_needs_reset(&self) {
+            self.needs_reset.store(true, Ordering::SeqCst);
+        }
+    }
+
+    struct Setup {
+        mem: Arc<GuestMemoryMmap>,
+        intr: Arc<CountingInterrupt>,
+        worker: QueueWorker,
+        _disk: vmm_sys_util::tempfile::TempFile,
+    }
+
+    fn setup(event_idx: bool, fail_writes: bool) -> Setup {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap());
+        let rings = Rings::of(0, QSIZE);
+        rings.clear(&mem);
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(rings.desc as u32), Some(0));
+        q.set_avail_ring_address(Some(rings.avail as u32), Some(0));
+        q.set_used_ring_address(Some(rings.used as u32), Some(0));
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        let disk = temp_disk(1 << 20, 0);
+        let inner: Box<dyn DiskBackend> = Box::new(SyncEngine::new(open_raw(&disk, false, false)));
+        let backend: Box<dyn DiskBackend> = if fail_writes {
+            Box::new(FaultyBackend::new(inner, |k| {
+                matches!(k, DiskOpKind::Write { .. })
+            }))
+        } else {
+            inner
+        };
+        let intr = Arc::new(CountingInterrupt::default());
+        let worker = QueueWorker::new(
+            0,
+            q,
+            mem.clone(),
+            intr.clone(),
+            backend,
+            limits(2048),
+            *b"01234567890123456789",
+            Arc::default(),
+        );
+        Setup {
+            mem,
+            intr,
+            worker,
+            _disk: disk,
+        }
+    }
+
+    fn req(t: u32, buf: u64, write: bool) -> Req {
+        Req {
+            t,
+            sector: 0,
+            buf,
+            len: 512,
+            write,
+        }
+    }
+
+    #[test]
+    fn eio_from_backend_gives_ioerr_and_queue_keeps_working() {
+        let mut s = setup(false, true);
+        let w = req(req_type::OUT, 0x20_0000, false);
+        let r = req(req_type::IN, 0x30_0000, true);
+        post(&s.mem, 0, QSIZE, &[w, r], 0);
+        assert!(s.worker.avail_pending());
+        s.worker.process_queue();
+        assert!(!s.worker.avail_pending());
+        assert_eq!(status_of(&s.mem, &w), status::IOERR);
+        assert_eq!(status_of(&s.mem, &r), status::OK);
+        assert_eq!(Rings::of(0, QSIZE).used_idx(&s.mem), 2);
+        assert!(!s.intr.needs_reset.load(Ordering::SeqCst));
+        assert_eq!(s.worker.counters.errors.load(Ordering::SeqCst), 1);
+        // And again: still serving.
+        let r2 = req(req_type::IN, 0x40_0000, true);
+        post(&s.mem, 0, QSIZE, &[r2], 6);
+        s.worker.process_queue();
+        assert_eq!(status_of(&s.mem, &r2), status::OK);
+    }
+
+    #[test]
+    fn polling_suppresses_and_restores_notifications() {
+        let mut s = setup(false, false);
+        let rings = Rings::of(0, QSIZE);
+        let used_flags =
+            |m: &GuestMemoryMmap| -> u16 { m.read_obj(GuestAddress(rings.used)).unwrap() };
+        s.worker.set_polling(true);
+        assert_eq!(used_flags(&s.mem), VRING_USED_F_NO_NOTIFY as u16);
+        let r = req(req_type::IN, 0x20_0000, true);
+        post(&s.mem, 0, QSIZE, &[r], 0);
+        assert!(s.worker.avail_pending());
+        s.worker.process_queue();
+        // Still polling: notifications stay off.
+        assert_eq!(used_flags(&s.mem), VRING_USED_F_NO_NOTIFY as u16);
+        s.worker.set_polling(false);
+        assert_eq!(used_flags(&s.mem), 0);
+        // Out of poll mode, processing leaves notifications enabled.
+        post(&s.mem, 0, QSIZE, &[r], 3);
+        s.worker.process_queue();
+        assert_eq!(used_flags(&s.mem), 0);
+        assert_eq!(rings.used_idx(&s.mem), 2);
+    }
+
+    #[test]
+    fn event_idx_publishes_avail_event_and_honours_used_event() {
+        let mut s = setup(true, false);
+        let rings = Rings::of(0, QSIZE);
+        let avail_event_addr = GuestAddress(rings.used + 4 + 8 * u64::from(QSIZE));
+        let used_event_addr = GuestAddress(rings.avail + 4 + 2 * u64::from(QSIZE));
+        // The driver wants an interrupt only after the 3rd completion.
+        s.mem.write_obj(2u16, used_event_addr).unwrap();
+        for i in 0..3u16 {
+            let r = req(req_type::IN, 0x20_0000 + u64::from(i) * 0x1000, true);
+            post(&s.mem, 0, QSIZE, &[r], i * 3);
+            s.worker.process_queue();
+            let ae: u16 = s.mem.read_obj(avail_event_addr).unwrap();
+            assert_eq!(ae, i + 1, "avail_event follows next_avail");
+        }
+        assert_eq!(s.intr.queue.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn no_interrupt_flag_is_honoured_without_event_idx() {
+        let mut s = setup(false, false);
+        let rings = Rings::of(0, QSIZE);
+        s.mem
+            .write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, GuestAddress(rings.avail))
+            .unwrap();
+        post(&s.mem, 0, QSIZE, &[req(req_type::IN, 0x20_0000, true)], 0);
+        s.worker.process_queue();
+        assert_eq!(rings.used_idx(&s.mem), 1);
+        assert_eq!(s.intr.queue.load(Ordering::SeqCst), 0);
+        s.mem.write_obj(0u16, GuestAddress(rings.avail)).unwrap();
+        post(&s.mem, 0, QSIZE, &[req(req_type::IN, 0x20_0000, true)], 3);
+        s.worker.process_queue();
+        assert_eq!(s.intr.queue.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn bogus_avail_index_breaks_the_queue_and_requests_reset() {
+        let mut s = setup(false, false);
+        let rings = Rings::of(0, QSIZE);
+        // avail.idx jumps by more than the queue size.
+        s.mem
+            .write_obj(100u16, GuestAddress(rings.avail + 2))
+            .unwrap();
+        s.worker.process_queue();
+        assert!(s.intr.needs_reset.load(Ordering::SeqCst));
+        assert!(!s.worker.avail_pending());
+        assert!(!s.worker.needs_resume());
+        // A head index beyond the queue: used ring refuses it -> broken.
+        let mut s = setup(false, false);
+        s.mem
+            .write_obj(1u16, GuestAddress(rings.avail + 2))
+            .unwrap();
+        s.mem
+            .write_obj(500u16, GuestAddress(rings.avail + 4))
+            .unwrap();
+        s.worker.process_queue();
+        assert!(s.intr.needs_reset.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn drain_waits_for_io_uring_completions() {
+        let mut s = setup(false, false);
+        let disk = temp_disk(1 << 20, 0x61);
+        s.worker.backend = Box::new(
+            crate::virtio::block::uring::IoUringEngine::new(open_raw(&disk, false, false), QSIZE)
+                .unwrap(),
+        );
+        assert!(s.worker.completion_fd().is_some());
+        let reqs: Vec<Req> = (0..4)
+            .map(|i| req(req_type::IN, 0x20_0000 + i * 0x1000, true))
+            .collect();
+        post(&s.mem, 0, QSIZE, &reqs, 0);
+        s.worker.process_queue();
+        let pending = s.worker.in_flight();
+        assert_eq!(s.worker.drain(), pending);
+        assert_eq!(s.worker.in_flight(), 0);
+        assert_eq!(Rings::of(0, QSIZE).used_idx(&s.mem), 4);
+        assert!(reqs.iter().all(|r| status_of(&s.mem, r) == status::OK));
+    }
+
+    #[test]
+    fn drain_completes_in_flight_requests() {
+        let mut s = setup(false, false);
+        post(&s.mem, 0, QSIZE, &[req(req_type::IN, 0x20_0000, true)], 0);
+        s.worker.process_queue();
+        assert_eq!(s.worker.in_flight(), 0);
+        assert_eq!(s.worker.drain(), 0);
+        assert!(s.worker.completion_fd().is_none());
+    }
+}
