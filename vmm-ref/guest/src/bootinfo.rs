@@ -25,7 +25,7 @@ const PVH_MEMMAP_MAX: u32 = 128;
 /// e820 type of usable RAM.
 const E820_RAM: u32 = 1;
 /// Longest command line we read.
-const CMDLINE_MAX: usize = 4096;
+pub const CMDLINE_MAX: usize = 4096;
 /// RAM regions we keep.
 pub const MAX_REGIONS: usize = 32;
 
@@ -39,16 +39,16 @@ pub struct Region {
 }
 
 /// Boot information in a loader-independent form.
-pub struct BootInfo {
+pub struct BootInfo<'a> {
     /// Which protocol we were started with.
     pub protocol: &'static str,
     /// The kernel command line (empty if none or not valid UTF-8).
-    pub cmdline: &'static str,
+    pub cmdline: &'a str,
     regions: [Region; MAX_REGIONS],
     nr_regions: usize,
 }
 
-impl BootInfo {
+impl BootInfo<'_> {
     /// Usable RAM regions, as reported by the loader.
     pub fn ram(&self) -> &[Region] {
         &self.regions[..self.nr_regions]
@@ -93,23 +93,27 @@ unsafe fn read_phys<T: Copy>(addr: u64) -> T {
     unsafe { core::ptr::read_unaligned(addr as *const T) }
 }
 
-/// Reads the NUL-terminated command line at `addr` (0 = none).
+/// Copies the NUL-terminated command line at `addr` (0 = none) into `buf`
+/// (so that it survives the guest reusing loader memory) and returns it.
 ///
 /// # Safety
 /// `addr` must be 0 or point to identity-mapped memory.
-unsafe fn read_cmdline(addr: u64) -> &'static str {
+unsafe fn read_cmdline(addr: u64, buf: &mut [u8; CMDLINE_MAX]) -> &str {
     if addr == 0 {
         return "";
     }
     let mut len = 0;
-    // SAFETY: the loader placed a NUL-terminated string at `addr`; we read at
-    // most CMDLINE_MAX bytes of it.
-    while len < CMDLINE_MAX && unsafe { read_phys::<u8>(addr + len as u64) } != 0 {
+    while len < CMDLINE_MAX {
+        // SAFETY: the loader placed a NUL-terminated string at `addr`; we read
+        // at most CMDLINE_MAX bytes of it.
+        let byte = unsafe { read_phys::<u8>(addr + len as u64) };
+        if byte == 0 {
+            break;
+        }
+        buf[len] = byte;
         len += 1;
     }
-    // SAFETY: the `len` bytes at `addr` were just read and stay untouched
-    // (nothing allocates below our image or in the loader's pages).
-    let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
+    let bytes = &buf[..len];
     match core::str::from_utf8(bytes) {
         Ok(s) => s,
         // Keep the valid prefix rather than dropping everything.
@@ -122,7 +126,12 @@ unsafe fn read_cmdline(addr: u64) -> &'static str {
 /// # Safety
 /// `kind`/`info` must be the values the entry code passed to `guest_main`:
 /// `info` points to a `boot_params` or `hvm_start_info` in identity-mapped RAM.
-pub unsafe fn parse(kind: u64, info: u64) -> Result<BootInfo, BootInfoError> {
+/// The command line is copied into `cmdline_buf`.
+pub unsafe fn parse(
+    kind: u64,
+    info: u64,
+    cmdline_buf: &mut [u8; CMDLINE_MAX],
+) -> Result<BootInfo<'_>, BootInfoError> {
     let mut boot = BootInfo {
         protocol: "",
         cmdline: "",
@@ -134,7 +143,10 @@ pub unsafe fn parse(kind: u64, info: u64) -> Result<BootInfo, BootInfoError> {
             boot.protocol = "linux64";
             // SAFETY: `info` is the zero page; all offsets lie within its 4 KiB.
             unsafe {
-                boot.cmdline = read_cmdline(u64::from(read_phys::<u32>(info + BP_CMD_LINE_PTR)));
+                boot.cmdline = read_cmdline(
+                    u64::from(read_phys::<u32>(info + BP_CMD_LINE_PTR)),
+                    cmdline_buf,
+                );
                 let entries = usize::from(read_phys::<u8>(info + BP_E820_ENTRIES)).min(BP_E820_MAX);
                 for i in 0..entries {
                     let entry = info + BP_E820_TABLE + 20 * i as u64;
@@ -155,7 +167,7 @@ pub unsafe fn parse(kind: u64, info: u64) -> Result<BootInfo, BootInfoError> {
                 if magic != PVH_MAGIC {
                     return Err(BootInfoError::BadPvhMagic(magic));
                 }
-                boot.cmdline = read_cmdline(read_phys(info + PVH_CMDLINE));
+                boot.cmdline = read_cmdline(read_phys(info + PVH_CMDLINE), cmdline_buf);
                 let map: u64 = read_phys(info + PVH_MEMMAP);
                 let entries: u32 = read_phys(info + PVH_MEMMAP_ENTRIES);
                 if map != 0 {

@@ -39,9 +39,11 @@ const SETUP_FAILURE_STATUS: u32 = 0x7e;
 pub extern "C" fn guest_main(kind: u64, info: u64) -> ! {
     serial::init();
     println!("vmm-ref test guest: running at CPL3");
+    // guest_main never returns, so this buffer lives as long as the guest.
+    let mut cmdline_buf = [0u8; bootinfo::CMDLINE_MAX];
     // SAFETY: `kind`/`info` are exactly what the entry code received from the
     // loader (boot kind constant and boot structure address).
-    let boot = match unsafe { bootinfo::parse(kind, info) } {
+    let boot = match unsafe { bootinfo::parse(kind, info, &mut cmdline_buf) } {
         Ok(boot) => boot,
         Err(e) => {
             println!("RESULT boot FAIL bad boot information: {}", e);
