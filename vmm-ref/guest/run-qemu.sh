@@ -19,6 +19,8 @@
 #   --readonly          attach the disk read-only
 #   --qemu PATH         QEMU binary (default qemu-system-x86_64)
 #   --log PATH          also write the serial output to PATH
+#   --pidfile PATH      QEMU keeps its pid there while it runs (for CPU time;
+#                       threads are named, -name ...,debug-threads=on)
 # Words not starting with -- go to the guest command line, e.g.
 #   run-qemu.sh --iothread scenario=verify,bench bench.secs=5
 # QEMU appends virtio_mmio.device=<size>@<addr>:<irq> itself (microvm with
@@ -38,6 +40,7 @@ memory=256M
 readonly=0
 qemu=qemu-system-x86_64
 log=
+pidfile=
 cmdline=()
 
 die() { echo "run-qemu.sh: $*" >&2; exit 125; }
@@ -55,6 +58,7 @@ while [ $# -gt 0 ]; do
         --readonly) readonly=1; shift ;;
         --qemu) qemu=$2; shift 2 ;;
         --log) log=$2; shift 2 ;;
+        --pidfile) pidfile=$2; shift 2 ;;
         --help|-h) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --*) die "unknown option $1" ;;
         *) cmdline+=("$1"); shift ;;
@@ -89,7 +93,7 @@ fi
 set +e
 "$qemu" -M microvm,x-option-roms=on,acpi=off -accel "$accel" \
     -cpu "$([ "$accel" = kvm ] && echo host,arch-capabilities=off || echo max)" \
-    -m "$memory" -name vmm-ref-guest,debug-threads=on \
+    -m "$memory" -name vmm-ref-guest,debug-threads=on ${pidfile:+-pidfile "$pidfile"} \
     -nodefaults -no-user-config -display none -serial stdio -no-reboot \
     -kernel "$elf" -append "${cmdline[*]}" \
     -global virtio-mmio.force-legacy=false \
