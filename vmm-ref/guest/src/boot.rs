@@ -16,7 +16,7 @@
 //! Ring 3 zeroes `.bss` and calls [`crate::guest_main`] with `rdi` = boot kind
 //! (0 = Linux boot params, 1 = PVH start info) and `rsi` = its address.
 //!
-//! About 40 instructions run at CPL0 on either path.
+//! 34 instructions run at CPL0 on the 64-bit path, 51 on the PVH path.
 
 use core::arch::global_asm;
 
