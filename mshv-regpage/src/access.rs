@@ -260,6 +260,31 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
         self.page.as_ref().filter(|p| p.is_usable())
     }
 
+    /// The page, if the fast path may serve a read of `class` now.
+    #[inline]
+    fn fast_read(&mut self, class: RegisterClass) -> Option<&RegisterPage> {
+        if self.written[class.bit() as usize] == Some(WritePath::Hypercall) {
+            return None;
+        }
+        let page = self.page.as_ref().filter(|p| p.is_usable())?;
+        self.stats.page_reads += 1;
+        Some(page)
+    }
+
+    /// The page, if the fast path may take a write of `class` now (recorded as a page
+    /// write). `None` leaves every decision, including refusals, to the slow path.
+    #[inline]
+    fn fast_write(&mut self, class: RegisterClass) -> Option<&mut RegisterPage> {
+        let slot = &mut self.written[class.bit() as usize];
+        if *slot == Some(WritePath::Hypercall) {
+            return None;
+        }
+        let page = self.page.as_mut().filter(|p| p.is_usable())?;
+        *slot = Some(WritePath::Page);
+        self.stats.page_writes += 1;
+        Some(page)
+    }
+
     /// Decides the path of a write of `class` and records it.
     fn write_path(&mut self, class: RegisterClass) -> Result<WritePath> {
         let slot = &mut self.written[class.bit() as usize];
@@ -302,6 +327,8 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
             .map_err(|source| Error::Backend { op, source })
     }
 
+    #[cold]
+    #[inline(never)]
     fn get_one(&mut self, reg: PageReg, name: hv::hv_register_name) -> Result<hv_register_value> {
         if let Some(page) = self.read_page(reg.class()) {
             let stale = match reg {
@@ -387,6 +414,8 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
         Ok(())
     }
 
+    #[cold]
+    #[inline(never)]
     fn set_one(
         &mut self,
         class: RegisterClass,
@@ -598,11 +627,20 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
 }
 
 impl<B: RegisterHypercalls> ExitRegisters for VcpuRegisters<B> {
+    #[inline]
     fn gpr(&mut self, reg: Gpr) -> Result<u64> {
+        if let Some(page) = self.fast_read(RegisterClass::General) {
+            return Ok(page.gpr(reg));
+        }
         self.get_one(PageReg::Gpr(reg), reg.hv_name()).map(reg64)
     }
 
+    #[inline]
     fn set_gpr(&mut self, reg: Gpr, value: u64) -> Result<()> {
+        if let Some(page) = self.fast_write(RegisterClass::General) {
+            page.set_gpr(reg, value);
+            return Ok(());
+        }
         self.set_one(
             RegisterClass::General,
             reg.hv_name(),
@@ -611,12 +649,21 @@ impl<B: RegisterHypercalls> ExitRegisters for VcpuRegisters<B> {
         )
     }
 
+    #[inline]
     fn rip(&mut self) -> Result<u64> {
+        if let Some(page) = self.fast_read(RegisterClass::Ip) {
+            return Ok(page.rip());
+        }
         self.get_one(PageReg::Rip, hv::hv_register_name_HV_X64_REGISTER_RIP)
             .map(reg64)
     }
 
+    #[inline]
     fn set_rip(&mut self, value: u64) -> Result<()> {
+        if let Some(page) = self.fast_write(RegisterClass::Ip) {
+            page.set_rip(value);
+            return Ok(());
+        }
         self.set_one(
             RegisterClass::Ip,
             hv::hv_register_name_HV_X64_REGISTER_RIP,
@@ -625,12 +672,21 @@ impl<B: RegisterHypercalls> ExitRegisters for VcpuRegisters<B> {
         )
     }
 
+    #[inline]
     fn rflags(&mut self) -> Result<u64> {
+        if let Some(page) = self.fast_read(RegisterClass::Flags) {
+            return Ok(page.rflags());
+        }
         self.get_one(PageReg::Rflags, hv::hv_register_name_HV_X64_REGISTER_RFLAGS)
             .map(reg64)
     }
 
+    #[inline]
     fn set_rflags(&mut self, value: u64) -> Result<()> {
+        if let Some(page) = self.fast_write(RegisterClass::Flags) {
+            page.set_rflags(value);
+            return Ok(());
+        }
         self.set_one(
             RegisterClass::Flags,
             hv::hv_register_name_HV_X64_REGISTER_RFLAGS,
@@ -639,12 +695,21 @@ impl<B: RegisterHypercalls> ExitRegisters for VcpuRegisters<B> {
         )
     }
 
+    #[inline]
     fn segment(&mut self, seg: Segment) -> Result<SegmentRegister> {
+        if let Some(page) = self.fast_read(RegisterClass::Segment) {
+            return Ok(page.segment(seg));
+        }
         self.get_one(PageReg::Segment(seg), seg.hv_name())
             .map(segment_value)
     }
 
+    #[inline]
     fn set_segment(&mut self, seg: Segment, value: SegmentRegister) -> Result<()> {
+        if let Some(page) = self.fast_write(RegisterClass::Segment) {
+            page.set_segment(seg, value);
+            return Ok(());
+        }
         self.set_one(
             RegisterClass::Segment,
             seg.hv_name(),
@@ -655,11 +720,20 @@ impl<B: RegisterHypercalls> ExitRegisters for VcpuRegisters<B> {
         )
     }
 
+    #[inline]
     fn xmm(&mut self, reg: Xmm) -> Result<u128> {
+        if let Some(page) = self.fast_read(RegisterClass::Xmm) {
+            return Ok(page.xmm(reg));
+        }
         self.get_one(PageReg::Xmm(reg), reg.hv_name()).map(reg128)
     }
 
+    #[inline]
     fn set_xmm(&mut self, reg: Xmm, value: u128) -> Result<()> {
+        if let Some(page) = self.fast_write(RegisterClass::Xmm) {
+            page.set_xmm(reg, value);
+            return Ok(());
+        }
         self.set_one(
             RegisterClass::Xmm,
             reg.hv_name(),
@@ -670,7 +744,14 @@ impl<B: RegisterHypercalls> ExitRegisters for VcpuRegisters<B> {
         )
     }
 
+    #[inline]
     fn read_only(&mut self, reg: ReadOnlyRegister) -> Result<u64> {
+        if self.stale_read_only & (1 << reg.index()) == 0 {
+            if let Some(page) = self.page.as_ref().filter(|p| p.is_usable()) {
+                self.stats.page_reads += 1;
+                return Ok(page.read_only(reg));
+            }
+        }
         self.get_one(PageReg::ReadOnly(reg), reg.hv_name())
             .map(reg64)
     }

@@ -174,6 +174,10 @@ pub struct KvmVcpuRegisters {
     sync_enabled: bool,
     synced: bool,
     written: [Option<WritePath>; 2],
+    /// Copies fetched by ioctl since the last run (the vCPU does not change in between
+    /// except through this object), so the fallback costs one get per class per exit.
+    regs_cache: Option<kvm_regs>,
+    sregs_cache: Option<kvm_sregs>,
     stats: AccessStats,
 }
 
@@ -201,6 +205,8 @@ impl KvmVcpuRegisters {
             sync_enabled: enabled,
             synced: false,
             written: [None; 2],
+            regs_cache: None,
+            sregs_cache: None,
             stats: AccessStats::default(),
         }
     }
@@ -211,7 +217,10 @@ impl KvmVcpuRegisters {
     }
 
     /// The vCPU, mutably (to run it yourself: call [`ExitRegisters::run_done`] afterwards).
+    /// Drops the ioctl caches, since the caller may change registers behind our back.
     pub fn vcpu_mut(&mut self) -> &mut VcpuFd {
+        self.regs_cache = None;
+        self.sregs_cache = None;
         &mut self.vcpu
     }
 
@@ -235,11 +244,15 @@ impl KvmVcpuRegisters {
     pub fn run(&mut self) -> std::result::Result<VcpuExit<'_>, kvm_ioctls::Error> {
         self.synced = self.sync_enabled;
         self.written = [None; 2];
+        self.regs_cache = None;
+        self.sregs_cache = None;
         self.vcpu.run()
     }
 
     fn after_run(&mut self) {
         self.synced = self.sync_enabled;
+        self.regs_cache = None;
+        self.sregs_cache = None;
         let dirty = self.vcpu.get_kvm_run().kvm_dirty_regs;
         for class in [KvmClass::Regs, KvmClass::Sregs] {
             self.written[class as usize] = if dirty & class.flag() != 0 {
@@ -250,27 +263,24 @@ impl KvmVcpuRegisters {
         }
     }
 
+    #[inline]
     fn read_sync(&self, class: KvmClass) -> bool {
         self.synced && self.written[class as usize] != Some(WritePath::Hypercall)
     }
 
-    fn write_path(&mut self, class: KvmClass) -> Result<WritePath> {
-        let synced = self.synced;
+    /// Records an ioctl write of `class`, refusing it if the class was written in the sync
+    /// area since the last run (the kernel would load that copy over the ioctl's write).
+    fn claim_ioctl_write(&mut self, class: KvmClass) -> Result<()> {
         let slot = &mut self.written[class as usize];
-        let path = match *slot {
-            Some(WritePath::Hypercall) => WritePath::Hypercall,
-            _ if synced => WritePath::Page,
-            Some(WritePath::Page) => {
-                return Err(Error::MixedWrite {
-                    class: class.reported_class(),
-                    earlier: WritePath::Page,
-                    attempted: WritePath::Hypercall,
-                })
-            }
-            None => WritePath::Hypercall,
-        };
-        *slot = Some(path);
-        Ok(path)
+        if *slot == Some(WritePath::Page) {
+            return Err(Error::MixedWrite {
+                class: class.reported_class(),
+                earlier: WritePath::Page,
+                attempted: WritePath::Hypercall,
+            });
+        }
+        *slot = Some(WritePath::Hypercall);
+        Ok(())
     }
 
     fn regs_ioctl(&mut self) -> Result<kvm_regs> {
@@ -287,67 +297,126 @@ impl KvmVcpuRegisters {
             .map_err(|e| Error::backend("KVM_GET_SREGS", e))
     }
 
+    fn regs_cached(&mut self) -> Result<kvm_regs> {
+        if let Some(regs) = self.regs_cache {
+            return Ok(regs);
+        }
+        let regs = self.regs_ioctl()?;
+        self.regs_cache = Some(regs);
+        Ok(regs)
+    }
+
+    fn sregs_cached(&mut self) -> Result<kvm_sregs> {
+        if let Some(sregs) = self.sregs_cache {
+            return Ok(sregs);
+        }
+        let sregs = self.sregs_ioctl()?;
+        self.sregs_cache = Some(sregs);
+        Ok(sregs)
+    }
+
+    #[inline]
     fn read_regs<T>(&mut self, f: impl FnOnce(&kvm_regs) -> T) -> Result<T> {
         if self.read_sync(KvmClass::Regs) {
             self.stats.page_reads += 1;
             return Ok(f(&self.vcpu.sync_regs_mut().regs));
         }
-        let regs = self.regs_ioctl()?;
-        Ok(f(&regs))
+        self.regs_slow().map(|r| f(&r))
     }
 
+    #[cold]
+    #[inline(never)]
+    fn regs_slow(&mut self) -> Result<kvm_regs> {
+        self.regs_cached()
+    }
+
+    #[inline]
     fn read_sregs<T>(&mut self, f: impl FnOnce(&kvm_sregs) -> T) -> Result<T> {
         if self.read_sync(KvmClass::Sregs) {
             self.stats.page_reads += 1;
             return Ok(f(&self.vcpu.sync_regs_mut().sregs));
         }
-        let sregs = self.sregs_ioctl()?;
-        Ok(f(&sregs))
+        self.sregs_slow().map(|s| f(&s))
     }
 
+    #[cold]
+    #[inline(never)]
+    fn sregs_slow(&mut self) -> Result<kvm_sregs> {
+        self.sregs_cached()
+    }
+
+    /// Whether a write of `class` may go to the sync area now (recorded if so).
+    #[inline]
+    fn fast_write(&mut self, class: KvmClass) -> bool {
+        let slot = &mut self.written[class as usize];
+        if !self.synced || *slot == Some(WritePath::Hypercall) {
+            return false;
+        }
+        *slot = Some(WritePath::Page);
+        self.stats.page_writes += 1;
+        true
+    }
+
+    #[inline]
     fn write_regs(&mut self, f: impl FnOnce(&mut kvm_regs)) -> Result<()> {
-        match self.write_path(KvmClass::Regs)? {
-            WritePath::Page => {
-                self.stats.page_writes += 1;
-                f(&mut self.vcpu.sync_regs_mut().regs);
-                self.vcpu.set_sync_dirty_reg(KvmClass::Regs.sync_reg());
-                Ok(())
-            }
-            WritePath::Hypercall => {
-                let mut regs = self.regs_ioctl()?;
-                f(&mut regs);
-                self.set_regs_unchecked(&regs)
-            }
+        if self.fast_write(KvmClass::Regs) {
+            f(&mut self.vcpu.sync_regs_mut().regs);
+            self.vcpu.set_sync_dirty_reg(KvmClass::Regs.sync_reg());
+            return Ok(());
         }
+        let mut regs = self.regs_for_slow_write()?;
+        f(&mut regs);
+        self.set_regs_unchecked(&regs)
     }
 
+    /// Slow-path write of `KVM_SYNC_X86_REGS` (the sync area is not valid or the class
+    /// already went by ioctl): claims the ioctl path and returns the registers to modify.
+    #[cold]
+    #[inline(never)]
+    fn regs_for_slow_write(&mut self) -> Result<kvm_regs> {
+        self.claim_ioctl_write(KvmClass::Regs)?;
+        self.regs_cached()
+    }
+
+    #[inline]
     fn write_sregs(&mut self, f: impl FnOnce(&mut kvm_sregs)) -> Result<()> {
-        match self.write_path(KvmClass::Sregs)? {
-            WritePath::Page => {
-                self.stats.page_writes += 1;
-                f(&mut self.vcpu.sync_regs_mut().sregs);
-                self.vcpu.set_sync_dirty_reg(KvmClass::Sregs.sync_reg());
-                Ok(())
-            }
-            WritePath::Hypercall => {
-                let mut sregs = self.sregs_ioctl()?;
-                f(&mut sregs);
-                self.stats.hypercall_sets += 1;
-                self.vcpu
-                    .set_sregs(&sregs)
-                    .map_err(|e| Error::backend("KVM_SET_SREGS", e))
-            }
+        if self.fast_write(KvmClass::Sregs) {
+            f(&mut self.vcpu.sync_regs_mut().sregs);
+            self.vcpu.set_sync_dirty_reg(KvmClass::Sregs.sync_reg());
+            return Ok(());
         }
+        let mut sregs = self.sregs_for_slow_write()?;
+        f(&mut sregs);
+        self.stats.hypercall_sets += 1;
+        self.sregs_cache = None;
+        self.vcpu
+            .set_sregs(&sregs)
+            .map_err(|e| Error::backend("KVM_SET_SREGS", e))?;
+        self.sregs_cache = Some(sregs);
+        Ok(())
+    }
+
+    /// As [`Self::regs_for_slow_write`] for `KVM_SYNC_X86_SREGS`.
+    #[cold]
+    #[inline(never)]
+    fn sregs_for_slow_write(&mut self) -> Result<kvm_sregs> {
+        self.claim_ioctl_write(KvmClass::Sregs)?;
+        self.sregs_cached()
     }
 
     fn set_regs_unchecked(&mut self, regs: &kvm_regs) -> Result<()> {
         self.stats.hypercall_sets += 1;
+        // If the ioctl fails we no longer know what the vCPU holds.
+        self.regs_cache = None;
         self.vcpu
             .set_regs(regs)
-            .map_err(|e| Error::backend("KVM_SET_REGS", e))
+            .map_err(|e| Error::backend("KVM_SET_REGS", e))?;
+        self.regs_cache = Some(*regs);
+        Ok(())
     }
 
-    /// `KVM_GET_REGS` through the ioctl, bypassing the sync area (for comparisons).
+    /// `KVM_GET_REGS` through the ioctl, bypassing the sync area and the cache (for
+    /// comparisons).
     pub fn get_regs_ioctl(&mut self) -> Result<kvm_regs> {
         self.regs_ioctl()
     }
@@ -361,16 +430,8 @@ impl KvmVcpuRegisters {
     /// [`Error::MixedWrite`] if `KVM_SYNC_X86_REGS` was written in the sync area since the
     /// last run: the kernel would load the sync copy over it at the next `KVM_RUN`.
     pub fn set_regs_ioctl(&mut self, regs: &kvm_regs) -> Result<()> {
-        if self.written[KvmClass::Regs as usize] == Some(WritePath::Page) {
-            return Err(Error::MixedWrite {
-                class: KvmClass::Regs.reported_class(),
-                earlier: WritePath::Page,
-                attempted: WritePath::Hypercall,
-            });
-        }
-        self.set_regs_unchecked(regs)?;
-        self.written[KvmClass::Regs as usize] = Some(WritePath::Hypercall);
-        Ok(())
+        self.claim_ioctl_write(KvmClass::Regs)?;
+        self.set_regs_unchecked(regs)
     }
 
     /// The general purpose registers, RIP and RFLAGS.
@@ -385,34 +446,42 @@ impl KvmVcpuRegisters {
 }
 
 impl ExitRegisters for KvmVcpuRegisters {
+    #[inline]
     fn gpr(&mut self, reg: Gpr) -> Result<u64> {
         self.read_regs(|r| kvm_gpr(r, reg))
     }
 
+    #[inline]
     fn set_gpr(&mut self, reg: Gpr, value: u64) -> Result<()> {
         self.write_regs(|r| *kvm_gpr_mut(r, reg) = value)
     }
 
+    #[inline]
     fn rip(&mut self) -> Result<u64> {
         self.read_regs(|r| r.rip)
     }
 
+    #[inline]
     fn set_rip(&mut self, value: u64) -> Result<()> {
         self.write_regs(|r| r.rip = value)
     }
 
+    #[inline]
     fn rflags(&mut self) -> Result<u64> {
         self.read_regs(|r| r.rflags)
     }
 
+    #[inline]
     fn set_rflags(&mut self, value: u64) -> Result<()> {
         self.write_regs(|r| r.rflags = value)
     }
 
+    #[inline]
     fn segment(&mut self, seg: Segment) -> Result<SegmentRegister> {
         self.read_sregs(|s| segment_from_kvm(&kvm_seg(s, seg)))
     }
 
+    #[inline]
     fn set_segment(&mut self, seg: Segment, value: SegmentRegister) -> Result<()> {
         self.write_sregs(|s| *kvm_seg_mut(s, seg) = segment_to_kvm(&value))
     }

@@ -208,22 +208,26 @@ impl RegisterPage {
     // ---- header ------------------------------------------------------------------------
 
     /// The page format version (`1` for the layout this crate knows).
+    #[inline]
     pub fn version(&self) -> u16 {
         self.read(offsets::VERSION)
     }
 
     /// Whether the hypervisor marked the contents valid. Re-check after every run: the
     /// hypervisor may invalidate the page at any dispatch.
+    #[inline]
     pub fn is_valid(&self) -> bool {
         self.read::<u8>(offsets::ISVALID) != 0
     }
 
     /// Whether the page is valid and has the version this crate understands.
+    #[inline]
     pub fn is_usable(&self) -> bool {
         self.is_valid() && self.version() == REGISTER_PAGE_VERSION_1
     }
 
     /// The classes written since the hypervisor last consumed the page.
+    #[inline]
     pub fn dirty(&self) -> DirtyClasses {
         DirtyClasses::from_bits(self.read(offsets::DIRTY))
     }
@@ -231,33 +235,39 @@ impl RegisterPage {
     // ---- general purpose, rip, rflags -------------------------------------------------
 
     /// Reads a general purpose register.
+    #[inline]
     pub fn gpr(&self, reg: Gpr) -> u64 {
         self.read(offsets::GP + 8 * reg.index())
     }
 
     /// Writes a general purpose register and marks [`RegisterClass::General`] dirty.
+    #[inline]
     pub fn set_gpr(&mut self, reg: Gpr, value: u64) {
         self.write(offsets::GP + 8 * reg.index(), value);
         self.mark_dirty(RegisterClass::General);
     }
 
     /// Reads RIP.
+    #[inline]
     pub fn rip(&self) -> u64 {
         self.read(offsets::RIP)
     }
 
     /// Writes RIP and marks [`RegisterClass::Ip`] dirty.
+    #[inline]
     pub fn set_rip(&mut self, value: u64) {
         self.write(offsets::RIP, value);
         self.mark_dirty(RegisterClass::Ip);
     }
 
     /// Reads RFLAGS.
+    #[inline]
     pub fn rflags(&self) -> u64 {
         self.read(offsets::RFLAGS)
     }
 
     /// Writes RFLAGS and marks [`RegisterClass::Flags`] dirty.
+    #[inline]
     pub fn set_rflags(&mut self, value: u64) {
         self.write(offsets::RFLAGS, value);
         self.mark_dirty(RegisterClass::Flags);
@@ -266,6 +276,7 @@ impl RegisterPage {
     // ---- xmm ---------------------------------------------------------------------------
 
     /// Reads xmm0..xmm5.
+    #[inline]
     pub fn xmm(&self, reg: Xmm) -> u128 {
         let base = offsets::XMM + XMM_SIZE * reg.index();
         let low: u64 = self.read(base + offset_of!(RawXmm, low));
@@ -274,6 +285,7 @@ impl RegisterPage {
     }
 
     /// Writes xmm0..xmm5 and marks [`RegisterClass::Xmm`] dirty.
+    #[inline]
     pub fn set_xmm(&mut self, reg: Xmm, value: u128) {
         let base = offsets::XMM + XMM_SIZE * reg.index();
         self.write(base + offset_of!(RawXmm, low), value as u64);
@@ -284,6 +296,7 @@ impl RegisterPage {
     // ---- segments ----------------------------------------------------------------------
 
     /// Reads a segment register.
+    #[inline]
     pub fn segment(&self, seg: Segment) -> SegmentRegister {
         let base = offsets::SEGMENTS + SEG_SIZE * seg.index();
         SegmentRegister {
@@ -297,6 +310,7 @@ impl RegisterPage {
     }
 
     /// Writes a segment register and marks [`RegisterClass::Segment`] dirty.
+    #[inline]
     pub fn set_segment(&mut self, seg: Segment, value: SegmentRegister) {
         let base = offsets::SEGMENTS + SEG_SIZE * seg.index();
         self.write(base + offset_of!(RawSegment, base), value.base);
@@ -312,56 +326,67 @@ impl RegisterPage {
     // ---- read-only registers ------------------------------------------------------------
 
     /// Reads one of the read-only registers.
+    #[inline]
     pub fn read_only(&self, reg: ReadOnlyRegister) -> u64 {
         self.read(read_only_offset(reg))
     }
 
     /// CR0 (read-only via the page).
+    #[inline]
     pub fn cr0(&self) -> u64 {
         self.read(offsets::CR0)
     }
 
     /// CR3 (read-only via the page).
+    #[inline]
     pub fn cr3(&self) -> u64 {
         self.read(offsets::CR3)
     }
 
     /// CR4 (read-only via the page).
+    #[inline]
     pub fn cr4(&self) -> u64 {
         self.read(offsets::CR4)
     }
 
     /// CR8 (read-only via the page).
+    #[inline]
     pub fn cr8(&self) -> u64 {
         self.read(offsets::CR8)
     }
 
     /// EFER (read-only via the page).
+    #[inline]
     pub fn efer(&self) -> u64 {
         self.read(offsets::EFER)
     }
 
     /// DR7 (read-only via the page).
+    #[inline]
     pub fn dr7(&self) -> u64 {
         self.read(offsets::DR7)
     }
 
     /// The pending interruption register (read-only via the page).
+    #[inline]
     pub fn pending_interruption(&self) -> u64 {
         self.read(offsets::PENDING_INTERRUPTION)
     }
 
     /// The interrupt state register (read-only via the page).
+    #[inline]
     pub fn interrupt_state(&self) -> u64 {
         self.read(offsets::INTERRUPT_STATE)
     }
 
     /// The instruction emulation hints.
+    #[inline]
     pub fn instruction_emulation_hints(&self) -> u64 {
         self.read(offsets::INSTRUCTION_EMULATION_HINTS)
     }
 
     /// XFEM.
+    #[inline]
     pub fn xfem(&self) -> u64 {
         self.read(offsets::XFEM)
     }
@@ -486,6 +511,7 @@ impl RegisterPage {
     }
 }
 
+#[inline]
 fn read_only_offset(reg: ReadOnlyRegister) -> usize {
     match reg {
         ReadOnlyRegister::Cr0 => offsets::CR0,
