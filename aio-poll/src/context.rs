@@ -30,6 +30,10 @@ pub const IDLE_BH_TIMEOUT_NS: u64 = 10_000_000;
 /// anyway so that fd handlers without `poll()` cannot starve.
 pub const EPOLL_FAIRNESS_INTERVAL: u32 = 16;
 
+/// A busy loop publishes its statistics snapshot every this many iterations
+/// (and always right before it sleeps and after a parameter change).
+pub const STATS_PUBLISH_INTERVAL: u64 = 16;
+
 /// epoll token of the notifier eventfd.
 const NOTIFIER_TOKEN: u64 = u64::MAX;
 
@@ -476,7 +480,10 @@ impl AioContext {
     }
 
     fn apply_pending_params(&mut self) {
-        if !self.shared.params_dirty.swap(false, Ordering::AcqRel) {
+        // Plain load first: the common case must not pay for an RMW.
+        if !self.shared.params_dirty.load(Ordering::Acquire)
+            || !self.shared.params_dirty.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         let pending = lock(&self.shared.pending_params).take();
@@ -545,7 +552,9 @@ impl AioContext {
     /// iteration) or [`ContextHandle::request_stop`] was called.
     pub fn run(&mut self, mut stop: impl FnMut(&mut AioContext) -> bool) {
         loop {
-            if self.shared.stop.swap(false, Ordering::AcqRel) {
+            if self.shared.stop.load(Ordering::Acquire)
+                && self.shared.stop.swap(false, Ordering::AcqRel)
+            {
                 break;
             }
             self.poll(true);
@@ -589,8 +598,12 @@ impl AioContext {
         self.iteration = self.iteration.wrapping_add(1);
         self.stats.iterations += 1;
         let polling = self.adaptive.enabled();
-        // 1. start (also needed for the timer timeout).
-        let start = self.clock.now_ns();
+        // 1. start (when polling, or for the timer timeout).
+        let start = if polling || self.timers.len() > 0 {
+            self.clock.now_ns()
+        } else {
+            0
+        };
         self.adaptive.start(start);
         // 2. timeout
         let mut timeout = if blocking {
@@ -629,6 +642,10 @@ impl AioContext {
             if self.poll_set_started(false) {
                 timeout = Some(0);
             }
+            if timeout != Some(0) {
+                // About to sleep: make the snapshot current first.
+                self.publish_stats();
+            }
         }
         let skip_epoll = poll_found && self.poll_streak < EPOLL_FAIRNESS_INTERVAL;
         let nevents = if skip_epoll {
@@ -653,8 +670,8 @@ impl AioContext {
         }
         self.shared.notifier.accept();
 
-        // 6. block_ns excludes handler run time.
-        let end = self.clock.now_ns();
+        // 6. block_ns excludes handler run time (only used when polling).
+        let end = if polling { self.clock.now_ns() } else { start };
         let block_ns = self.adaptive.block_ns(end);
 
         // 7. bottom halves, then fd and poll handlers.
@@ -666,7 +683,9 @@ impl AioContext {
             self.update_polling(block_ns, end);
         }
         progress |= self.run_timers();
-        self.publish_stats();
+        if self.iteration % STATS_PUBLISH_INTERVAL == 0 {
+            self.publish_stats();
+        }
         progress
     }
 

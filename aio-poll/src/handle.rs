@@ -175,7 +175,10 @@ impl ContextHandle {
         self.shared.max_batch.load(Ordering::Relaxed)
     }
 
-    /// The statistics snapshot published by the loop after its last iteration.
+    /// The statistics snapshot published by the loop: current whenever the
+    /// loop sleeps (it publishes right before blocking and after applying new
+    /// parameters); while it is busy, at most
+    /// [`STATS_PUBLISH_INTERVAL`](crate::STATS_PUBLISH_INTERVAL) iterations old.
     pub fn stats(&self) -> Stats {
         lock(&self.shared.stats).clone()
     }

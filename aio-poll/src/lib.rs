@@ -49,6 +49,7 @@ pub use bh::Bh;
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use context::{
     AioContext, DEFAULT_POLL_IDLE_TIMEOUT, EPOLL_FAIRNESS_INTERVAL, IDLE_BH_TIMEOUT_NS,
+    STATS_PUBLISH_INTERVAL,
 };
 pub use error::{Error, Result};
 pub use handle::ContextHandle;

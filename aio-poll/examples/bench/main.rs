@@ -1,0 +1,296 @@
+//! aio-poll benchmark: a producer thread emulating a guest on virtqueues
+//! against the loop in every polling mode, plus event-manager as the anchor.
+//!
+//! ```text
+//! cargo run --release -p aio-poll --example bench            # ~100 s
+//! cargo run --release -p aio-poll --example bench -- --quick # ~20 s
+//! cargo run --release -p aio-poll --example bench -- --duration-ms 5000
+//! ```
+//! Options: `--quick` (or `AIO_BENCH_QUICK=1`), `--duration-ms N` per run,
+//! `--work-ns N` emulated per-request device work (default 500).
+
+mod consumers;
+mod workload;
+
+use consumers::{dispatch_cost_ns, idle_cpu_ns, run, Mode, RunResult};
+use workload::Gap;
+
+use aio_poll::{PollAlgorithm, PollParams};
+
+struct Row {
+    mode: Mode,
+    r: RunResult,
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted.get(idx).copied().unwrap_or(0)) / 1000.0
+}
+
+impl Row {
+    fn events_per_s(&self) -> f64 {
+        self.r.events as f64 / (self.r.wall_ns as f64 / 1e9)
+    }
+    fn cpu_per_event_us(&self) -> f64 {
+        if self.r.events == 0 {
+            0.0
+        } else {
+            self.r.cpu_ns as f64 / self.r.events as f64 / 1000.0
+        }
+    }
+    fn cpu_util(&self) -> f64 {
+        self.r.cpu_ns as f64 / self.r.wall_ns as f64 * 100.0
+    }
+}
+
+fn parse_args() -> (u64, u64, bool) {
+    let mut duration_ms = 1800u64;
+    let mut work_ns = 500u64;
+    let mut quick = std::env::var("AIO_BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--duration-ms" => {
+                duration_ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage("--duration-ms needs a number"))
+            }
+            "--work-ns" => {
+                work_ns = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage("--work-ns needs a number"))
+            }
+            "-h" | "--help" => usage(""),
+            other => usage(&format!("unknown argument {other:?}")),
+        }
+    }
+    if quick {
+        duration_ms = duration_ms.min(300);
+    }
+    (duration_ms, work_ns, quick)
+}
+
+fn usage(msg: &str) -> ! {
+    if !msg.is_empty() {
+        eprintln!("error: {msg}");
+    }
+    eprintln!("usage: bench [--quick] [--duration-ms N] [--work-ns N]");
+    std::process::exit(2)
+}
+
+fn main() {
+    let (duration_ms, work_ns, quick) = parse_args();
+    // The producer (this thread) on CPU 0, consumers on CPU 1.
+    workload::pin_to_cpu(0);
+    let duration_ns = duration_ms * 1_000_000;
+    let modes = [
+        Mode::Blocking,
+        Mode::Busy,
+        Mode::Classic,
+        Mode::Weighted(1),
+        Mode::Weighted(2),
+        Mode::Weighted(3),
+        Mode::Weighted(4),
+        Mode::Weighted(5),
+        Mode::EventManager,
+    ];
+    let patterns: Vec<(&str, Vec<Gap>)> = vec![
+        ("fixed 2 us", vec![Gap::Fixed(2_000)]),
+        ("fixed 10 us", vec![Gap::Fixed(10_000)]),
+        ("fixed 50 us", vec![Gap::Fixed(50_000)]),
+        ("fixed 200 us", vec![Gap::Fixed(200_000)]),
+        (
+            "mixed: fast exp(15 us) + slow exp(400 us)",
+            vec![Gap::Exp(15_000), Gap::Exp(400_000)],
+        ),
+    ];
+    println!(
+        "aio-poll benchmark: {} ms per run, {} ns device work per request, closed loop \
+         (iodepth 1 per queue), think time = pattern{}",
+        duration_ms,
+        work_ns,
+        if quick { " (quick)" } else { "" }
+    );
+    println!(
+        "CPU = consumer thread CPU (CLOCK_THREAD_CPUTIME_ID); latency = publish -> device \
+         sees it; ratios vs classic from the same run.\n"
+    );
+    let mut summary = Vec::new();
+    for (name, gaps) in &patterns {
+        let mut rows: Vec<Row> = Vec::new();
+        for mode in modes {
+            let r = run(mode, gaps, duration_ns, work_ns);
+            rows.push(Row { mode, r });
+        }
+        print_table(name, &mut rows);
+        summary.push((name.to_string(), rows));
+    }
+
+    // Idle CPU and dispatch cost against event-manager.
+    let idle_ms = if quick { 200 } else { 500 };
+    let idle_em = idle_cpu_ns(None, idle_ms);
+    let idle_w = idle_cpu_ns(Some(PollParams::default()), idle_ms);
+    let idle_c = idle_cpu_ns(
+        Some(PollParams::default().with_algorithm(PollAlgorithm::Classic)),
+        idle_ms,
+    );
+    let idle_b = idle_cpu_ns(Some(PollParams::disabled()), idle_ms);
+    let n = if quick { 50_000 } else { 200_000 };
+    let d_em = dispatch_cost_ns(None, n);
+    let d_b = dispatch_cost_ns(Some(PollParams::disabled()), n);
+    let d_w = dispatch_cost_ns(Some(PollParams::default()), n);
+    println!("## Idle CPU over {idle_ms} ms (after 100 events) and same-thread dispatch cost\n");
+    println!("| consumer | idle CPU (us) | dispatch (ns/event, incl. eventfd write+read) |");
+    println!("|---|---:|---:|");
+    println!(
+        "| event-manager | {:.1} | {:.0} |",
+        idle_em as f64 / 1e3,
+        d_em
+    );
+    println!(
+        "| aio-poll blocking (max_ns=0) | {:.1} | {:.0} |",
+        idle_b as f64 / 1e3,
+        d_b
+    );
+    println!(
+        "| aio-poll weighted w=3 | {:.1} | {:.0} |",
+        idle_w as f64 / 1e3,
+        d_w
+    );
+    println!("| aio-poll classic | {:.1} | - |", idle_c as f64 / 1e3);
+    println!();
+
+    // Targets.
+    println!("## Targets\n");
+    let find = |pat: &str, m: Mode| -> Option<&Row> {
+        summary
+            .iter()
+            .find(|(n, _)| n.starts_with(pat))
+            .and_then(|(_, rows)| rows.iter().find(|r| r.mode == m))
+    };
+    if let (Some(w3), Some(c)) = (
+        find("mixed", Mode::Weighted(3)),
+        find("mixed", Mode::Classic),
+    ) {
+        let cpu = w3.cpu_per_event_us() / c.cpu_per_event_us();
+        let thr = w3.events_per_s() / c.events_per_s();
+        println!(
+            "- mixed load, weighted(3) vs classic: CPU/event {:.2}x (target <= 0.85x), \
+             throughput {:.3}x (target >= 0.98x): {}",
+            cpu,
+            thr,
+            verdict(cpu <= 0.85 && thr >= 0.98)
+        );
+    }
+    if let (Some(w3), Some(b)) = (
+        find("fixed 10 us", Mode::Weighted(3)),
+        find("fixed 10 us", Mode::Busy),
+    ) {
+        let mut lw = w3.r.lat.clone();
+        lw.sort_unstable();
+        let mut lb = b.r.lat.clone();
+        lb.sort_unstable();
+        let (pw, pb) = (percentile(&lw, 0.5), percentile(&lb, 0.5));
+        println!(
+            "- fixed 10 us, p50 weighted(3) {:.2} us vs busy poll {:.2} us: {:.2}x (target <= 1.5x): {}",
+            pw,
+            pb,
+            pw / pb.max(1e-9),
+            verdict(pw <= 1.5 * pb)
+        );
+    }
+    println!(
+        "- idle CPU weighted(3) {:.1} us vs event-manager {:.1} us: {}",
+        idle_w as f64 / 1e3,
+        idle_em as f64 / 1e3,
+        verdict(idle_w as f64 <= idle_em as f64 * 1.5 + 200_000.0)
+    );
+    println!(
+        "- dispatch cost aio-poll {:.0} ns (blocking) / {:.0} ns (weighted) vs event-manager {:.0} ns: {}",
+        d_b,
+        d_w,
+        d_em,
+        verdict(d_b <= d_em * 1.10 && d_w <= d_em * 1.10)
+    );
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
+
+fn print_table(name: &str, rows: &mut [Row]) {
+    println!("## {name}\n");
+    println!(
+        "| mode | events/s | CPU/event (us) | CPU % | p50 (us) | p99 (us) | kicks avoided | \
+         mean poll_ns | reset rate | near max | CPU/ev vs classic | thr vs classic | p50 vs classic |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut p50s = Vec::new();
+    for row in rows.iter_mut() {
+        row.r.lat.sort_unstable();
+        p50s.push(percentile(&row.r.lat, 0.5));
+    }
+    let classic = rows.iter().position(|r| r.mode == Mode::Classic);
+    let (c_cpu, c_thr, c_p50) = match classic {
+        Some(i) => (
+            rows.get(i).map(|r| r.cpu_per_event_us()).unwrap_or(0.0),
+            rows.get(i).map(|r| r.events_per_s()).unwrap_or(0.0),
+            p50s.get(i).copied().unwrap_or(0.0),
+        ),
+        None => (0.0, 0.0, 0.0),
+    };
+    for (row, p50) in rows.iter().zip(p50s) {
+        let p99 = percentile(&row.r.lat, 0.99);
+        let total_pub = row.r.kicks + row.r.kicks_avoided;
+        let avoided = if total_pub == 0 {
+            0.0
+        } else {
+            row.r.kicks_avoided as f64 / total_pub as f64 * 100.0
+        };
+        let (mean, reset, near) = match &row.r.stats {
+            Some(s) if s.params.max_ns > 0 => {
+                let h = &s.poll_ns_histogram;
+                (
+                    format!("{:.0}", h.mean_poll_ns()),
+                    format!("{:.1} %", h.reset_rate() * 100.0),
+                    format!("{:.1} %", h.near_max_share() * 100.0),
+                )
+            }
+            _ => ("-".into(), "-".into(), "-".into()),
+        };
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}x", a / b)
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} % | {} | {} | {} | {} | {} | {} |",
+            row.mode.name(),
+            row.events_per_s(),
+            row.cpu_per_event_us(),
+            row.cpu_util(),
+            p50,
+            p99,
+            avoided,
+            mean,
+            reset,
+            near,
+            ratio(row.cpu_per_event_us(), c_cpu),
+            ratio(row.events_per_s(), c_thr),
+            ratio(p50, c_p50),
+        );
+    }
+    println!();
+}
