@@ -60,3 +60,8 @@ pub use params::{
 };
 pub use stats::{HandlerStats, PollNsHistogram, Stats, HISTOGRAM_BUCKETS};
 pub use timer::TimerId;
+
+/// The crate README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
