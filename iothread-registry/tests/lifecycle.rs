@@ -2,7 +2,10 @@
 
 mod common;
 
-use common::{task_comm, task_exists, wait_until};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::{task_comm, task_exists, task_gone, wait_until};
 use iothread_registry::{Error, IoThreadParams, IoThreadRegistry, IoThreadState};
 
 #[test]
@@ -98,9 +101,18 @@ fn delete_stops_and_joins() {
     r.create("io0", IoThreadParams::default()).unwrap();
     r.create("io1", IoThreadParams::default()).unwrap();
     let tid = r.thread_id("io0").unwrap();
+    // Work queued before the delete runs before the in-loop stop request, and delete
+    // returns only after the thread ended (joined).
+    let finished = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&finished);
+    r.submit("io0", move |_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        f.store(true, Ordering::SeqCst);
+    })
+    .unwrap();
     r.delete("io0").unwrap();
-    // Joined: the host thread is gone when delete returns.
-    assert!(!task_exists(tid));
+    assert!(finished.load(Ordering::SeqCst));
+    assert!(task_gone(tid));
     assert_eq!(r.ids(), ["io1"]);
     assert!(matches!(r.thread_id("io0"), Err(Error::NotFound { .. })));
     // The id can be reused.
@@ -129,7 +141,7 @@ fn dropping_the_registry_stops_all() {
     assert!(tids.iter().all(|&t| task_exists(t)));
     assert_eq!(clone.call("io1", |_| 5).unwrap(), 5);
     drop(clone);
-    assert!(tids.iter().all(|&t| !task_exists(t)));
+    assert!(tids.iter().all(|&t| task_gone(t)));
 }
 
 #[test]

@@ -30,3 +30,10 @@ pub fn task_comm(tid: i64) -> String {
         .trim_end()
         .to_owned()
 }
+
+/// Whether thread `tid` is gone. A joined thread may linger in /proc for a moment
+/// after `join` returns (the kernel wakes the joiner before reaping the task), so
+/// this waits for it to disappear.
+pub fn task_gone(tid: i64) -> bool {
+    wait_until(|| !task_exists(tid))
+}
