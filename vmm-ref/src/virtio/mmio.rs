@@ -545,14 +545,14 @@ impl MmioTransport {
         for (index, q) in self.queues.iter_mut().enumerate() {
             q.set_event_idx(event_idx);
             if q.ready() && !q.is_valid(&*mem) {
-                log::warn!("virtio-mmio: queue {index} does not fit in guest memory");
+                guest_warn!("virtio-mmio: queue {index} does not fit in guest memory");
                 self.fail_device();
                 return;
             }
             match Queue::try_from(q.state()) {
                 Ok(q) => queues.push(q),
                 Err(e) => {
-                    log::warn!("virtio-mmio: queue {index} state invalid: {e}");
+                    guest_warn!("virtio-mmio: queue {index} state invalid: {e}");
                     self.fail_device();
                     return;
                 }
@@ -579,7 +579,8 @@ impl MmioTransport {
         match self.device.activate(ctx) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                log::error!("virtio-mmio: device activation failed: {}", error_chain(&e));
+                // Rate-limited: a guest can retry activation in a loop.
+                guest_warn!("virtio-mmio: device activation failed: {}", error_chain(&e));
                 self.fail_device();
             }
         }
