@@ -32,6 +32,8 @@ pub enum Scenario {
     Reset,
     /// Stay active and idle.
     Hold,
+    /// Write + FLUSH block by block, reporting what is durable.
+    Durability,
 }
 
 impl Scenario {
@@ -42,6 +44,7 @@ impl Scenario {
             "malformed" => Self::Malformed,
             "reset" => Self::Reset,
             "hold" => Self::Hold,
+            "durability" => Self::Durability,
             _ => return None,
         })
     }
@@ -54,6 +57,7 @@ impl Scenario {
             Self::Malformed => "malformed",
             Self::Reset => "reset",
             Self::Hold => "hold",
+            Self::Durability => "durability",
         }
     }
 }
@@ -92,6 +96,17 @@ pub struct BenchConfig {
     pub bs: u32,
 }
 
+/// `durability.*` settings.
+#[derive(Clone, Copy, Debug)]
+pub struct DurabilityConfig {
+    /// Number of 4 KiB blocks to write and flush (from disk offset 0).
+    pub blocks: u64,
+    /// Print a `FLUSHED <k>` line every this many blocks.
+    pub every: u64,
+    /// Pattern seed; else the run's seed (`verify.seed` or TSC-derived).
+    pub seed: Option<u64>,
+}
+
 /// Everything the command line configures.
 #[derive(Debug)]
 pub struct Config {
@@ -103,6 +118,8 @@ pub struct Config {
     pub bench: BenchConfig,
     /// `hold.secs`.
     pub hold_secs: u64,
+    /// `durability.*`.
+    pub durability: DurabilityConfig,
     /// `reset.pause_ms`.
     pub reset_pause_ms: u64,
     /// `tsc_khz`, when the host told us.
@@ -183,6 +200,11 @@ pub fn parse(cmdline: &str) -> Config {
             bs: 4096,
         },
         hold_secs: 0,
+        durability: DurabilityConfig {
+            blocks: 2048,
+            every: 16,
+            seed: None,
+        },
         reset_pause_ms: 0,
         tsc_khz: None,
         verify_seed: None,
@@ -236,6 +258,17 @@ pub fn parse(cmdline: &str) -> Config {
                 },
             ),
             "hold.secs" => set(&mut cfg.hold_secs, parse_u64(value)),
+            "durability.blocks" => set(
+                &mut cfg.durability.blocks,
+                parse_u64(value).filter(|&n| n > 0),
+            ),
+            "durability.every" => set(
+                &mut cfg.durability.every,
+                parse_u64(value).filter(|&n| n > 0),
+            ),
+            "durability.seed" => parse_u64(value)
+                .map(|s| cfg.durability.seed = Some(s))
+                .is_some(),
             "reset.pause_ms" => set(&mut cfg.reset_pause_ms, parse_u64(value)),
             "tsc_khz" => parse_u64(value)
                 .filter(|&k| k > 0)

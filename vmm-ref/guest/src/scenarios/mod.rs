@@ -12,8 +12,10 @@
 //! | `4224 .. 4288`     | `verify`: WRITE_ZEROES test                       |
 //! | `6144 + q*16 ..+16`| quick verify of queue `q` (malformed/reset/hold)  |
 //! | everything         | `bench` (random; `randwrite` overwrites the disk) |
+//! | `0 .. 8*blocks`    | `durability`: 4 KiB block `k` at sector `8k`      |
 
 mod bench;
+mod durability;
 mod hold;
 mod malformed;
 mod reset;
@@ -221,6 +223,7 @@ pub fn run_all(cfg: &Config, ram: &[Region], arena: &mut Arena) -> u32 {
                     Scenario::Malformed => malformed::run(&mut ctx),
                     Scenario::Reset => reset::run(&mut ctx),
                     Scenario::Hold => hold::run(&mut ctx),
+                    Scenario::Durability => durability::run(&mut ctx),
                 }
             };
             let verdict = if outcome.pass { "PASS" } else { "FAIL" };
