@@ -53,9 +53,14 @@ fn tsc_per_ns() -> f64 {
     (t1 - t0) as f64 / (i1 - i0).as_nanos() as f64
 }
 
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
 struct Sample {
     name: &'static str,
-    /// Ticks spent in the handler, timer overhead already subtracted.
+    /// Median ticks spent in the handler, minus the median empty-timer cost.
     handler: u64,
     round: Duration,
     exits: u32,
@@ -63,7 +68,7 @@ struct Sample {
 
 impl Sample {
     fn handler_ns(&self, ticks_per_ns: f64) -> f64 {
-        self.handler as f64 / f64::from(self.exits) / ticks_per_ns
+        self.handler as f64 / ticks_per_ns
     }
 
     fn round_us(&self) -> f64 {
@@ -95,19 +100,19 @@ fn kvm_facade(kvm: &Kvm, name: &'static str, sync: bool, exits: u32) -> Sample {
         expect_out(regs.run());
         handler(&mut regs);
     }
-    let (mut in_handler, mut empty) = (0u64, 0u64);
+    let mut handler_ticks = Vec::with_capacity(exits as usize);
+    let mut empty_ticks = Vec::with_capacity(exits as usize);
     let start = Instant::now();
     for _ in 0..exits {
         expect_out(regs.run());
         // An empty timer pair measured in the same state (right after the exit), then the
-        // handler: the difference of the sums is the handler's own cost.
+        // handler; medians keep preemptions and interrupts of this busy host out.
         let e0 = tsc();
-        empty += tsc() - e0;
+        empty_ticks.push(tsc() - e0);
         let t0 = tsc();
         handler(&mut regs);
-        in_handler += tsc() - t0;
+        handler_ticks.push(tsc() - t0);
     }
-    let in_handler = in_handler.saturating_sub(empty);
     let round = start.elapsed();
     let s = regs.stats();
     if sync {
@@ -123,7 +128,7 @@ fn kvm_facade(kvm: &Kvm, name: &'static str, sync: bool, exits: u32) -> Sample {
     drop(g.vm);
     Sample {
         name,
-        handler: in_handler,
+        handler: median(&mut handler_ticks).saturating_sub(median(&mut empty_ticks)),
         round,
         exits,
     }
@@ -157,25 +162,25 @@ fn kvm_raw(kvm: &Kvm, name: &'static str, sync: bool, exits: u32) -> Sample {
         expect_out(vcpu.run());
         raw_handler(&mut vcpu);
     }
-    let (mut in_handler, mut empty) = (0u64, 0u64);
+    let mut handler_ticks = Vec::with_capacity(exits as usize);
+    let mut empty_ticks = Vec::with_capacity(exits as usize);
     let start = Instant::now();
     for _ in 0..exits {
         expect_out(vcpu.run());
         // An empty timer pair measured in the same state (right after the exit), then the
-        // handler: the difference of the sums is the handler's own cost.
+        // handler; medians keep preemptions and interrupts of this busy host out.
         let e0 = tsc();
-        empty += tsc() - e0;
+        empty_ticks.push(tsc() - e0);
         let t0 = tsc();
         raw_handler(&mut vcpu);
-        in_handler += tsc() - t0;
+        handler_ticks.push(tsc() - t0);
     }
-    let in_handler = in_handler.saturating_sub(empty);
     let round = start.elapsed();
     drop(vcpu);
     drop(g.vm);
     Sample {
         name,
-        handler: in_handler,
+        handler: median(&mut handler_ticks).saturating_sub(median(&mut empty_ticks)),
         round,
         exits,
     }
@@ -216,8 +221,8 @@ fn main() {
             let ticks_per_ns = tsc_per_ns();
             println!(
                 "real KVM, CPL3 guest `out` loop, {exits} exits per variant \
-                 (handler timed with RDTSC, {ticks_per_ns:.2} ticks/ns, empty-timer cost \
-                 measured in place and subtracted)"
+                 (handler: median RDTSC ticks at {ticks_per_ns:.2} ticks/ns minus the median \
+                 empty-timer cost measured in place; whole exit: mean)"
             );
             let _ = kvm_raw(&kvm, "warm-up", true, exits / 10);
             let samples = [
@@ -228,7 +233,7 @@ fn main() {
             ];
             println!(
                 "  {:<40} {:>16} {:>14}",
-                "variant", "handler ns/exit", "whole exit us"
+                "variant", "handler ns (med)", "whole exit us"
             );
             for s in &samples {
                 println!(

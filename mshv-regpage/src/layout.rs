@@ -5,7 +5,7 @@
 //! `tests/layout.rs` compares each field with `mshv_bindings::hv_vp_register_page`.
 //!
 //! This module only describes memory; it never creates references into a live page. All
-//! accesses go through raw pointers and volatile reads/writes in [`crate::page`].
+//! accesses go through raw pointers and volatile reads/writes in [`crate::RegisterPage`].
 
 use core::mem::{offset_of, size_of};
 

@@ -65,6 +65,11 @@ mod regs;
 pub mod sim;
 
 pub use access::{AccessStats, ExitRegisters, VcpuRegisters};
+
+/// Compiles and runs the README's example as a doctest.
+#[cfg(all(doctest, feature = "sim"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 pub use dirty::{DirtyClasses, RegisterClass};
 pub use error::{BackendError, Error, Result, WritePath};
 pub use fallback::RegisterHypercalls;

@@ -359,7 +359,7 @@ impl From<hv::hv_x64_segment_register> for SegmentRegister {
 /// Every register the page holds, as plain values (a snapshot of the page's contents).
 ///
 /// Used for bulk copies, by the simulated hypervisor as its vCPU state and by the test
-/// model in [`crate::sim`].
+/// model in `sim` (feature `sim`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PageRegisters {
     /// General purpose registers, indexed by [`Gpr::index`].
