@@ -7,6 +7,25 @@
 //! through [`device::VirtioInterrupt`]. The block device (`block::Block`)
 //! serves each virtqueue on the IOThread its `iothread-vq-mapping` names.
 
+//!
+//! Wiring one drive (what the VM core does):
+//!
+//! ```text
+//! let block = Block::new(BlockConfig { id, path, num_queues, queue_size, readonly, direct,
+//!                                      queue_iothreads /* assign_vqs(..) */, engine, serial },
+//!                        registry.clone())?;
+//! let handle = block.handle();                  // query-block info + flush, keep it
+//! let irq = EventFd::new(EFD_NONBLOCK)?;        // KVM irqfd on the slot's GSI
+//! let kicks: Vec<EventFd> = (0..num_queues).map(|_| EventFd::new(EFD_NONBLOCK)).collect()?;
+//! let transport = MmioTransport::new(Box::new(block), mem.clone(), irq, kicks)?;
+//! vm.register_irqfd(transport.irq_evt(), gsi);
+//! for (i, e) in transport.queue_evts().iter().enumerate() {
+//!     vm.register_ioevent(e, IoEventAddress::Mmio(base + 0x50), i as u32);
+//! }
+//! mmio_bus.insert(base, MMIO_WINDOW_SIZE, transport);   // BusDevice
+//! // clean shutdown: transport.shutdown() (or drop it); handle.flush()
+//! ```
+
 pub mod block;
 pub mod device;
 pub mod mmio;
