@@ -108,6 +108,19 @@ impl Adaptive {
         }
     }
 
+    /// Classic only: recomputes the window as the maximum `ns` over the poll
+    /// list after handlers left it (the weighted window is context-wide and
+    /// does not depend on list membership).
+    pub fn refresh_window<'a>(&mut self, poll_list_ns: impl IntoIterator<Item = &'a i64>) {
+        if self.params.algorithm == PollAlgorithm::Classic {
+            self.poll_ns = poll_list_ns
+                .into_iter()
+                .map(|ns| (*ns).clamp(0, self.params.max_ns))
+                .max()
+                .unwrap_or(0);
+        }
+    }
+
     /// The polling window in ns for the next iteration (`0..=max_ns`).
     pub fn poll_ns(&self) -> i64 {
         self.poll_ns
@@ -468,6 +481,25 @@ mod tests {
         let mut hs = [(0, true)];
         run(&mut a, 100_000, &mut hs);
         assert_eq!(a.poll_ns(), 5000);
+    }
+
+    #[test]
+    fn classic_refresh_window_after_leave() {
+        let mut a = classic(32768);
+        let mut hs = [(16000, false), (0, true)];
+        run(&mut a, 1000, &mut hs);
+        assert_eq!(a.poll_ns(), 16000);
+        // The 16000 handler left the poll list.
+        a.refresh_window([hs[1].0].iter());
+        assert_eq!(a.poll_ns(), 4000);
+        a.refresh_window(std::iter::empty());
+        assert_eq!(a.poll_ns(), 0);
+        // Weighted: unaffected.
+        let mut w = weighted(32768, 3);
+        let mut hs = [(0, true)];
+        run(&mut w, 1000, &mut hs);
+        w.refresh_window(std::iter::empty());
+        assert_eq!(w.poll_ns(), 1000);
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub struct AioContext {
     iteration: u64,
     poll_streak: u32,
     stats: Stats,
+    /// (window, max_ns, iteration start) awaiting its duration.
+    hist_pending: Option<(u64, u64, u64)>,
 }
 
 impl fmt::Debug for AioContext {
@@ -180,6 +182,7 @@ impl AioContext {
             iteration: 0,
             poll_streak: 0,
             stats,
+            hist_pending: None,
         })
     }
 
@@ -321,6 +324,7 @@ impl AioContext {
         entry.on_poll_list = false;
         if on_list {
             self.poll_list.retain(|x| *x != id);
+            self.refresh_window();
         }
         self.ready_poll.retain(|x| *x != id);
         let res = match fd {
@@ -473,6 +477,8 @@ impl AioContext {
                 self.join_poll_list(id, None, now);
             }
         }
+        // A partial sample under the old parameters is dropped.
+        self.hist_pending = None;
         self.stats.param_updates += 1;
         self.stats.params = self.adaptive.params();
         // Visible at once, even if the loop now sleeps for a long time.
@@ -605,6 +611,9 @@ impl AioContext {
             0
         };
         self.adaptive.start(start);
+        if polling {
+            self.sample_window(start);
+        }
         // 2. timeout
         let mut timeout = if blocking {
             self.compute_timeout(start)
@@ -680,7 +689,7 @@ impl AioContext {
 
         // 8. polling times, then timers.
         if polling && self.adaptive.enabled() {
-            self.update_polling(block_ns, end);
+            self.update_polling(block_ns);
         }
         progress |= self.run_timers();
         if self.iteration % STATS_PUBLISH_INTERVAL == 0 {
@@ -782,6 +791,28 @@ impl AioContext {
     /// list: `poll_end`, then one final `poll()`. Returns whether a final poll
     /// found work.
     fn remove_idle_poll_handlers(&mut self, now: u64) -> bool {
+        let before = self.poll_list.len();
+        let found = self.remove_idle_inner(now);
+        if self.poll_list.len() != before {
+            self.refresh_window();
+        }
+        found
+    }
+
+    /// Classic: the window is the maximum `ns` over the (changed) poll list.
+    fn refresh_window(&mut self) {
+        let slots = &self.slots;
+        let ns = self.poll_list.iter().filter_map(|id| {
+            let slot = slots.get(id.index())?;
+            (slot.generation == id.generation())
+                .then_some(())
+                .and(slot.entry.as_ref())
+                .map(|e| &e.ns)
+        });
+        self.adaptive.refresh_window(ns);
+    }
+
+    fn remove_idle_inner(&mut self, now: u64) -> bool {
         let mut found = false;
         let mut i = 0;
         while i < self.poll_list.len() {
@@ -975,7 +1006,7 @@ impl AioContext {
     }
 
     /// Step 8: the adaptive update over the poll list.
-    fn update_polling(&mut self, block_ns: i64, now: u64) {
+    fn update_polling(&mut self, block_ns: i64) {
         let iteration = self.iteration;
         let refs = self
             .slots
@@ -995,15 +1026,18 @@ impl AioContext {
         if adj.poll_ns_reset {
             h.poll_ns_resets += 1;
         }
+    }
+
+    /// Histogram sampling: each polling-enabled iteration contributes the
+    /// window it polls with, weighted by its duration (known when the next
+    /// iteration starts, so no extra clock read is needed).
+    fn sample_window(&mut self, start: u64) {
+        if let Some((poll_ns, max, prev_start)) = self.hist_pending.take() {
+            let duration = start.saturating_sub(prev_start);
+            self.stats.poll_ns_histogram.record(poll_ns, max, duration);
+        }
         let max = u64::try_from(self.adaptive.params().max_ns).unwrap_or(0);
-        let poll_ns = u64::try_from(self.adaptive.poll_ns()).unwrap_or(0);
-        // Iteration duration: blocking/polling time plus dispatch time.
-        let duration = self
-            .clock
-            .now_ns()
-            .saturating_sub(now)
-            .saturating_add(u64::try_from(block_ns).unwrap_or(0));
-        h.record(poll_ns, max, duration);
+        self.hist_pending = Some((self.poll_ns(), max, start));
     }
 
     fn run_timers(&mut self) -> bool {

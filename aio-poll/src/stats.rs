@@ -4,8 +4,9 @@
 //! Definitions used by the benchmark table (the seeds' columns):
 //!
 //! * **mean poll_ns** — [`PollNsHistogram::mean_poll_ns`]: the polling window
-//!   (`poll_ns`, the value the next iteration will poll for) averaged over
-//!   every loop iteration run with polling enabled (`max_ns > 0`).
+//!   (`poll_ns` at the start of an iteration, i.e. the longest it may poll)
+//!   averaged over every loop iteration run with polling enabled
+//!   (`max_ns > 0`). An iteration is sampled when the next one starts.
 //! * **reset rate** — [`PollNsHistogram::reset_rate`]: of all per-handler `ns`
 //!   recomputations (weighted: each EWMA step of a dispatched handler plus each
 //!   ageing step of a non-dispatched handler with `ns != 0`; classic: each

@@ -32,6 +32,13 @@ fn live_param_change_resets_state_and_shows_in_stats() {
         let before = handle.stats();
         assert!(before.poll_ns > 0, "no adaptive state built: {before:?}");
         assert!(before.handlers.iter().any(|h| h.ns > 0));
+        // The histogram saw the polling-enabled iterations.
+        let h = &before.poll_ns_histogram;
+        assert!(h.samples > 0 && h.samples <= before.iterations);
+        assert!(h.mean_poll_ns() > 0.0);
+        assert_eq!(h.buckets.iter().sum::<u64>(), h.samples);
+        assert!(h.handler_updates > 0);
+        assert!(before.grow_count > 0);
         assert_eq!(before.param_updates, 0);
 
         // Invalid values are rejected at once with a clear message.

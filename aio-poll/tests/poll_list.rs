@@ -71,6 +71,8 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
         }
         assert!(!ctx.in_poll_mode() || ctx.stats().handlers.is_empty());
         assert!(ctx.stats().handlers.is_empty());
+        // Classic window = max ns over the (now empty) poll list.
+        assert_eq!(ctx.poll_ns(), 0);
         // Leaving poll mode re-enabled notifications: begins == ends.
         assert_eq!(Probe::get(&probe.begins), Probe::get(&probe.ends));
         assert!(q.notify_enabled.load(Ordering::SeqCst));

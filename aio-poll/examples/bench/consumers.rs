@@ -9,7 +9,7 @@ use aio_poll::clock::thread_cpu_time_ns;
 use aio_poll::{AioContext, FdHandler, Interest, PollAlgorithm, PollParams, Stats};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
 
-use crate::workload::{pin_to_cpu, run_producer, Gap, Queue};
+use crate::workload::{run_producer, setup_thread, Gap, Queue};
 
 /// A benchmark mode.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -137,7 +137,7 @@ pub fn run(mode: Mode, gaps: &[Gap], duration_ns: u64, work_ns: u64) -> RunResul
     let consumer = std::thread::Builder::new()
         .name("bench-consumer".into())
         .spawn(move || -> (u64, Vec<u32>, Option<Stats>) {
-            pin_to_cpu(1);
+            setup_thread(1);
             match mode {
                 Mode::Busy => {
                     for q in &qs {
@@ -266,7 +266,29 @@ pub fn idle_cpu_ns(params: Option<PollParams>, idle_ms: u64) -> u64 {
     let (tx, rx) = channel();
     let q2 = q.clone();
     let s2 = stop.clone();
-    let t = std::thread::spawn(move || match params {
+    let t = std::thread::spawn(move || {
+        setup_thread(1);
+        idle_body(params, q2, s2, tx)
+    });
+    let handle = rx.recv().expect("handle");
+    std::thread::sleep(std::time::Duration::from_millis(idle_ms));
+    stop.store(true, Ordering::Release);
+    match handle {
+        Some(h) => h.request_stop(),
+        None => {
+            let _ = q.kick.write(1);
+        }
+    }
+    t.join().expect("idle thread")
+}
+
+fn idle_body(
+    params: Option<PollParams>,
+    q2: Arc<Queue>,
+    s2: Arc<AtomicBool>,
+    tx: Sender<Option<aio_poll::ContextHandle>>,
+) -> u64 {
+    match params {
         Some(p) => {
             let mut ctx = AioContext::with_params(p).expect("context");
             let (ltx, _lrx) = channel();
@@ -312,17 +334,7 @@ pub fn idle_cpu_ns(params: Option<PollParams>, idle_ms: u64) -> u64 {
             }
             thread_cpu_time_ns() - cpu0
         }
-    });
-    let handle = rx.recv().expect("handle");
-    std::thread::sleep(std::time::Duration::from_millis(idle_ms));
-    stop.store(true, Ordering::Release);
-    match handle {
-        Some(h) => h.request_stop(),
-        None => {
-            let _ = q.kick.write(1);
-        }
     }
-    t.join().expect("idle thread")
 }
 
 /// Same-thread dispatch cost: write the eventfd, dispatch it; ns of thread
