@@ -285,32 +285,29 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
         Some(page)
     }
 
-    /// Decides the path of a write of `class` and records it.
-    fn write_path(&mut self, class: RegisterClass) -> Result<WritePath> {
-        let slot = &mut self.written[class.bit() as usize];
+    /// Decides the path of a write of `class` and records it: `Some(page)` to write on the
+    /// page (whose setters set the dirty bit), `None` to use the hypercall. A hypercall
+    /// write of a class already written on the page since the last run is refused.
+    fn route_write(&mut self, class: RegisterClass) -> Result<Option<&mut RegisterPage>> {
         let usable = self.page.as_ref().is_some_and(RegisterPage::is_usable);
-        let path = match *slot {
-            Some(WritePath::Hypercall) => WritePath::Hypercall,
-            _ if usable => WritePath::Page,
-            Some(WritePath::Page) => {
-                return Err(Error::MixedWrite {
-                    class,
-                    earlier: WritePath::Page,
-                    attempted: WritePath::Hypercall,
-                })
+        let slot = class.bit() as usize;
+        match self.written[slot] {
+            Some(WritePath::Hypercall) => Ok(None),
+            _ if usable => {
+                self.written[slot] = Some(WritePath::Page);
+                self.stats.page_writes += 1;
+                Ok(self.page.as_mut())
             }
-            None => WritePath::Hypercall,
-        };
-        *slot = Some(path);
-        Ok(path)
-    }
-
-    fn page_for_write(&mut self) -> Result<&mut RegisterPage> {
-        self.stats.page_writes += 1;
-        // `write_path` returned `Page` only if the page exists and is usable.
-        self.page.as_mut().ok_or(Error::Unsupported {
-            what: "page write without a page",
-        })
+            Some(WritePath::Page) => Err(Error::MixedWrite {
+                class,
+                earlier: WritePath::Page,
+                attempted: WritePath::Hypercall,
+            }),
+            None => {
+                self.written[slot] = Some(WritePath::Hypercall);
+                Ok(None)
+            }
+        }
     }
 
     fn hypercall_get(&mut self, op: &'static str, assocs: &mut [hv_register_assoc]) -> Result<()> {
@@ -423,12 +420,12 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
         value: hv_register_value,
         on_page: impl FnOnce(&mut RegisterPage),
     ) -> Result<()> {
-        match self.write_path(class)? {
-            WritePath::Page => {
-                on_page(self.page_for_write()?);
+        match self.route_write(class)? {
+            Some(page) => {
+                on_page(page);
                 Ok(())
             }
-            WritePath::Hypercall => self.hypercall_set("set vp registers", &[assoc(name, value)]),
+            None => self.hypercall_set("set vp registers", &[assoc(name, value)]),
         }
     }
 
@@ -466,14 +463,13 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
     /// Writes the general purpose registers, RIP and RFLAGS (page or hypercall per class).
     pub fn set_standard_registers(&mut self, regs: &hv::StandardRegisters) -> Result<()> {
         let gp = crate::standard_to_gp(regs);
-        match self.write_path(RegisterClass::General)? {
-            WritePath::Page => {
-                let page = self.page_for_write()?;
+        match self.route_write(RegisterClass::General)? {
+            Some(page) => {
                 for (g, v) in Gpr::ALL.into_iter().zip(gp) {
                     page.set_gpr(g, v);
                 }
             }
-            WritePath::Hypercall => {
+            None => {
                 let assocs: Vec<_> = Gpr::ALL
                     .into_iter()
                     .zip(gp)
@@ -559,14 +555,13 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
     /// CR4, CR8, EFER, APIC_BASE) with one hypercall. The interrupt bitmap is ignored.
     pub fn set_special_registers(&mut self, sregs: &hv::SpecialRegisters) -> Result<()> {
         let segs = crate::special_segments(sregs);
-        match self.write_path(RegisterClass::Segment)? {
-            WritePath::Page => {
-                let page = self.page_for_write()?;
+        match self.route_write(RegisterClass::Segment)? {
+            Some(page) => {
                 for (s, v) in Segment::ALL.into_iter().zip(segs) {
                     page.set_segment(s, v);
                 }
             }
-            WritePath::Hypercall => {
+            None => {
                 let assocs: Vec<_> = Segment::ALL
                     .into_iter()
                     .zip(segs)
