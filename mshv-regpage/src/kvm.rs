@@ -217,10 +217,14 @@ impl KvmVcpuRegisters {
     }
 
     /// The vCPU, mutably (to run it yourself: call [`ExitRegisters::run_done`] afterwards).
-    /// Drops the ioctl caches, since the caller may change registers behind our back.
+    ///
+    /// The caller may change registers behind the facade's back, so until the next run
+    /// reads use the ioctls (the sync-area copy and the caches may be stale), and a class
+    /// already written in the sync area can no longer be written by ioctl.
     pub fn vcpu_mut(&mut self) -> &mut VcpuFd {
         self.regs_cache = None;
         self.sregs_cache = None;
+        self.synced = false;
         &mut self.vcpu
     }
 

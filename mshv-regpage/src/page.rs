@@ -504,6 +504,12 @@ impl RegisterPage {
         self.write(offsets::ISVALID, u8::from(valid));
     }
 
+    /// Hypervisor side: overwrites `version`.
+    #[cfg(feature = "sim")]
+    pub(crate) fn hv_set_version(&mut self, version: u16) {
+        self.write(offsets::VERSION, version);
+    }
+
     /// Hypervisor side: overwrites `dirty`.
     #[cfg(feature = "sim")]
     pub(crate) fn hv_set_dirty(&mut self, dirty: DirtyClasses) {

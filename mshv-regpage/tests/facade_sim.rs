@@ -267,3 +267,19 @@ fn foreign_pages_are_rejected_by_the_simulator() {
     let mut no_page = VcpuRegisters::new(None, hv_a.hypercalls());
     assert!(hv_a.exit(&mut no_page).is_err());
 }
+
+#[test]
+fn unknown_page_version_falls_back_to_hypercalls() {
+    let (mut hv, page) = SimHypervisor::new();
+    hv.state_mut().set_gpr(Gpr::R12, 12);
+    let mut regs = VcpuRegisters::new(Some(page), hv.hypercalls());
+    hv.exit(&mut regs).unwrap();
+    hv.set_page_version(&mut regs, 2).unwrap();
+    assert!(regs.page().unwrap().is_valid());
+    assert!(!regs.page_usable());
+    assert_eq!(regs.gpr(Gpr::R12).unwrap(), 12);
+    assert_eq!(regs.stats().page_reads, 0);
+    assert_eq!(regs.stats().hypercall_gets, 1);
+    hv.run(&mut regs, |_| {}).unwrap();
+    assert!(regs.page_usable());
+}

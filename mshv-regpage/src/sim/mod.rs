@@ -285,6 +285,18 @@ impl SimHypervisor {
         Ok(())
     }
 
+    /// Overwrites the page's `version` field now (a page format this crate does not know
+    /// must make the facade fall back to hypercalls). The next [`exit`](Self::exit) writes
+    /// version 1 again.
+    pub fn set_page_version<T: SimTarget + ?Sized>(
+        &mut self,
+        target: &mut T,
+        version: u16,
+    ) -> Result<(), SimError> {
+        self.page_of(target)?.hv_set_version(version);
+        Ok(())
+    }
+
     /// The vCPU is dispatched: applies the page's dirty classes (only those) to the vCPU
     /// state and clears `dirty`. With an invalid page the dirty classes are discarded.
     pub fn dispatch<T: SimTarget + ?Sized>(
