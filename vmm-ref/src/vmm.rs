@@ -54,7 +54,7 @@ pub enum VmmError {
         id: String,
         /// Cause.
         #[source]
-        source: drives::DriveError,
+        source: Box<drives::DriveError>,
     },
     /// Loading the kernel or writing the boot structures failed.
     #[error("cannot prepare the guest for boot")]
@@ -238,7 +238,7 @@ impl Vmm {
             let drive = Drive::attach(&vm, &mut mmio, &registry, index, d).map_err(|source| {
                 VmmError::Drive {
                     id: d.config.id.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             drives.push(drive);
