@@ -355,15 +355,61 @@ pub fn parse_request(value: Value) -> Result<Request, RequestError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Json(String);
 
+/// serde_json formatter writing QEMU's style: `{"a": 1, "b": [1, 2]}` (a space after
+/// every `:` and `,`, no newlines).
+struct QemuFormatter;
+
+impl serde_json::ser::Formatter for QemuFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
 impl Json {
-    /// Serialise `value`.
+    /// Serialise `value` in QEMU's style.
     pub fn new<T: Serialize + ?Sized>(value: &T) -> Self {
-        // Serialising our own types (derived Serialize, string keys) cannot fail; keep a
-        // valid JSON fallback rather than panicking.
-        Json(serde_json::to_string(value).unwrap_or_else(|e| {
-            log::error!("qmp: cannot serialise a reply: {e}");
-            "{}".to_string()
-        }))
+        let mut out = Vec::with_capacity(128);
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, QemuFormatter);
+        match value.serialize(&mut ser).map(|()| String::from_utf8(out)) {
+            Ok(Ok(text)) => Json(text),
+            // Serialising our own types (derived Serialize, string keys) cannot fail and
+            // serde_json writes UTF-8; keep a valid JSON fallback rather than panicking.
+            Ok(Err(e)) => {
+                log::error!("qmp: reply is not UTF-8: {e}");
+                Json::empty_object()
+            }
+            Err(e) => {
+                log::error!("qmp: cannot serialise a reply: {e}");
+                Json::empty_object()
+            }
+        }
     }
 
     /// The empty object `{}`.
@@ -654,7 +700,12 @@ mod tests {
         let e = encode_error(&CommandError::command_not_found("nope"), None);
         assert_eq!(
             e,
-            b"{\"error\": {\"class\":\"CommandNotFound\",\"desc\":\"nope\"}}\r\n"
+            b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"nope\"}}\r\n"
+        );
+        let nested = Json::new(&json!({"a": [1, {"b": null}], "c": "x, y: z"}));
+        assert_eq!(
+            nested.as_str(),
+            r#"{"a": [1, {"b": null}], "c": "x, y: z"}"#
         );
         let g: Value = serde_json::from_slice(&encode_greeting(&VersionInfo::current())).unwrap();
         assert_eq!(g["QMP"]["capabilities"], json!([]));

@@ -123,9 +123,14 @@ fn query_iothreads_is_the_registry_json_verbatim() {
     let mut c = f.client();
     c.send_raw(b"{\"execute\": \"query-iothreads\"}\n");
     let line = c.read_line();
-    let expected = serde_json::to_string(&f.machine.registry_ref().query_iothreads()).unwrap();
+    let expected = crate::qmp::protocol::Json::new(&f.machine.registry_ref().query_iothreads());
+    let expected = expected.as_str();
     assert_eq!(line, format!("{{\"return\": {expected}}}\r\n"));
     let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        v["return"],
+        serde_json::to_value(f.machine.registry_ref().query_iothreads()).unwrap()
+    );
     let io0 = &v["return"][0];
     assert_eq!(io0["id"], "io0");
     assert_eq!(
