@@ -98,6 +98,8 @@ pub struct AioContext {
     slots: Vec<Slot>,
     free: Vec<u32>,
     live_handlers: usize,
+    /// Registered poll-only handlers (no fd).
+    poll_only: usize,
     poll_list: Vec<HandlerId>,
     poll_started: bool,
     adaptive: Adaptive,
@@ -169,6 +171,7 @@ impl AioContext {
             slots: Vec::new(),
             free: Vec::new(),
             live_handlers: 0,
+            poll_only: 0,
             poll_list: Vec::new(),
             poll_started: false,
             adaptive,
@@ -288,11 +291,13 @@ impl AioContext {
 
     /// Registers a poll-only handler (no fd), e.g. a completion ring check.
     /// It stays on the poll list while polling is enabled (`max_ns > 0`; it
-    /// never idles out) and is only ever found ready by `poll()`: with polling
-    /// disabled, or while the loop sleeps, nothing wakes the loop for it, so
-    /// pair it with a wake-up source (an fd handler or `notify()`).
+    /// never idles out): it is polled in every polling window and once after
+    /// every wait. Nothing wakes a sleeping loop for it, so whoever makes it
+    /// ready must also call [`ContextHandle::notify`]. With polling disabled
+    /// it is never polled.
     pub fn add_poll_handler(&mut self, h: Box<dyn FdHandler>) -> Result<HandlerId> {
         let id = self.insert(Self::new_entry(None, Interest::empty(), h))?;
+        self.poll_only += 1;
         if self.adaptive.enabled() {
             let now = self.clock.now_ns();
             self.join_poll_list(id, None, now);
@@ -318,6 +323,10 @@ impl AioContext {
     pub fn remove_fd_handler(&mut self, id: HandlerId) -> Result<()> {
         let entry = self.entry_mut(id).ok_or(Error::UnknownHandler(id))?;
         let fd = entry.fd;
+        if fd.is_none() {
+            self.poll_only = self.poll_only.saturating_sub(1);
+        }
+        let entry = self.entry_mut(id).ok_or(Error::UnknownHandler(id))?;
         let running = entry.handler.is_none();
         entry.removed = true;
         let on_list = entry.on_poll_list;
@@ -438,10 +447,7 @@ impl AioContext {
     /// Validates and applies new parameters at once: every handler `ns` and
     /// `poll_ns` are reset to 0; with `max_ns == 0` the poll list is emptied.
     pub fn set_poll_params(&mut self, p: PollParams) -> Result<()> {
-        let p = self.shared.set_params(p)?;
-        // Applied right here; nothing left for the loop.
-        self.shared.params_dirty.store(false, Ordering::Release);
-        *lock(&self.shared.pending_params) = None;
+        let p = p.validate()?;
         self.apply_params(p);
         Ok(())
     }
@@ -450,6 +456,8 @@ impl AioContext {
         if self.adaptive.set_params(p).is_err() {
             return; // unreachable: validated by the caller
         }
+        // What handles report is what the loop uses.
+        *lock(&self.shared.params) = self.adaptive.params();
         let entries = self.slots.iter_mut().filter_map(|s| s.entry.as_mut());
         self.adaptive.reset(entries.map(|e| &mut e.ns));
         if !self.adaptive.enabled() {
@@ -678,6 +686,11 @@ impl AioContext {
             self.shared.notifier.end_may_sleep();
         }
         self.shared.notifier.accept();
+        if self.poll_only > 0 && polling {
+            // Nothing wakes the loop for poll-only handlers: check them after
+            // every wait.
+            self.poll_poll_only_handlers();
+        }
 
         // 6. block_ns excludes handler run time (only used when polling).
         let end = if polling { self.clock.now_ns() } else { start };
@@ -733,6 +746,27 @@ impl AioContext {
             }
         }
         found
+    }
+
+    /// One `poll()` on every poll-only handler (no fd) on the poll list.
+    fn poll_poll_only_handlers(&mut self) {
+        for i in 0..self.poll_list.len() {
+            let Some(id) = self.poll_list.get(i).copied() else {
+                break;
+            };
+            let Some(e) = self.entry_mut(id) else {
+                continue;
+            };
+            if e.fd.is_some() || e.poll_ready {
+                continue;
+            }
+            if let Some(h) = e.handler.as_mut() {
+                if h.poll() {
+                    e.poll_ready = true;
+                    self.ready_poll.push(id);
+                }
+            }
+        }
     }
 
     /// One round over the poll list plus the notifier. Returns true if

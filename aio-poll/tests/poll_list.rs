@@ -155,3 +155,64 @@ fn final_poll_catches_event_raced_with_poll_end() {
         assert_eq!(q.consumed.load(Ordering::SeqCst), 2);
     });
 }
+
+#[test]
+fn poll_only_handler() {
+    use aio_poll::FdHandler;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    struct Ring {
+        pending: Arc<AtomicU64>,
+        done: Arc<AtomicU64>,
+    }
+    impl FdHandler for Ring {
+        fn has_poll(&self) -> bool {
+            true
+        }
+        fn poll(&mut self) -> bool {
+            self.pending.load(Ordering::SeqCst) > 0
+        }
+        fn poll_ready(&mut self, _ctx: &mut AioContext) {
+            let n = self.pending.swap(0, Ordering::SeqCst);
+            self.done.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+
+    with_watchdog(60, || {
+        let pending = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let mut ctx = AioContext::new().unwrap();
+        let id = ctx
+            .add_poll_handler(Box::new(Ring {
+                pending: pending.clone(),
+                done: done.clone(),
+            }))
+            .unwrap();
+        assert!(ctx.is_on_poll_list(id));
+        assert!(matches!(
+            ctx.modify_fd_handler(id, aio_poll::Interest::READABLE),
+            Err(aio_poll::Error::NoFd(_))
+        ));
+        // Completions found by polling; a notify() wakes a sleeping loop so
+        // that the next iteration polls.
+        let handle = ctx.handle();
+        let p2 = pending.clone();
+        let t = std::thread::spawn(move || {
+            for _ in 0..100 {
+                p2.fetch_add(1, Ordering::SeqCst);
+                handle.notify();
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        });
+        ctx.run(|_| done.load(Ordering::SeqCst) == 100);
+        t.join().unwrap();
+        // Polling disabled: off the list; enabled again: back on it.
+        ctx.set_poll_params(PollParams::disabled()).unwrap();
+        assert!(!ctx.is_on_poll_list(id));
+        ctx.set_poll_params(PollParams::default()).unwrap();
+        assert!(ctx.is_on_poll_list(id));
+        ctx.remove_fd_handler(id).unwrap();
+        assert_eq!(ctx.handler_count(), 0);
+    });
+}
