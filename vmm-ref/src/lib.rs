@@ -17,6 +17,7 @@ pub mod drives;
 pub mod logger;
 pub mod qmp;
 pub mod ratelimit;
+pub mod signals;
 pub mod virtio;
 pub mod vm;
 pub mod vmm;

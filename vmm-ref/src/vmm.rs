@@ -44,6 +44,9 @@ pub enum VmmError {
     /// Bus layout conflict (a bug).
     #[error("cannot map a device")]
     Bus(#[source] vm::iobus::IoBusError),
+    /// Termination signals could not be set up.
+    #[error("cannot set up signal handling")]
+    Signals(#[source] crate::signals::SignalError),
     /// The QMP monitor could not be started.
     #[error("cannot start the QMP monitor")]
     Qmp(#[source] crate::qmp::QmpError),
@@ -412,7 +415,12 @@ impl Vmm {
 /// Runs a VM until it stops; returns the process exit status.
 pub fn run(config: ValidConfig) -> Result<i32, VmmError> {
     let qmp = config.vm.qmp.clone();
+    crate::signals::block_termination_signals().map_err(VmmError::Signals)?;
     let vmm = Vmm::start(config, VmmOptions::default())?;
+    if let Err(e) = crate::signals::spawn_signal_thread(vmm.inner.stop.clone()) {
+        vmm.shutdown();
+        return Err(VmmError::Signals(e));
+    }
     let qmp_server = match qmp.map(|addr| crate::control::start_qmp(&vmm, &addr)) {
         Some(Err(e)) => {
             vmm.shutdown();

@@ -125,6 +125,16 @@ fn verify_4_queues_1_iothread_io_uring() {
     );
 }
 
+#[test]
+fn verify_2_queues_o_direct_io_uring() {
+    run_verify(
+        "vdirect",
+        &["iothread,id=io0", "iothread,id=io1"],
+        "num-queues=2,iothread-vq-mapping=io1:io0,direct=on,aio=io_uring",
+        2,
+    );
+}
+
 /// The JSON form of the mapping, with explicit queue lists, through --config.
 #[test]
 fn verify_4_queues_explicit_json_mapping() {

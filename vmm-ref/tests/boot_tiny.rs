@@ -93,3 +93,20 @@ fn garbage_kernel_fails_cleanly() {
     assert_eq!(out.status, Some(1), "{out:?}");
     assert!(out.stderr.contains("cannot load kernel image"), "{out:?}");
 }
+
+#[test]
+fn sigterm_is_a_clean_shutdown() {
+    if !kvm_available("sigterm_is_a_clean_shutdown") {
+        return;
+    }
+    let dir = TempDir::new("sigterm");
+    let kernel = write_guest(&dir, &echo_cmdline_then_halt_code());
+    let vmm = Running::spawn(&["--kernel", &kernel]);
+    vmm.expect_line("OK:", RUN_TIMEOUT);
+    // SAFETY: sending SIGTERM to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    assert_eq!(vmm.wait(RUN_TIMEOUT), Some(0));
+}
