@@ -645,8 +645,9 @@ impl AioContext {
                 }
             }
         } else if timeout == Some(0) && self.poll_started {
-            // Notifications are suppressed: one round replaces the syscall.
-            poll_found = self.run_poll_handlers_once();
+            // Notifications are suppressed: one round replaces the syscall
+            // (a pending notify() alone does not: fds may be ready too).
+            poll_found = self.run_poll_handlers_once().1;
         }
 
         // 4. may sleep
@@ -681,11 +682,15 @@ impl AioContext {
                 }
             }
         };
-        // 5.
+        // 5. (As in QEMU, only a blocking iteration accepts the notification:
+        // a non-blocking one leaves `notified` set, which at worst makes the
+        // next blocking iteration return at once — never a lost wake-up.)
         if announced {
             self.shared.notifier.end_may_sleep();
         }
-        self.shared.notifier.accept();
+        if blocking {
+            self.shared.notifier.accept();
+        }
         if self.poll_only > 0 && polling {
             // Nothing wakes the loop for poll-only handlers: check them after
             // every wait.
@@ -769,9 +774,9 @@ impl AioContext {
         }
     }
 
-    /// One round over the poll list plus the notifier. Returns true if
-    /// anything (including the notifier) is ready.
-    fn run_poll_handlers_once(&mut self) -> bool {
+    /// One round over the poll list plus the notifier. Returns
+    /// (anything ready including the notifier, a handler ready).
+    fn run_poll_handlers_once(&mut self) -> (bool, bool) {
         let mut found = self.shared.notifier.is_notified();
         let mut handler_found = false;
         for i in 0..self.poll_list.len() {
@@ -799,7 +804,7 @@ impl AioContext {
             self.stats.successful_polls += 1;
         }
         found |= handler_found;
-        found
+        (found, handler_found)
     }
 
     /// Busy-polls for up to `window` ns. Returns (found, elapsed ns).
@@ -807,7 +812,7 @@ impl AioContext {
         let mut found;
         let mut now;
         loop {
-            found = self.run_poll_handlers_once();
+            found = self.run_poll_handlers_once().0;
             now = self.clock.now_ns();
             if found || now.saturating_sub(start) >= window {
                 break;
@@ -1119,6 +1124,9 @@ impl AioContext {
     /// sleeps.
     pub fn check_and_dispatch(&mut self) -> bool {
         self.shared.notifier.clear_external();
+        // Accept before processing (a non-blocking poll does not), so that
+        // `prepare` does not see the old notification again.
+        self.shared.notifier.accept();
         self.poll(false)
     }
 }
