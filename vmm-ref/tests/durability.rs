@@ -1,0 +1,341 @@
+//! Flush durability: the test guest writes 4 KiB blocks one by one, each
+//! followed by a FLUSH, and prints `FLUSHED <k>` once blocks `0..=k` are all
+//! acknowledged. The VMM is killed with SIGKILL in the middle of the run; the
+//! image must then hold every block up to the last reported `k` with exactly
+//! the guest's pattern (u64 at disk offset `a` = `a ^ seed * 0x9e3779b97f4a7c15`).
+//! Runs with the io_uring and the synchronous (`aio=threads`) engines, with
+//! buffered and O_DIRECT (`direct=on`) files, over one and several queues.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, TempDir, VMM_REF};
+
+/// Blocks the guest would write if it were never killed (256 MiB): far more
+/// than it can write before the kill, so the kill lands mid-run.
+const GUEST_BLOCKS: u64 = 65536;
+/// Size of one block.
+const BLOCK: usize = 4096;
+/// The test kills the VMM once the guest reported at least this block.
+const KILL_AFTER_BLOCK: u64 = 100;
+/// Bound on the whole run up to the kill (boot included) on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The guest's pattern word at disk byte offset `addr`.
+fn pattern_word(seed: u64, addr: u64) -> u64 {
+    addr ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// First mismatch in block `k` of `image`: (byte offset in the block, found, expected).
+fn check_block(image: &[u8], seed: u64, k: u64) -> Option<(usize, u64, u64)> {
+    let base = k as usize * BLOCK;
+    let block = &image[base..base + BLOCK];
+    block.chunks_exact(8).enumerate().find_map(|(i, word)| {
+        let found = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
+        let expected = pattern_word(seed, (base + 8 * i) as u64);
+        (found != expected).then_some((8 * i, found, expected))
+    })
+}
+
+/// One configuration of the drive under test.
+struct Case {
+    name: &'static str,
+    /// `--object` arguments.
+    objects: &'static [&'static str],
+    /// Drive options after `id=d0,file=<image>,`.
+    drive: &'static str,
+}
+
+/// What a run saw before the kill.
+struct Seen {
+    /// Highest `k` of a `FLUSHED <k>` line.
+    last_flushed: u64,
+    /// Number of `FLUSHED` lines.
+    lines: usize,
+    /// Whether the guest had already finished (RESULT line) before the kill.
+    finished: bool,
+}
+
+/// stdout lines of `child` on a channel (the reader ends with the process).
+fn line_channel(child: &mut Child) -> Receiver<String> {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads guest output until a `FLUSHED k` with `k >= KILL_AFTER_BLOCK`, the
+/// end of the output, or the timeout.
+/// Every line read goes to `log`.
+fn watch(lines: &Receiver<String>, seed: u64, log: &mut Vec<String>) -> Result<Seen, String> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut seen = Seen {
+        last_flushed: 0,
+        lines: 0,
+        finished: false,
+    };
+    let mut seed_echoed = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "no FLUSHED >= {KILL_AFTER_BLOCK} within {TIMEOUT:?}"
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err("the VMM's output ended before the kill".to_owned())
+            }
+        };
+        log.push(line.clone());
+        if let Some(rest) = line.strip_prefix("durability: ") {
+            let want = format!("seed={seed:#x}");
+            if !rest.split(' ').any(|w| w == want) {
+                return Err(format!(
+                    "guest uses another seed: {line:?}, expected {want}"
+                ));
+            }
+            seed_echoed = true;
+        } else if let Some(k) = line.strip_prefix("FLUSHED ") {
+            let k: u64 = k
+                .trim()
+                .parse()
+                .map_err(|e| format!("bad line {line:?}: {e}"))?;
+            if !seed_echoed {
+                return Err("FLUSHED before the durability: header line".to_owned());
+            }
+            if seen.lines > 0 && k <= seen.last_flushed {
+                return Err(format!(
+                    "FLUSHED went backwards: {k} after {}",
+                    seen.last_flushed
+                ));
+            }
+            seen.last_flushed = k;
+            seen.lines += 1;
+            if k >= KILL_AFTER_BLOCK {
+                return Ok(seen);
+            }
+        } else if line.starts_with("RESULT ") {
+            if !line.starts_with("RESULT durability PASS") {
+                return Err(format!("guest reported {line:?}"));
+            }
+            seen.finished = true;
+            return Ok(seen);
+        }
+    }
+}
+
+/// Runs the guest on a fresh image with `case`, kills the VMM, checks the image.
+fn run_case(case: &Case) {
+    let dir = TempDir::new(&format!("durability-{}", case.name));
+    let image = dir.join("disk.img");
+    let file = std::fs::File::create(&image).expect("create image");
+    file.set_len(GUEST_BLOCKS * BLOCK as u64)
+        .expect("size image");
+    drop(file);
+    let kernel = env!("VMM_REF_GUEST_ELF");
+    // A different pattern every run, so that no earlier content can match.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 32)
+        | 1;
+    let cmdline =
+        format!("scenario=durability durability.blocks={GUEST_BLOCKS} durability.seed={seed:#x}");
+    let drive = format!("id=d0,file={},{}", image.display(), case.drive);
+    let mut args = vec![
+        "--kernel",
+        kernel,
+        "--memory",
+        "256M",
+        "--cmdline",
+        &cmdline,
+    ];
+    for o in case.objects {
+        args.extend(["--object", o]);
+    }
+    args.extend(["--drive", &drive]);
+    println!("{}: vmm-ref {}", case.name, args.join(" "));
+
+    let mut child = Command::new(VMM_REF)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm-ref");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let stderr_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let lines = line_channel(&mut child);
+    let mut log = Vec::new();
+    let watched = watch(&lines, seed, &mut log);
+    // SIGKILL (std's kill); fails only if the process is already reaped.
+    let _ = child.kill();
+    let status = child.wait().expect("wait for vmm-ref");
+    let stderr = stderr_reader.join().unwrap_or_default();
+    log.extend(lines.try_iter());
+    let seen = match watched {
+        Ok(seen) => seen,
+        Err(e) => panic!(
+            "{}: {e}\nexit: {status}\nguest output:\n{}\nstderr:\n{stderr}",
+            case.name,
+            lines_tail(&log)
+        ),
+    };
+    let image_data = std::fs::read(&image).expect("read image");
+    assert_eq!(image_data.len(), GUEST_BLOCKS as usize * BLOCK);
+    for k in 0..=seen.last_flushed {
+        if let Some((off, found, expected)) = check_block(&image_data, seed, k) {
+            panic!(
+                "{}: block {k} (acknowledged: last FLUSHED {}) differs at byte {off}: \
+                 {found:#018x}, expected {expected:#018x}\nguest output:\n{}\nstderr:\n{stderr}",
+                case.name,
+                seen.last_flushed,
+                lines_tail(&log)
+            );
+        }
+    }
+    let beyond = count_written_beyond(&image_data, seed, seen.last_flushed + 1);
+    println!(
+        "{}: killed ({status}) after FLUSHED {} ({} lines{}); blocks 0..={} intact; \
+         {beyond} later blocks also complete",
+        case.name,
+        seen.last_flushed,
+        seen.lines,
+        if seen.finished {
+            ", guest had finished"
+        } else {
+            ""
+        },
+        seen.last_flushed
+    );
+}
+
+/// Blocks from `from` on that already hold their pattern (written but not yet
+/// reported when the VMM died); informational.
+fn count_written_beyond(image: &[u8], seed: u64, from: u64) -> usize {
+    (from..GUEST_BLOCKS)
+        .filter(|&k| check_block(image, seed, k).is_none())
+        .count()
+}
+
+/// The last lines of a log, for failure messages.
+fn lines_tail(log: &[String]) -> String {
+    let start = log.len().saturating_sub(20);
+    log[start..].join("\n")
+}
+
+/// Whether the host file system of the temporary directory accepts O_DIRECT.
+fn o_direct_supported() -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = TempDir::new("durability-odirect-probe");
+    let path = dir.join("probe");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(Path::new(&path))
+        .is_ok()
+}
+
+#[test]
+fn flushed_writes_survive_sigkill_io_uring_4_queues() {
+    if !kvm_available("flushed_writes_survive_sigkill_io_uring_4_queues") {
+        return;
+    }
+    run_case(&Case {
+        name: "io_uring-4q",
+        objects: &["iothread,id=io0", "iothread,id=io1"],
+        drive: "num-queues=4,iothread-vq-mapping=io0:io1,aio=io_uring",
+    });
+}
+
+#[test]
+fn flushed_writes_survive_sigkill_threads_2_queues() {
+    if !kvm_available("flushed_writes_survive_sigkill_threads_2_queues") {
+        return;
+    }
+    run_case(&Case {
+        name: "threads-2q",
+        objects: &["iothread,id=io0"],
+        drive: "num-queues=2,iothread=io0,aio=threads",
+    });
+}
+
+#[test]
+fn flushed_writes_survive_sigkill_io_uring_direct() {
+    if !kvm_available("flushed_writes_survive_sigkill_io_uring_direct") {
+        return;
+    }
+    if !o_direct_supported() {
+        println!("SKIPPED: O_DIRECT not supported by the temporary directory's file system");
+        return;
+    }
+    run_case(&Case {
+        name: "io_uring-direct-1q",
+        objects: &["iothread,id=io0,poll-max-ns=0"],
+        drive: "num-queues=1,iothread=io0,aio=io_uring,direct=on",
+    });
+}
+
+#[test]
+fn flushed_writes_survive_sigkill_threads_direct() {
+    if !kvm_available("flushed_writes_survive_sigkill_threads_direct") {
+        return;
+    }
+    if !o_direct_supported() {
+        println!("SKIPPED: O_DIRECT not supported by the temporary directory's file system");
+        return;
+    }
+    run_case(&Case {
+        name: "threads-direct-3q",
+        objects: &["iothread,id=io0", "iothread,id=io1"],
+        drive: "num-queues=3,iothread-vq-mapping=io0:io1,aio=threads,direct=on",
+    });
+}
+
+#[test]
+fn checker_rejects_missing_and_misplaced_blocks() {
+    // The check itself must be able to fail: a zeroed block, a block written
+    // with another seed and a block written at the wrong offset all differ.
+    let seed = 0x1234_5678_9abc_def1;
+    let mut image = vec![0u8; 3 * BLOCK];
+    let fill = |buf: &mut [u8], seed: u64, offset: u64| {
+        for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&pattern_word(seed, offset + 8 * i as u64).to_le_bytes());
+        }
+    };
+    fill(&mut image[..BLOCK], seed, 0);
+    assert_eq!(check_block(&image, seed, 0), None);
+    assert!(check_block(&image, seed, 1).is_some(), "zeroed block");
+    fill(&mut image[BLOCK..2 * BLOCK], seed ^ 2, BLOCK as u64);
+    assert!(check_block(&image, seed, 1).is_some(), "other seed");
+    fill(&mut image[2 * BLOCK..], seed, 0);
+    assert!(
+        check_block(&image, seed, 2).is_some(),
+        "block 0's data in block 2"
+    );
+    // A single torn word is found, with its position.
+    fill(&mut image[2 * BLOCK..], seed, 2 * BLOCK as u64);
+    image[2 * BLOCK + 4000] ^= 1;
+    assert_eq!(check_block(&image, seed, 2).map(|m| m.0), Some(4000));
+}
