@@ -154,6 +154,9 @@ impl QueueWorker {
             self.take_requests();
             self.backend.flush_submissions();
             self.complete_ready();
+            if self.avail_pending() && !self.polling {
+                continue; // budget exhausted with more work waiting
+            }
             self.stalled = !self.polling && !self.backend.has_capacity();
             if self.broken || self.polling || self.stalled {
                 // Polling re-checks by itself; a full backend resumes when
@@ -171,10 +174,14 @@ impl QueueWorker {
     fn take_requests(&mut self) {
         let mem = self.mem.clone();
         let mut added = false;
+        // At most one ring's worth per pass, so that completions are
+        // published even while the driver keeps adding requests.
+        let mut budget = self.queue.size();
         loop {
-            if !self.backend.has_capacity() {
+            if !self.backend.has_capacity() || budget == 0 {
                 break;
             }
+            budget -= 1;
             let next = match self.queue.iter(&*mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => return self.fail("avail ring", &e),
