@@ -13,3 +13,5 @@ pub mod iothread_mapping;
 pub mod poll_algorithm;
 pub mod regpage;
 pub mod seeds;
+pub mod virtio_blk_request;
+pub mod virtio_mmio;
