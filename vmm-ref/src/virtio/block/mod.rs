@@ -373,7 +373,7 @@ impl Block {
             avail_features |= feature(VIRTIO_BLK_F_MQ);
         }
 
-        let seg_max = u32::from(cfg.queue_size) - 2;
+        let seg_max = seg_max(cfg.queue_size);
         let config_space = config_space(capacity_sectors, seg_max, cfg.num_queues);
         let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES];
         let serial = cfg.serial.as_deref().unwrap_or(&cfg.id).as_bytes();
@@ -434,7 +434,7 @@ impl Block {
         DiskLimits {
             capacity_sectors: self.capacity_sectors,
             read_only: self.cfg.readonly,
-            seg_max: u32::from(self.cfg.queue_size) - 2,
+            seg_max: seg_max(self.cfg.queue_size),
             size_max: SIZE_MAX,
             discard: acked & feature(VIRTIO_BLK_F_DISCARD) != 0,
             write_zeroes: acked & feature(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
@@ -579,6 +579,12 @@ impl Block {
         }
         self.shared.activated.store(false, Ordering::SeqCst);
     }
+}
+
+/// `seg_max` offered: a chain holds the data segments plus header and
+/// status, and one vectored syscall takes at most [`raw::IOV_MAX`] buffers.
+pub fn seg_max(queue_size: u16) -> u32 {
+    (u32::from(queue_size) - 2).min(raw::IOV_MAX as u32 - 2)
 }
 
 /// Serialises the virtio-blk configuration space (little endian).
@@ -1054,6 +1060,8 @@ mod tests {
         assert_eq!(one, [1]);
         b.read_config(1000, &mut d);
         assert_eq!(d, [0; 4]);
+        assert_eq!(seg_max(32768), 1022);
+        assert_eq!(seg_max(2), 0);
         assert_eq!(b.device_type(), 2);
         assert_eq!(b.queue_max_sizes(), &[QSIZE; 4]);
         assert_eq!(b.info().capacity, DISK as u64);

@@ -184,46 +184,38 @@ impl RawFile {
         self.buffered.as_raw_fd()
     }
 
-    /// Decides how a read or write runs: straight on guest memory, through
-    /// an aligned bounce buffer (direct I/O with unaligned guest buffers,
-    /// filled from the guest for writes), or on the buffered descriptor
-    /// (offset/length not aligned for direct I/O, a large unaligned request,
-    /// or more than [`IOV_MAX`] iovecs).
+    /// Decides how a read or write runs: straight on guest memory (on the
+    /// `O_DIRECT` descriptor when everything is aligned for it), through an
+    /// aligned bounce buffer (direct I/O with unaligned guest buffers, at most
+    /// [`MAX_BOUNCE_BYTES`]; filled from the guest for writes), or on the
+    /// buffered descriptor (no `O_DIRECT`, offset/length not aligned for
+    /// direct I/O, or a large unaligned request). A plan may hold more than
+    /// [`IOV_MAX`] iovecs; [`rw_all`] splits those, asynchronous engines
+    /// must run them synchronously.
     pub fn plan(&self, offset: u64, bufs: &GuestBuffers, is_write: bool) -> io::Result<IoPlan> {
-        let len = bufs.len();
-        let too_many = bufs.iovecs().len() > IOV_MAX;
-        let Some(direct) = &self.direct else {
-            if too_many {
-                return self.bounce_plan(self.buffered.as_raw_fd(), offset, bufs, is_write, 1);
-            }
-            return Ok(IoPlan {
-                fd: self.buffered.as_raw_fd(),
-                offset,
-                iovecs: bufs.iovecs().to_vec(),
-                bounce: None,
-            });
-        };
-        let geometry_ok = offset % self.offset_align == 0 && len as u64 % self.offset_align == 0;
-        if geometry_ok && !too_many && bufs.is_aligned(self.mem_align, self.offset_align as usize) {
-            return Ok(IoPlan {
-                fd: direct.as_raw_fd(),
-                offset,
-                iovecs: bufs.iovecs().to_vec(),
-                bounce: None,
-            });
-        }
-        if geometry_ok && len <= MAX_BOUNCE_BYTES {
-            return self.bounce_plan(direct.as_raw_fd(), offset, bufs, is_write, self.mem_align);
-        }
-        if too_many {
-            return self.bounce_plan(self.buffered.as_raw_fd(), offset, bufs, is_write, 1);
-        }
-        Ok(IoPlan {
-            fd: self.buffered.as_raw_fd(),
+        let guest = |fd: RawFd| IoPlan {
+            fd,
             offset,
             iovecs: bufs.iovecs().to_vec(),
             bounce: None,
-        })
+        };
+        let Some(direct) = &self.direct else {
+            return Ok(guest(self.buffered.as_raw_fd()));
+        };
+        let len = bufs.len();
+        let geometry_ok = offset % self.offset_align == 0 && len as u64 % self.offset_align == 0;
+        if !geometry_ok {
+            return Ok(guest(self.buffered.as_raw_fd()));
+        }
+        if bufs.iovecs().len() <= IOV_MAX
+            && bufs.is_aligned(self.mem_align, self.offset_align as usize)
+        {
+            return Ok(guest(direct.as_raw_fd()));
+        }
+        if len <= MAX_BOUNCE_BYTES {
+            return self.bounce_plan(direct.as_raw_fd(), offset, bufs, is_write, self.mem_align);
+        }
+        Ok(guest(self.buffered.as_raw_fd()))
     }
 
     fn bounce_plan(

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend::{
     DiskBackend, DiskCompletion, DiskOp, DiskOpKind, EngineKind, DEFAULT_MAX_BATCH,
 };
-use super::raw::{complete_short, IoPlan, RawFile};
+use super::raw::{complete_short, IoPlan, RawFile, IOV_MAX};
 
 struct InFlight {
     user_data: u64,
@@ -192,6 +192,12 @@ impl DiskBackend for IoUringEngine {
                 return;
             }
         };
+        if plan.as_ref().is_some_and(|p| p.iovecs.len() > IOV_MAX) {
+            // Too many iovecs for one vectored SQE: rw_all splits them.
+            let result = self.file.run_sync(&op);
+            self.ready.push_back(DiskCompletion { user_data, result });
+            return;
+        }
         let Some(sqe) = self.build_sqe(&op, &plan) else {
             // Nothing for the kernel to do asynchronously (empty range or
             // the write-zeroes fallback): run it here.
@@ -466,6 +472,36 @@ mod tests {
         let mut e = IoUringEngine::new(open_raw(&f, true, false), 8).unwrap();
         let w = op(&mem, DiskOpKind::Write { offset: 0 }, 0x1_0000, 512);
         assert!(e.execute_blocking(w).is_err());
+    }
+
+    #[test]
+    fn more_than_iov_max_buffers_round_trip() {
+        let f = temp_disk(2 << 20, 0);
+        let mut e = IoUringEngine::new(open_raw(&f, false, false), 8).unwrap();
+        let mem = guest_mem();
+        // 1100 separate 512-byte buffers: one iovec each.
+        let segs: Vec<Segment> = (0..1100u64)
+            .map(|i| Segment {
+                addr: GuestAddress(0x1000 + i * 512),
+                len: 512,
+            })
+            .collect();
+        for (i, s) in segs.iter().enumerate() {
+            mem.write_slice(&[i as u8; 512], s.addr).unwrap();
+        }
+        let w = DiskOp {
+            kind: DiskOpKind::Write { offset: 0 },
+            bufs: Some(GuestBuffers::new(mem.clone(), &segs).unwrap()),
+        };
+        assert!(w.bufs.as_ref().unwrap().iovecs().len() > IOV_MAX);
+        assert_eq!(e.execute_blocking(w).unwrap(), 1100 * 512);
+        let d = std::fs::read(f.as_path()).unwrap();
+        for i in 0..1100usize {
+            assert!(
+                d[i * 512..(i + 1) * 512].iter().all(|&b| b == i as u8),
+                "block {i}"
+            );
+        }
     }
 
     #[test]
