@@ -421,6 +421,13 @@ pub fn run(config: ValidConfig) -> Result<i32, VmmError> {
         vmm.shutdown();
         return Err(VmmError::Signals(e));
     }
+    // Detached: it ends with stdin or the process.
+    if let Err(e) = crate::devices::serial::spawn_stdin_forwarder(
+        vmm.inner.serial.clone(),
+        vmm.inner.stop.clone(),
+    ) {
+        log::warn!("no serial input: cannot spawn the stdin thread: {e}");
+    }
     let qmp_server = match qmp.map(|addr| crate::control::start_qmp(&vmm, &addr)) {
         Some(Err(e)) => {
             vmm.shutdown();

@@ -108,3 +108,45 @@ fn sigterm_is_a_clean_shutdown() {
     assert_eq!(ret, 0);
     assert_eq!(vmm.wait(RUN_TIMEOUT), Some(0));
 }
+
+#[test]
+fn stdin_reaches_the_guest_serial_port() {
+    if !kvm_available("stdin_reaches_the_guest_serial_port") {
+        return;
+    }
+    use std::io::Write;
+    let dir = TempDir::new("stdin");
+    // Poll LSR.DR, read RBR, exit with the byte as status.
+    let code = [
+        0x66, 0xba, 0xfd, 0x03, // mov dx,0x3fd
+        0xec, // l: in al,dx
+        0xa8, 0x01, // test al,1
+        0x74, 0xfb, // jz l
+        0x66, 0xba, 0xf8, 0x03, // mov dx,0x3f8
+        0xec, // in al,dx
+        0x0f, 0xb6, 0xc0, // movzx eax,al
+        0x66, 0xba, 0xf4, 0x00, // mov dx,0xf4
+        0xef, // out dx,eax
+        0xf4, 0xeb, 0xfd, // hlt; jmp $-1
+    ];
+    let kernel = write_guest(&dir, &code);
+    let mut child = std::process::Command::new(VMM_REF)
+        .args(["--kernel", &kernel])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"A").unwrap();
+    let deadline = std::time::Instant::now() + RUN_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status, Some(i32::from(b'A')));
+}

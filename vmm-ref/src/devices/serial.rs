@@ -1,12 +1,14 @@
 //! COM1: the vm-superio 16550A model on port 0x3f8, interrupting through an
 //! irqfd (GSI 4), guest output to a writer (stdout by default).
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
 
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::vm::stop::StopSignal;
 
 /// Ports 0x3f8..=0x3ff.
 pub const SERIAL_SIZE: u64 = 8;
@@ -38,8 +40,12 @@ impl Serial {
         }
     }
 
-    /// Queues host input for the guest; returns how many bytes fitted.
+    /// Queues host input for the guest; returns how many bytes fitted (0 when
+    /// the receive FIFO is full).
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        if input.is_empty() || self.uart.fifo_capacity() == 0 {
+            return 0;
+        }
         match self.uart.enqueue_raw_bytes(input) {
             Ok(n) => n,
             Err(e) => {
@@ -55,6 +61,45 @@ impl Serial {
             log::warn!("cannot flush serial output: {e}");
         }
     }
+}
+
+/// Forwards the host's stdin to the guest's serial port on a thread named
+/// `serial-in`, until stdin ends or `stop` is requested. Input waits while the
+/// guest does not drain its receive FIFO.
+pub fn spawn_stdin_forwarder(
+    serial: Arc<Mutex<Serial>>,
+    stop: StopSignal,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("serial-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            loop {
+                let n = match io::stdin().read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("serial input: cannot read stdin: {e}");
+                        return;
+                    }
+                };
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    if stop.reason().is_some() {
+                        return;
+                    }
+                    let done = serial
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .enqueue_input(pending);
+                    pending = pending.get(done..).unwrap_or(&[]);
+                    if done == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+            }
+        })
 }
 
 impl BusDevice for Serial {
@@ -82,7 +127,6 @@ impl BusDevice for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -120,5 +164,10 @@ mod tests {
         let mut b = [0u8; 1];
         s.read(0, &mut b);
         assert_eq!(b[0], b'x');
+        // A full FIFO takes nothing and logs nothing.
+        let big = vec![b'y'; 4096];
+        let taken = s.enqueue_input(&big);
+        assert!(taken > 0 && taken < big.len());
+        assert_eq!(s.enqueue_input(&big), 0);
     }
 }
