@@ -5,7 +5,8 @@
 //!   status byte of every failure;
 //! - [`backend`]: the submission/completion interface of disk engines,
 //!   [`raw`] the image file (buffered or `O_DIRECT`),
-//!   [`sync_engine`] and [`uring`] the two engines;
+//!   [`sync_engine`] and [`uring`] the two engines, [`mem_disk`] an
+//!   in-memory backend for fuzzing;
 //! - [`handler`]: per-queue processing and the aio-poll handlers;
 //! - this module: the [`Block`] device (features, configuration space,
 //!   activation on IOThreads, reset, shutdown) and its [`BlockHandle`].
@@ -17,6 +18,7 @@
 
 pub mod backend;
 pub mod handler;
+pub mod mem_disk;
 pub mod raw;
 pub mod request;
 pub mod sync_engine;

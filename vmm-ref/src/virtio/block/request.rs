@@ -792,6 +792,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::block::backend::DiskBackend;
+    use crate::virtio::block::mem_disk::MemDisk;
     use crate::virtio::block::sync_engine::SyncEngine;
     use crate::virtio::block::testing::{
         desc, guest_mem, limits, open_raw, temp_disk, FaultyBackend, MEM_SIZE,
@@ -1258,7 +1259,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
+        #![proptest_config(ProptestConfig::with_cases(300))]
         /// Arbitrary chains: never a panic, and the only guest bytes that
         /// change lie inside the chain's own device-writable descriptors.
         #[test]
@@ -1268,8 +1269,7 @@ mod tests {
             sector in prop_oneof![0u64..140, any::<u64>()],
             fill in any::<u8>(),
         ) {
-            let file = temp_disk((DISK_SECTORS * 512) as usize, 0x77);
-            let mut backend = SyncEngine::new(open_raw(&file, false, false));
+            let mut backend = MemDisk::new((DISK_SECTORS * 512) as usize, false);
             let mem = guest_mem();
             // Fill the data area, then put a header where the first
             // descriptor points (if that is in memory).
