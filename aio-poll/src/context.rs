@@ -584,7 +584,10 @@ impl AioContext {
     /// or timer ran. A bare `notify()` is not progress.
     pub fn poll(&mut self, blocking: bool) -> bool {
         let me = thread_token();
-        let prev = self.shared.loop_thread.swap(me, Ordering::AcqRel);
+        // Only the thread inside poll() (which holds `&mut self`) writes this,
+        // so a plain load + store suffices (no locked RMW on the hot path).
+        let prev = self.shared.loop_thread.load(Ordering::Relaxed);
+        self.shared.loop_thread.store(me, Ordering::Release);
         let progress = self.poll_inner(blocking);
         self.shared.loop_thread.store(prev, Ordering::Release);
         progress

@@ -258,8 +258,9 @@ pub fn run(mode: Mode, gaps: &[Gap], duration_ns: u64, work_ns: u64) -> RunResul
     }
 }
 
-/// CPU the consumer thread burns while idle for `idle_ms` after some
-/// activity (aio-poll with `params`, or event-manager when `None`).
+/// CPU the consumer thread burns while idle for `idle_ms` right after some
+/// activity (aio-poll with `params`, or event-manager when `None`): includes
+/// the last polling window before the loop sleeps, excludes the final wake-up.
 pub fn idle_cpu_ns(params: Option<PollParams>, idle_ms: u64) -> u64 {
     let q = Queue::new();
     let stop = Arc::new(AtomicBool::new(false));
@@ -270,8 +271,12 @@ pub fn idle_cpu_ns(params: Option<PollParams>, idle_ms: u64) -> u64 {
         setup_thread(1);
         idle_body(params, q2, s2, tx)
     });
-    let handle = rx.recv().expect("handle");
+    let (handle, clock) = rx.recv().expect("handle");
+    // Read the idle thread's CPU clock from here, so that neither its final
+    // wake-up nor the measurement itself is counted.
+    let cpu0 = clock_ns(clock);
     std::thread::sleep(std::time::Duration::from_millis(idle_ms));
+    let cpu = clock_ns(clock).saturating_sub(cpu0);
     stop.store(true, Ordering::Release);
     match handle {
         Some(h) => h.request_stop(),
@@ -279,15 +284,40 @@ pub fn idle_cpu_ns(params: Option<PollParams>, idle_ms: u64) -> u64 {
             let _ = q.kick.write(1);
         }
     }
-    t.join().expect("idle thread")
+    t.join().expect("idle thread");
+    cpu
+}
+
+/// The calling thread's CPU-time clock id (readable from other threads).
+fn own_cpu_clock() -> libc::clockid_t {
+    let mut id: libc::clockid_t = libc::CLOCK_THREAD_CPUTIME_ID;
+    // SAFETY: pthread_self() is the calling thread; `id` is a valid out pointer.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) };
+    if rc != 0 {
+        eprintln!("warning: pthread_getcpuclockid failed ({rc})");
+    }
+    id
+}
+
+fn clock_ns(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 fn idle_body(
     params: Option<PollParams>,
     q2: Arc<Queue>,
     s2: Arc<AtomicBool>,
-    tx: Sender<Option<aio_poll::ContextHandle>>,
-) -> u64 {
+    tx: Sender<(Option<aio_poll::ContextHandle>, libc::clockid_t)>,
+) {
     match params {
         Some(p) => {
             let mut ctx = AioContext::with_params(p).expect("context");
@@ -309,10 +339,9 @@ fn idle_body(
                 q2.publish_for_bench();
                 ctx.poll(true);
             }
-            tx.send(Some(ctx.handle())).expect("send");
-            let cpu0 = thread_cpu_time_ns();
+            tx.send((Some(ctx.handle()), own_cpu_clock()))
+                .expect("send");
             ctx.run(|_| false);
-            thread_cpu_time_ns() - cpu0
         }
         None => {
             use event_manager::SubscriberOps;
@@ -327,12 +356,10 @@ fn idle_body(
                 q2.publish_for_bench();
                 let _ = em.run();
             }
-            tx.send(None).expect("send");
-            let cpu0 = thread_cpu_time_ns();
+            tx.send((None, own_cpu_clock())).expect("send");
             while !s2.load(Ordering::Acquire) {
                 let _ = em.run();
             }
-            thread_cpu_time_ns() - cpu0
         }
     }
 }
