@@ -205,9 +205,47 @@ fn qom_get_and_set_live_properties() {
     let threads = c.ok("query-iothreads", None);
     assert_eq!(threads[1]["poll-weight"], 5);
     assert_eq!(threads[1]["poll-max-ns"], 100000);
+    // The IOThread's loop applies the new parameters (visible in its statistics) on
+    // its next iteration: poll a bounded number of times.
+    let mut applied = Value::Null;
+    for _ in 0..6000 {
+        let stats = c.ok("x-query-iothread-stats", Some(json!({"id": "io1"})));
+        applied = stats[0]["poll"]["params"].clone();
+        if applied["weight"] == 5 && applied["max_ns"] == 100000 {
+            break;
+        }
+        thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(applied["weight"], 5, "{applied}");
+    assert_eq!(applied["grow"], 4, "{applied}");
     assert_eq!(
         c.ok("qom-get", Some(json!({"path": path, "property": "type"}))),
         json!("iothread")
+    );
+}
+
+#[test]
+fn iothread_stats() {
+    let f = Fixture::new();
+    let mut c = f.client();
+    let all = c.ok("x-query-iothread-stats", None);
+    let ids: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["io0", "io1"]);
+    assert!(all[0]["thread-id"].as_i64().unwrap() > 0);
+    assert!(all[0]["poll"]["iterations"].is_u64());
+    assert_eq!(
+        c.err("x-query-iothread-stats", Some(json!({"id": "nope"})))
+            .1,
+        "Cannot find iothread nope"
+    );
+    assert_eq!(
+        c.err("x-query-iothread-stats", Some(json!({"ids": []}))).1,
+        "Parameter 'ids' is unexpected"
     );
 }
 
