@@ -10,11 +10,15 @@
 # latency, and the host CPU time of the whole VMM process per I/O over the
 # benchmark window: utime+stime from /proc/<pid>/stat (all threads, exited
 # io_uring workers included) when the guest prints `seed:` (right before the
-# bench starts) and when it prints its BENCH line. The guest busy-polls its
-# used rings, so its vCPU thread is ~100% busy in both VMMs; the column
+# bench starts) and when it prints its BENCH line (the guest then runs
+# `hold` for a second, so that the VM is still complete at that moment; its
+# RESULT must PASS too). The guest busy-polls its used rings, so its vCPU
+# thread is ~100% busy (when scheduled) in both VMMs; the column
 # "non-vCPU" leaves the vCPU threads (vmm-ref `vcpuN`, QEMU `CPU N/KVM`) out:
-# that is the device side (IOThread, io workers, main loop). "CPU s whole
-# run" is getrusage of the reaped child (boot and exit included).
+# that is the device side (IOThread, io workers, main loop); "IOThread" (`IO
+# io0` in both) and "io_uring workers" (`iou-wrk-*`, live at the end) are
+# parts of it. All CPU columns are µs per I/O. "CPU s whole run" is
+# getrusage of the reaped child (boot and exit included).
 # Finally medians per configuration and the vmm-ref/QEMU ratios, and vmm-ref
 # with poll-max-ns=0 against the default.
 #
@@ -109,13 +113,18 @@ VMM = env["BENCH_VMM"]; ELF = env["BENCH_ELF"]; QEMU = env["BENCH_QEMU"]
 ONLY = env["BENCH_ONLY"]; POLL0 = env["BENCH_POLL0"] == "1"; OUT = env["BENCH_OUT"]
 TIMEOUT = SECS + 240  # boot + bench on a loaded 2-core machine
 VCPU_THREAD = re.compile(r"^(vcpu\d+|CPU \d+/KVM)$")
+IOTHREAD_THREAD = re.compile(r"^IO ")          # both name IOThreads "IO <id>"
+IO_WORKER_THREAD = re.compile(r"^iou-(wrk|sqp)-")  # io_uring io-wq workers / SQPOLL
 BENCH_RE = re.compile(r"^BENCH queues=(\d+) qd=(\d+) rw=\S+ ios=(\d+) secs=([\d.]+) iops=(\d+) "
                       r"lat_p50_us=([\d.]+) lat_p99_us=([\d.]+) kicks=(\d+)")
 TICK = os.sysconf("SC_CLK_TCK")
 tsc_khz = None  # taken from the first vmm-ref run (KVM_GET_TSC_KHZ), then given to QEMU too
 
 def guest_cmdline():
-    words = ["scenario=bench", f"bench.secs={SECS}", f"bench.qd={QD}", f"bench.rw={RW}"]
+    # `hold` keeps the VM (vCPU, IOThread) alive for a second after the BENCH
+    # line, so that the per-thread CPU snapshot taken then is complete.
+    words = ["scenario=bench,hold", "hold.secs=1", f"bench.secs={SECS}", f"bench.qd={QD}",
+             f"bench.rw={RW}"]
     if tsc_khz:
         words.append(f"tsc_khz={tsc_khz}")
     return " ".join(words)
@@ -189,7 +198,8 @@ def run(kind, queues, poll):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     run_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     m = next((BENCH_RE.match(l) for l in lines if BENCH_RE.match(l)), None)
-    ok = m is not None and any(l.startswith("RESULT bench PASS") for l in lines)
+    ok = m is not None and any(l.startswith("RESULT bench PASS") for l in lines) \
+        and any(l.startswith("RESULT hold PASS") for l in lines)
     if not ok or s0 is None:
         tail = "\n".join((lines + [l.rstrip() for l in err_lines])[-12:])
         why = "no bench start seen" if ok else "no passing BENCH result"
@@ -201,18 +211,23 @@ def run(kind, queues, poll):
         if t:
             tsc_khz = int(t.group(1))
     ios, kicks = int(m.group(3)), int(m.group(8))
-    if s1 is not None:
+    if s1 is not None and any(VCPU_THREAD.match(n) for n, _ in s1[1].values()):
         cpu = s1[0] - s0[0]
-        vcpu = sum(c - s0[1].get(tid, (name, 0.0))[1]
-                   for tid, (name, c) in s1[1].items() if VCPU_THREAD.match(name))
+        def cls(pattern):
+            return sum(c - s0[1].get(tid, (name, 0.0))[1]
+                       for tid, (name, c) in s1[1].items() if pattern.match(name))
+        vcpu = cls(VCPU_THREAD)
         dev = max(cpu - vcpu, 0.0) * 1e6 / ios
-    else:  # exited before the end snapshot: whole run minus the part before the bench
+        iothread = cls(IOTHREAD_THREAD) * 1e6 / ios
+        workers = cls(IO_WORKER_THREAD) * 1e6 / ios
+    else:  # the VM was gone at the end snapshot: whole run minus the part before the bench
         cpu = run_cpu - s0[0]
-        dev = None
+        dev = iothread = workers = None
     return {"ok": True, "iops": int(m.group(5)), "ios": ios, "kicks": kicks,
             "ios_per_kick": ios / kicks if kicks else float(ios),
             "p50": float(m.group(6)), "p99": float(m.group(7)),
-            "cpu_us": cpu * 1e6 / ios, "dev_us": dev, "run_cpu": run_cpu}
+            "cpu_us": cpu * 1e6 / ios, "dev_us": dev, "iothread_us": iothread,
+            "workers_us": workers, "run_cpu": run_cpu}
 
 def fmt(v, nd=1):
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
@@ -236,10 +251,11 @@ for r in range(1, ROUNDS + 1):
         label = f"{kind} q={q} poll-max-ns={poll}"
         if res["ok"]:
             line = (f"| {r} | {label} | {res['iops']} | {res['ios_per_kick']:.1f} | "
-                    f"{res['cpu_us']:.2f} | {fmt(res['dev_us'], 2)} | {res['p50']:.1f} | "
+                    f"{res['cpu_us']:.2f} | {fmt(res['dev_us'], 2)} | {fmt(res['iothread_us'], 2)} | "
+                    f"{fmt(res['workers_us'], 2)} | {res['p50']:.1f} | "
                     f"{res['p99']:.1f} | {res['run_cpu']:.2f} |")
         else:
-            line = f"| {r} | {label} | FAILED | | | | | | |"
+            line = f"| {r} | {label} | FAILED | | | | | | | | |"
             print(f"bench-vmm.sh: {label} failed: {res['error']}", file=sys.stderr)
         rows.append(line)
         print(line, file=sys.stderr, flush=True)
@@ -257,18 +273,19 @@ report.append(f"guest `{guest_cmdline()}`, disk {DISK} (tmpfs), O_DIRECT + io_ur
               f"1 IOThread (poll-max-ns={POLL}), queue-size 256, {ROUNDS} interleaved rounds; "
               f"load average before the summary: {' '.join(load)}")
 report.append("")
-report.append("| round | VMM | IOPS | I/Os per kick | CPU µs/IO (process) | CPU µs/IO (non-vCPU) | p50 µs | p99 µs | CPU s whole run |")
-report.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+report.append("| round | VMM | IOPS | I/Os per kick | CPU µs/IO (process) | non-vCPU | IOThread | io_uring workers | p50 µs | p99 µs | CPU s whole run |")
+report.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 report += rows
 report.append("")
 report.append("Medians:")
 report.append("")
-report.append("| VMM | queues | poll-max-ns | IOPS | I/Os per kick | CPU µs/IO (process) | CPU µs/IO (non-vCPU) |")
-report.append("|---|---:|---:|---:|---:|---:|---:|")
+report.append("| VMM | queues | poll-max-ns | IOPS | I/Os per kick | CPU µs/IO (process) | non-vCPU | IOThread | io_uring workers |")
+report.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for c in configs:
     kind, q, poll = c
     report.append(f"| {kind} | {q} | {poll} | {fmt(med(c, 'iops'))} | {fmt(med(c, 'ios_per_kick'))} | "
-                  f"{fmt(med(c, 'cpu_us'), 2)} | {fmt(med(c, 'dev_us'), 2)} |")
+                  f"{fmt(med(c, 'cpu_us'), 2)} | {fmt(med(c, 'dev_us'), 2)} | "
+                  f"{fmt(med(c, 'iothread_us'), 2)} | {fmt(med(c, 'workers_us'), 2)} |")
 report.append("")
 report.append("Ratios of medians:")
 report.append("")
