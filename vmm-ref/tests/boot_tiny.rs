@@ -36,6 +36,66 @@ fn serial_cmdline_and_debug_exit_status() {
 }
 
 #[test]
+fn bzimage_enters_at_the_64_bit_entry() {
+    if !kvm_available("bzimage_enters_at_the_64_bit_entry") {
+        return;
+    }
+    let dir = TempDir::new("bz");
+    let kernel = dir.join("bzImage");
+    std::fs::write(&kernel, tiny_bzimage(&echo_cmdline_code(7))).unwrap();
+    let out = run_vmm(
+        &["--kernel", kernel.to_str().unwrap(), "--cmdline", "bz"],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.status, Some(7), "{out:?}");
+    assert!(out.stdout.starts_with("OK:bz tsc_khz="), "{out:?}");
+}
+
+#[test]
+fn initrd_is_loaded_and_described_in_the_zero_page() {
+    if !kvm_available("initrd_is_loaded_and_described_in_the_zero_page") {
+        return;
+    }
+    let dir = TempDir::new("initrd");
+    let kernel = write_guest(&dir, &echo_zero_page_string_code(0x218, 0));
+    let initrd = dir.join("initrd.img");
+    std::fs::write(&initrd, b"hello from the initrd\0").unwrap();
+    let out = run_vmm(
+        &[
+            "--kernel",
+            &kernel,
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "32M",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.status, Some(0), "{out:?}");
+    assert_eq!(out.stdout, "OK:hello from the initrd\n", "{out:?}");
+}
+
+/// With more RAM than fits below the MMIO gap, the rest goes above 4 GiB: the
+/// e820 map then has 4 entries (low RAM, RAM from 1 MiB, the gap, high RAM).
+#[test]
+fn ram_above_the_mmio_gap() {
+    if !kvm_available("ram_above_the_mmio_gap") {
+        return;
+    }
+    let dir = TempDir::new("highmem");
+    let code = [
+        0x0f, 0xb6, 0x86, 0xe8, 0x01, 0x00, 0x00, // movzx eax, byte [rsi+0x1e8]
+        0x66, 0xba, 0xf4, 0x00, // mov dx,0xf4
+        0xef, 0xf4, 0xeb, 0xfd, // out dx,eax; hlt; jmp $-1
+    ];
+    let kernel = write_guest(&dir, &code);
+    let out = run_vmm(&["--kernel", &kernel, "--memory", "4G"], RUN_TIMEOUT);
+    assert_eq!(out.status, Some(4), "{out:?}");
+    let out = run_vmm(&["--kernel", &kernel, "--memory", "64M"], RUN_TIMEOUT);
+    assert_eq!(out.status, Some(3), "{out:?}");
+}
+
+#[test]
 fn status_zero_and_two_vcpus() {
     if !kvm_available("status_zero_and_two_vcpus") {
         return;

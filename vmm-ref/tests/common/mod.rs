@@ -146,12 +146,20 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
 /// 64-bit code: prints "OK:" and the kernel command line (via the zero page's
 /// cmd_line_ptr in rsi+0x228) on COM1, then writes `status` to port 0xf4.
 pub fn echo_cmdline_code(status: u8) -> Vec<u8> {
+    echo_zero_page_string_code(0x228, status)
+}
+
+/// 64-bit code: prints "OK:" and the NUL-terminated string whose 32-bit address
+/// is at zero-page offset `ptr_offset` (0x228 command line, 0x218 initrd), then
+/// writes `status` to port 0xf4.
+pub fn echo_zero_page_string_code(ptr_offset: u16, status: u8) -> Vec<u8> {
+    let [lo, hi] = ptr_offset.to_le_bytes();
     let mut c = vec![
         0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
         0xb0, b'O', 0xee, // mov al,'O'; out dx,al
         0xb0, b'K', 0xee, // mov al,'K'; out dx,al
         0xb0, b':', 0xee, // mov al,':'; out dx,al
-        0x8b, 0x9e, 0x28, 0x02, 0x00, 0x00, // mov ebx,[rsi+0x228]
+        0x8b, 0x9e, lo, hi, 0x00, 0x00, // mov ebx,[rsi+ptr_offset]
         // loop:
         0x8a, 0x03, // mov al,[rbx]
         0x84, 0xc0, // test al,al
@@ -323,4 +331,21 @@ impl Qmp {
         let mut ev = Vec::new();
         self.execute_collect(cmd, args, &mut ev)
     }
+}
+
+/// A minimal bzImage (boot protocol 2.12, 4 setup sectors) whose protected-mode
+/// part is loaded at 1 MiB and has `code` at its 64-bit entry (offset 0x200).
+pub fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
+    let setup_sects = 4u8;
+    let mut img = vec![0u8; (usize::from(setup_sects) + 1) * 512];
+    img[0x1f1] = setup_sects;
+    img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020cu16.to_le_bytes());
+    img[0x211] = 0x01; // LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    let mut pm = vec![0xf4u8; 0x200]; // hlt: the 32-bit entry is never used
+    pm.extend_from_slice(code);
+    img.extend_from_slice(&pm);
+    img
 }
