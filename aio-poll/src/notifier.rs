@@ -94,6 +94,12 @@ impl Notifier {
     /// `notify_accept`: clear `notified`; the work it announced is processed
     /// after this point.
     pub(crate) fn accept(&self) {
+        // Nothing to accept: skip the store and the fence (hot path of a
+        // polling loop). A notify() racing with this load leaves `notified`
+        // set, which only makes the next iteration return at once.
+        if !self.notified.load(Ordering::Acquire) {
+            return;
+        }
         self.notified.store(false, Ordering::Relaxed);
         fence(Ordering::SeqCst);
     }

@@ -6,7 +6,8 @@
 //! cargo run --release -p aio-poll --example bench -- --quick # ~20 s
 //! cargo run --release -p aio-poll --example bench -- --duration-ms 5000
 //! ```
-//! Options: `--dispatch-only` (just the same-thread dispatch cost), `--quick` (or `AIO_BENCH_QUICK=1`), `--duration-ms N` per
+//! Options: `--dispatch-only` (just the same-thread dispatch cost),
+//! `--pattern SUBSTR` (only matching patterns), `--quick` (or `AIO_BENCH_QUICK=1`), `--duration-ms N` per
 //! pattern and mode, `--work-ns N` emulated per-request device work (default
 //! 500), `--boost` (or `AIO_BENCH_BOOST=1`): run producer and consumer at
 //! nice -20 (needs CAP_SYS_NICE) on a loaded, shared machine, `--rt`: run
@@ -50,6 +51,14 @@ impl Row {
     }
 }
 
+/// `--pattern SUBSTR`: run only the patterns whose name contains SUBSTR.
+fn pattern_filter() -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--pattern")
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
 fn parse_args() -> (u64, u64, bool) {
     if std::env::args().any(|a| a == "--dispatch-only") {
         // Diagnostic: only the same-thread dispatch cost, 1 M events each.
@@ -83,6 +92,9 @@ fn parse_args() -> (u64, u64, bool) {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or_else(|| usage("--work-ns needs a number"))
             }
+            "--pattern" => {
+                let _ = args.next();
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -97,7 +109,10 @@ fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("error: {msg}");
     }
-    eprintln!("usage: bench [--quick] [--boost] [--rt] [--duration-ms N] [--work-ns N]");
+    eprintln!(
+        "usage: bench [--quick] [--boost] [--rt] [--duration-ms N] [--work-ns N] \
+         [--pattern SUBSTR] [--dispatch-only]"
+    );
     std::process::exit(2)
 }
 
@@ -130,6 +145,17 @@ fn main() {
             "mixed B: fast fixed 40 us + slow exp(400 us)",
             vec![Gap::Fixed(40_000), Gap::Exp(400_000)],
         ),
+        (
+            "mixed C: bursty (5 us for 2 ms every 20 ms) + steady fixed 100 us",
+            vec![
+                Gap::Burst {
+                    gap: 5_000,
+                    on: 2_000_000,
+                    period: 20_000_000,
+                },
+                Gap::Fixed(100_000),
+            ],
+        ),
     ];
     println!(
         "aio-poll benchmark: {} ms per run, {} ns device work per request, closed loop \
@@ -154,7 +180,11 @@ fn main() {
     // that load changes on a shared machine hit all modes alike.
     let rounds: u64 = if quick { 1 } else { 3 };
     let mut summary = Vec::new();
+    let filter = pattern_filter();
     for (name, gaps) in &patterns {
+        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
         let mut rows: Vec<Row> = Vec::new();
         for round in 0..rounds {
             for (i, mode) in modes.iter().enumerate() {
@@ -213,7 +243,7 @@ fn main() {
             .find(|(n, _)| n.starts_with(pat))
             .and_then(|(_, rows)| rows.iter().find(|r| r.mode == m))
     };
-    for mixed in ["mixed A", "mixed B"] {
+    for mixed in ["mixed A", "mixed B", "mixed C"] {
         if let (Some(w3), Some(c)) = (find(mixed, Mode::Weighted(3)), find(mixed, Mode::Classic)) {
             let cpu = w3.cpu_per_event_us() / c.cpu_per_event_us();
             let thr = w3.events_per_s() / c.events_per_s();

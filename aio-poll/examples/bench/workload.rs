@@ -124,6 +124,13 @@ pub enum Gap {
     Fixed(u64),
     /// Exponential with this mean (bursty), from a seeded xorshift.
     Exp(u64),
+    /// Bursts: think time `gap` during the first `on` ns of every `period`
+    /// ns, silence for the rest (the next request waits for the next burst).
+    Burst {
+        gap: u64,
+        on: u64,
+        period: u64,
+    },
 }
 
 struct Rng(u64);
@@ -140,8 +147,18 @@ impl Rng {
 }
 
 impl Gap {
-    fn sample(&self, rng: &mut Rng) -> u64 {
+    /// Think time for a request whose predecessor completed at `now`
+    /// (`start` = start of the run).
+    fn sample(&self, rng: &mut Rng, now: u64, start: u64) -> u64 {
         match *self {
+            Gap::Burst { gap, on, period } => {
+                let phase = now.saturating_sub(start) % period.max(1);
+                if phase + gap < on {
+                    gap
+                } else {
+                    period - phase
+                }
+            }
             Gap::Fixed(ns) => ns,
             Gap::Exp(mean) => {
                 let x = -rng.next_f64().ln() * mean as f64;
@@ -161,7 +178,7 @@ pub fn run_producer(queues: &[(Arc<Queue>, Gap)], duration_ns: u64, stop: &Atomi
     // Per queue: next submit time (None while a request is outstanding).
     let mut next: Vec<Option<u64>> = queues
         .iter()
-        .map(|(_, g)| Some(start + g.sample(&mut rng)))
+        .map(|(_, g)| Some(start + g.sample(&mut rng, start, start)))
         .collect();
     let mut seen: Vec<u64> = vec![0; queues.len()];
     loop {
@@ -184,7 +201,7 @@ pub fn run_producer(queues: &[(Arc<Queue>, Gap)], duration_ns: u64, stop: &Atomi
                     if let Some(s) = seen.get_mut(i) {
                         if c > *s {
                             *s = c;
-                            *slot = Some(now + gap.sample(&mut rng));
+                            *slot = Some(now + gap.sample(&mut rng, now, start));
                         }
                     }
                 }
