@@ -136,10 +136,24 @@ impl Vcpus {
                 ctx: ctx.clone(),
                 control: this.control.clone(),
             };
+            let stop = ctx.stop.clone();
+            let control = this.control.clone();
             match std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || runner.run())
-            {
+                .spawn(move || {
+                    // A panic (a device bug) stops the VM instead of leaving it
+                    // half-running; the thread still counts as exited.
+                    let run = std::panic::AssertUnwindSafe(|| runner.run());
+                    if std::panic::catch_unwind(run).is_err() {
+                        stop.request(StopReason::VcpuError {
+                            vcpu: id,
+                            detail: "the vCPU thread panicked".into(),
+                        });
+                        let mut ctl = control.lock();
+                        ctl.exited += 1;
+                        control.cv.notify_all();
+                    }
+                }) {
                 Ok(t) => this.threads.push(t),
                 Err(e) => {
                     // Stop the threads started so far; the error is the spawn failure.
