@@ -210,3 +210,34 @@ fn stdin_reaches_the_guest_serial_port() {
     };
     assert_eq!(status, Some(i32::from(b'A')));
 }
+
+/// On PVM hosts (CPL0 emulated) `popcnt` at CPL0 is an emulation failure: the
+/// VMM must report KVM's internal error with its details and exit 1. With
+/// hardware virtualisation the instruction just runs and the guest exits 0.
+#[test]
+fn emulation_failure_is_reported_with_details() {
+    if !kvm_available("emulation_failure_is_reported_with_details") {
+        return;
+    }
+    let dir = TempDir::new("emufail");
+    let code = [
+        0xf3, 0x0f, 0xb8, 0xc3, // popcnt eax,ebx
+        0x66, 0xba, 0xf4, 0x00, // mov dx,0xf4
+        0x31, 0xc0, // xor eax,eax
+        0xef, 0xf4, 0xeb, 0xfd, // out dx,eax; hlt; jmp $-1
+    ];
+    let kernel = write_guest(&dir, &code);
+    let out = run_vmm(&["--kernel", &kernel], RUN_TIMEOUT);
+    match out.status {
+        Some(0) => println!("popcnt ran natively: no emulation failure on this host"),
+        Some(1) => {
+            assert!(
+                out.stderr
+                    .contains("vCPU 0 failed: KVM internal error, suberror 1"),
+                "{out:?}"
+            );
+            assert!(out.stderr.contains("rip=0x100000"), "{out:?}");
+        }
+        _ => panic!("{out:?}"),
+    }
+}
