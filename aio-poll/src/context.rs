@@ -632,6 +632,9 @@ impl AioContext {
             Some(0)
         };
         let mut poll_found = false;
+        // When polling ended with work found, the time it ended is the end
+        // of the "block" too (no wait follows): saves a clock read.
+        let mut poll_end_ns = None;
 
         // 3. userspace polling
         if polling && timeout != Some(0) && !self.poll_list.is_empty() {
@@ -642,6 +645,7 @@ impl AioContext {
                 if found {
                     timeout = Some(0);
                     poll_found = true;
+                    poll_end_ns = Some(start.saturating_add(elapsed));
                 } else if let Some(t) = timeout {
                     // Same end time as before polling.
                     timeout = Some(t.saturating_sub(elapsed));
@@ -701,7 +705,11 @@ impl AioContext {
         }
 
         // 6. block_ns excludes handler run time (only used when polling).
-        let end = if polling { self.clock.now_ns() } else { start };
+        let end = match (polling, skip_epoll, poll_end_ns) {
+            (false, _, _) => start,
+            (true, true, Some(t)) => t,
+            (true, _, _) => self.clock.now_ns(),
+        };
         let block_ns = self.adaptive.block_ns(end);
 
         // 7. bottom halves, then fd and poll handlers.
