@@ -167,7 +167,8 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The kernel command line: the user's, then one `virtio_mmio.device=` per drive,
-/// then `tsc_khz=` (used by the test guest; Linux ignores it).
+/// then `tsc_khz=` unless the user gave one (the test guest's TSC frequency; Linux
+/// hands unknown parameters on to init, harmlessly).
 pub fn kernel_cmdline(user: &str, drives: &[(u64, u32)], tsc_khz: Option<u32>) -> String {
     let mut parts: Vec<String> = Vec::new();
     if !user.trim().is_empty() {
@@ -176,7 +177,8 @@ pub fn kernel_cmdline(user: &str, drives: &[(u64, u32)], tsc_khz: Option<u32>) -
     for (base, gsi) in drives {
         parts.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }
-    if let Some(khz) = tsc_khz {
+    let user_tsc = user.split_whitespace().any(|w| w.starts_with("tsc_khz="));
+    if let Some(khz) = tsc_khz.filter(|_| !user_tsc) {
         parts.push(format!("tsc_khz={khz}"));
     }
     parts.join(" ")
@@ -459,5 +461,6 @@ mod tests {
             "scenario=verify virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 tsc_khz=2000000"
         );
         assert_eq!(kernel_cmdline("", &[], None), "");
+        assert_eq!(kernel_cmdline("tsc_khz=1000 x", &[], Some(2000)), "tsc_khz=1000 x");
     }
 }
