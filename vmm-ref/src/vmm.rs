@@ -461,6 +461,9 @@ mod tests {
             "scenario=verify virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 tsc_khz=2000000"
         );
         assert_eq!(kernel_cmdline("", &[], None), "");
-        assert_eq!(kernel_cmdline("tsc_khz=1000 x", &[], Some(2000)), "tsc_khz=1000 x");
+        assert_eq!(
+            kernel_cmdline("tsc_khz=1000 x", &[], Some(2000)),
+            "tsc_khz=1000 x"
+        );
     }
 }
