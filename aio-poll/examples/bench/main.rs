@@ -185,17 +185,34 @@ fn main() {
         if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
             continue;
         }
-        let mut rows: Vec<Row> = Vec::new();
+        let mut results: Vec<Option<RunResult>> = modes.iter().map(|_| None).collect();
         for round in 0..rounds {
-            for (i, mode) in modes.iter().enumerate() {
-                let r = run(*mode, gaps, duration_ns / rounds, work_ns);
-                if round == 0 {
-                    rows.push(Row { mode: *mode, r });
-                } else if let Some(row) = rows.get_mut(i) {
-                    merge(&mut row.r, r);
+            // Rotate the order each round so that periodic disturbances
+            // (e.g. the kernel's 1 s RT-throttling period) do not always hit
+            // the same modes.
+            for k in 0..modes.len() {
+                let i = (k + round as usize * 4) % modes.len();
+                let Some(mode) = modes.get(i).copied() else {
+                    continue;
+                };
+                let r = run(mode, gaps, duration_ns / rounds, work_ns);
+                if let Some(slot) = results.get_mut(i) {
+                    match slot {
+                        Some(acc) => merge(acc, r),
+                        None => *slot = Some(r),
+                    }
                 }
+                // Idle gap: keeps SCHED_FIFO use below the kernel's RT
+                // bandwidth limit (95 % per second), so `--rt` runs are
+                // never throttled mid-measurement.
+                std::thread::sleep(std::time::Duration::from_millis(40));
             }
         }
+        let mut rows: Vec<Row> = modes
+            .iter()
+            .zip(results)
+            .filter_map(|(mode, r)| r.map(|r| Row { mode: *mode, r }))
+            .collect();
         print_table(name, &mut rows);
         summary.push((name.to_string(), rows));
     }
