@@ -186,6 +186,10 @@ fn run_case(case: &Case) {
     let lines = line_channel(&mut child);
     let mut log = Vec::new();
     let watched = watch(&lines, seed, &mut log);
+    // Kill at a varying point of the next write/flush cycle (a cycle takes
+    // about a millisecond): 0-3 ms after the line.
+    let delay = Duration::from_micros(seed % 3000);
+    std::thread::sleep(delay);
     // SIGKILL (std's kill); fails only if the process is already reaped.
     let _ = child.kill();
     let status = child.wait().expect("wait for vmm-ref");
@@ -214,7 +218,7 @@ fn run_case(case: &Case) {
     }
     let beyond = count_written_beyond(&image_data, seed, seen.last_flushed + 1);
     println!(
-        "{}: killed ({status}) after FLUSHED {} ({} lines{}); blocks 0..={} intact; \
+        "{}: killed ({status}) {delay:?} after FLUSHED {} ({} lines{}); blocks 0..={} intact; \
          {beyond} later blocks also complete",
         case.name,
         seen.last_flushed,
