@@ -2,8 +2,8 @@
 //! against the loop in every polling mode, plus event-manager as the anchor.
 //!
 //! ```text
-//! cargo run --release -p aio-poll --example bench            # ~100 s
-//! cargo run --release -p aio-poll --example bench -- --quick # ~20 s
+//! cargo run --release -p aio-poll --example bench            # ~90 s
+//! cargo run --release -p aio-poll --example bench -- --quick # ~25 s
 //! cargo run --release -p aio-poll --example bench -- --duration-ms 5000
 //! ```
 //! Options: `--dispatch-only` (just the same-thread dispatch cost),
@@ -71,7 +71,7 @@ fn parse_args() -> (u64, u64, bool) {
     if std::env::var("AIO_BENCH_BOOST").is_ok_and(|v| v != "0" && !v.is_empty()) {
         workload::BOOST.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let mut duration_ms = 1500u64;
+    let mut duration_ms = 1200u64;
     let mut work_ns = 500u64;
     let mut quick = std::env::var("AIO_BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
     let mut args = std::env::args().skip(1);
