@@ -964,6 +964,44 @@ mod tests {
     }
 
     #[test]
+    fn reset_with_requests_in_flight() {
+        for engine in [BlockEngine::IoUring, BlockEngine::Sync] {
+            let reg = registry();
+            let disk = temp_disk(DISK, 0);
+            let mut v = vm(Block::new(cfg(disk.as_path(), engine), reg.clone()).unwrap());
+            let gm = v.mem.memory();
+            for round in 0..3 {
+                bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
+                for q in 0..NQ {
+                    let reqs: Vec<Req> = (0..5u64)
+                        .map(|k| Req {
+                            t: if k % 2 == 0 {
+                                req_type::OUT
+                            } else {
+                                req_type::IN
+                            },
+                            sector: k * 8,
+                            buf: 0x20_0000 + (u64::from(q) * 5 + k) * 0x2000,
+                            len: 4096,
+                            write: k % 2 == 1,
+                        })
+                        .collect();
+                    post(&gm, q, QSIZE, &reqs, 0);
+                    v.kicks[q as usize].write(1).unwrap();
+                }
+                // Reset at once: handlers go, in-flight I/O drains, holders go.
+                wr(&mut v.t, regs::STATUS, 0);
+                assert!(reg.holders("io0").unwrap().is_empty(), "round {round}");
+                assert!(reg.holders("io1").unwrap().is_empty(), "round {round}");
+                for q in 0..NQ {
+                    let used = super::testing::driver::Rings::of(q, QSIZE).used_idx(&gm);
+                    assert!(used <= 5, "queue {q}: used {used}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn only_enabled_queues_take_holders() {
         let reg = registry();
         let disk = temp_disk(DISK, 0);
