@@ -1,0 +1,464 @@
+//! Export options in QEMU's vocabulary: the command line
+//! (`--export vhost-user-blk,id=e0,node-name=d0,addr=unix:/path,...`,
+//! `--drive id=d0,file=disk.img,...`) and QMP `block-export-add` arguments,
+//! both parsed into one [`ExportSpec`].
+
+use std::path::PathBuf;
+
+use iothread_registry::{assign_vqs, IoThreadVqMapping};
+use serde::{Deserialize, Serialize};
+
+/// The only export type implemented.
+pub const EXPORT_TYPE: &str = "vhost-user-blk";
+
+/// Default `num-queues` (QEMU's default for vhost-user-blk exports).
+pub const DEFAULT_NUM_QUEUES: u16 = 1;
+
+/// Bad export or drive options.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OptionsError {
+    /// `key=value` syntax error or unknown key.
+    #[error("{what}: {msg}")]
+    Syntax {
+        /// "--export" or "--drive".
+        what: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A required option is missing.
+    #[error("{what}: parameter '{key}' is missing")]
+    Missing {
+        /// "--export", "--drive" or "block-export-add".
+        what: &'static str,
+        /// The missing key.
+        key: &'static str,
+    },
+    /// A value is out of range or of the wrong kind.
+    #[error("parameter '{key}' {msg}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The IOThread mapping is invalid.
+    #[error("invalid IOThread assignment")]
+    Mapping(#[source] iothread_registry::Error),
+}
+
+/// Which IOThreads serve the queues.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IoThreadChoice {
+    /// One IOThread for every queue (`iothread=io0`).
+    Single(String),
+    /// Several IOThreads, queues assigned round-robin (QEMU 9's
+    /// `iothread: [..]` / our `iothread-vq-mapping=io0:io1` shorthand).
+    List(Vec<String>),
+    /// QEMU's full `iothread-vq-mapping` list.
+    Mapping(Vec<IoThreadVqMapping>),
+}
+
+impl IoThreadChoice {
+    fn mapping(&self) -> Vec<IoThreadVqMapping> {
+        match self {
+            IoThreadChoice::Single(id) => vec![IoThreadVqMapping::new(id.clone())],
+            IoThreadChoice::List(ids) => ids.iter().map(IoThreadVqMapping::new).collect(),
+            IoThreadChoice::Mapping(m) => m.clone(),
+        }
+    }
+}
+
+/// A parsed export request (command line or QMP), before the drive and the
+/// IOThreads are resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// Export id.
+    pub id: String,
+    /// The block node (drive id) exported.
+    pub node_name: String,
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// Number of virtqueues.
+    pub num_queues: u16,
+    /// IOThreads serving the queues.
+    pub iothreads: IoThreadChoice,
+    /// `writable`; `None` = writable unless the drive is read-only.
+    pub writable: Option<bool>,
+}
+
+impl ExportSpec {
+    /// The IOThread of every queue, validated like QEMU's
+    /// `iothread-vq-mapping` (`exists` says whether an IOThread id exists).
+    pub fn queue_iothreads(
+        &self,
+        exists: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, OptionsError> {
+        assign_vqs(&self.iothreads.mapping(), self.num_queues, exists)
+            .map_err(OptionsError::Mapping)
+    }
+
+    /// Parses the value of `--export` (with or without a leading
+    /// `type=`): `vhost-user-blk,id=e0,node-name=d0,addr=unix:/path,
+    /// num-queues=N[,iothread=io0|iothread-vq-mapping=io0:io1][,writable=on|off]`.
+    /// QEMU's `addr.type=unix,addr.path=/path` is accepted too.
+    pub fn parse_cli(s: &str) -> Result<ExportSpec, OptionsError> {
+        const WHAT: &str = "--export";
+        let syntax = |msg: String| OptionsError::Syntax { what: WHAT, msg };
+        let mut kind = None;
+        let (mut id, mut node, mut socket, mut addr_type, mut nq, mut io, mut writable) =
+            (None, None, None, None, None, None, None);
+        for (i, part) in s.split(',').enumerate() {
+            let (k, v) = match part.split_once('=') {
+                Some(kv) => kv,
+                None if i == 0 => ("type", part),
+                None => return Err(syntax(format!("'{part}' is not key=value"))),
+            };
+            match k {
+                "type" => kind = Some(v.to_owned()),
+                "id" => id = Some(v.to_owned()),
+                "node-name" => node = Some(v.to_owned()),
+                "addr" => {
+                    let path = v.strip_prefix("unix:").ok_or_else(|| {
+                        syntax(format!("addr '{v}': only unix:<path> is supported"))
+                    })?;
+                    socket = Some(PathBuf::from(path));
+                }
+                "addr.type" => addr_type = Some(v.to_owned()),
+                "addr.path" => socket = Some(PathBuf::from(v)),
+                "num-queues" => {
+                    nq = Some(v.parse::<u16>().map_err(|e| OptionsError::Value {
+                        key: "num-queues",
+                        msg: format!("'{v}': {e}"),
+                    })?)
+                }
+                "iothread" => io = Some(IoThreadChoice::Single(v.to_owned())),
+                "iothread-vq-mapping" => {
+                    io = Some(IoThreadChoice::List(
+                        v.split(':').map(str::to_owned).collect(),
+                    ))
+                }
+                "writable" => writable = Some(parse_bool("writable", v)?),
+                _ => return Err(syntax(format!("unknown parameter '{k}'"))),
+            }
+        }
+        match kind.as_deref() {
+            Some(EXPORT_TYPE) => {}
+            Some(t) => {
+                return Err(syntax(format!(
+                    "export type '{t}' is not supported (only {EXPORT_TYPE})"
+                )))
+            }
+            None => {
+                return Err(OptionsError::Missing {
+                    what: WHAT,
+                    key: "type",
+                })
+            }
+        }
+        if let Some(t) = addr_type.filter(|t| t != "unix") {
+            return Err(syntax(format!("addr.type '{t}': only unix is supported")));
+        }
+        let spec = ExportSpec {
+            id: id.ok_or(OptionsError::Missing {
+                what: WHAT,
+                key: "id",
+            })?,
+            node_name: node.ok_or(OptionsError::Missing {
+                what: WHAT,
+                key: "node-name",
+            })?,
+            socket: socket.ok_or(OptionsError::Missing {
+                what: WHAT,
+                key: "addr",
+            })?,
+            num_queues: nq.unwrap_or(DEFAULT_NUM_QUEUES),
+            iothreads: io.ok_or(OptionsError::Missing {
+                what: WHAT,
+                key: "iothread",
+            })?,
+            writable,
+        };
+        spec.validate()
+    }
+
+    fn validate(self) -> Result<ExportSpec, OptionsError> {
+        if self.num_queues == 0 || self.num_queues > MAX_QUEUES {
+            return Err(OptionsError::Value {
+                key: "num-queues",
+                msg: format!("must be between 1 and {MAX_QUEUES}"),
+            });
+        }
+        if self.id.is_empty() || self.node_name.is_empty() {
+            return Err(OptionsError::Value {
+                key: "id",
+                msg: "and node-name must not be empty".into(),
+            });
+        }
+        Ok(self)
+    }
+}
+
+/// Largest `num-queues` (QEMU's VIRTIO_QUEUE_MAX for vhost-user-blk is 1024;
+/// one vring index fits in the protocol's 8-bit fd-message field: 256).
+pub const MAX_QUEUES: u16 = 256;
+
+fn parse_bool(key: &'static str, v: &str) -> Result<bool, OptionsError> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(OptionsError::Value {
+            key,
+            msg: format!("'{v}': expected 'on' or 'off'"),
+        }),
+    }
+}
+
+/// QMP `SocketAddress` (only the `unix` variant).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SocketAddress {
+    /// A Unix socket path.
+    Unix {
+        /// The path.
+        path: PathBuf,
+    },
+}
+
+/// QMP `block-export-add` arguments (type `vhost-user-blk`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockExportAddArgs {
+    /// Must be "vhost-user-blk".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Export id.
+    pub id: String,
+    /// Block node.
+    pub node_name: String,
+    /// Listening socket.
+    pub addr: SocketAddress,
+    /// Writable export (QEMU's default is false; ours follows the drive).
+    #[serde(default)]
+    pub writable: Option<bool>,
+    /// Number of queues (default 1).
+    #[serde(default)]
+    pub num_queues: Option<u16>,
+    /// One IOThread, or a list served round-robin.
+    #[serde(default)]
+    pub iothread: Option<IoThreadChoice>,
+    /// Explicit mapping (extension, same schema as virtio-blk's).
+    #[serde(default)]
+    pub iothread_vq_mapping: Option<Vec<IoThreadVqMapping>>,
+    /// Accepted for compatibility: exports never move between IOThreads.
+    #[serde(default)]
+    pub fixed_iothread: Option<bool>,
+    /// Only 512 is supported.
+    #[serde(default)]
+    pub logical_block_size: Option<u64>,
+}
+
+impl BlockExportAddArgs {
+    /// Parses QMP arguments (a JSON object).
+    pub fn from_json(v: serde_json::Value) -> Result<BlockExportAddArgs, serde_json::Error> {
+        serde_json::from_value(v)
+    }
+
+    /// Converts to an [`ExportSpec`].
+    pub fn into_spec(self) -> Result<ExportSpec, OptionsError> {
+        if self.kind != EXPORT_TYPE {
+            return Err(OptionsError::Value {
+                key: "type",
+                msg: format!("'{}': only {EXPORT_TYPE} is supported", self.kind),
+            });
+        }
+        if let Some(n) = self.logical_block_size.filter(|&n| n != 512) {
+            return Err(OptionsError::Value {
+                key: "logical-block-size",
+                msg: format!("{n}: only 512 is supported"),
+            });
+        }
+        let iothreads = match (self.iothread, self.iothread_vq_mapping) {
+            (Some(_), Some(_)) => {
+                return Err(OptionsError::Value {
+                    key: "iothread",
+                    msg: "and iothread-vq-mapping are mutually exclusive".into(),
+                })
+            }
+            (Some(c), None) => c,
+            (None, Some(m)) => IoThreadChoice::Mapping(m),
+            (None, None) => {
+                return Err(OptionsError::Missing {
+                    what: "block-export-add",
+                    key: "iothread",
+                })
+            }
+        };
+        let SocketAddress::Unix { path } = self.addr;
+        ExportSpec {
+            id: self.id,
+            node_name: self.node_name,
+            socket: path,
+            num_queues: self.num_queues.unwrap_or(DEFAULT_NUM_QUEUES),
+            iothreads,
+            writable: self.writable,
+        }
+        .validate()
+    }
+}
+
+/// A parsed `--drive id=d0,file=disk.img[,readonly=on][,cache.direct=on]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveSpec {
+    /// Drive id (the node name exports refer to).
+    pub id: String,
+    /// Image file.
+    pub file: PathBuf,
+    /// Read-only.
+    pub readonly: bool,
+    /// Open with O_DIRECT (`cache.direct=on`).
+    pub direct: bool,
+    /// `aio=io_uring|threads` (None = default engine).
+    pub aio: Option<String>,
+}
+
+impl DriveSpec {
+    /// Parses the value of `--drive`.
+    pub fn parse_cli(s: &str) -> Result<DriveSpec, OptionsError> {
+        const WHAT: &str = "--drive";
+        let (mut id, mut file, mut readonly, mut direct, mut aio) =
+            (None, None, false, false, None);
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| OptionsError::Syntax {
+                what: WHAT,
+                msg: format!("'{part}' is not key=value"),
+            })?;
+            match k {
+                "id" | "node-name" => id = Some(v.to_owned()),
+                "file" => file = Some(PathBuf::from(v)),
+                "readonly" => readonly = parse_bool("readonly", v)?,
+                "cache.direct" => direct = parse_bool("cache.direct", v)?,
+                "aio" => aio = Some(v.to_owned()),
+                _ => {
+                    return Err(OptionsError::Syntax {
+                        what: WHAT,
+                        msg: format!("unknown parameter '{k}'"),
+                    })
+                }
+            }
+        }
+        Ok(DriveSpec {
+            id: id.ok_or(OptionsError::Missing {
+                what: WHAT,
+                key: "id",
+            })?,
+            file: file.ok_or(OptionsError::Missing {
+                what: WHAT,
+                key: "file",
+            })?,
+            readonly,
+            direct,
+            aio,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cli_export_forms() {
+        let s = ExportSpec::parse_cli(
+            "vhost-user-blk,id=e0,node-name=d0,addr=unix:/tmp/x.sock,num-queues=2,iothread=io0",
+        )
+        .unwrap();
+        assert_eq!(s.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(s.num_queues, 2);
+        assert_eq!(s.iothreads, IoThreadChoice::Single("io0".into()));
+        assert_eq!(s.queue_iothreads(|_| true).unwrap(), vec!["io0", "io0"]);
+        let s = ExportSpec::parse_cli(
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=/s,num-queues=3,iothread-vq-mapping=io0:io1,writable=off",
+        )
+        .unwrap();
+        assert_eq!(
+            s.queue_iothreads(|_| true).unwrap(),
+            vec!["io0", "io1", "io0"]
+        );
+        assert_eq!(s.writable, Some(false));
+        // Unknown IOThread, bad values, missing keys, other types.
+        assert!(s.queue_iothreads(|id| id == "io0").is_err());
+        for bad in [
+            "nbd,id=e0,node-name=d0,addr=unix:/s,iothread=io0",
+            "vhost-user-blk,id=e0,node-name=d0,addr=tcp:1:2,iothread=io0",
+            "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s",
+            "vhost-user-blk,id=e0,addr=unix:/s,iothread=io0",
+            "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,num-queues=0",
+            "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,num-queues=x",
+            "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,bogus=1",
+            "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,writable=maybe",
+            "vhost-user-blk,id=e0,node-name=d0,addr.type=inet,addr.path=/s,iothread=io0",
+        ] {
+            assert!(ExportSpec::parse_cli(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn qmp_block_export_add() {
+        let a = BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": "/tmp/e0.sock"},
+            "writable": true, "num-queues": 4,
+            "iothread-vq-mapping": [{"iothread": "io0", "vqs": [0, 1]}, {"iothread": "io1", "vqs": [2, 3]}]
+        }))
+        .unwrap();
+        let s = a.into_spec().unwrap();
+        assert_eq!(
+            s.queue_iothreads(|_| true).unwrap(),
+            vec!["io0", "io0", "io1", "io1"]
+        );
+        let a = BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": "/s"}, "iothread": ["io0", "io1"], "num-queues": 2
+        }))
+        .unwrap();
+        assert_eq!(
+            a.into_spec().unwrap().queue_iothreads(|_| true).unwrap(),
+            vec!["io0", "io1"]
+        );
+        // Unknown fields, both iothread forms, unsupported block size.
+        assert!(BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": "/s"}, "iothread": "io0", "bogus": 1
+        }))
+        .is_err());
+        let both = BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": "/s"}, "iothread": "io0",
+            "iothread-vq-mapping": [{"iothread": "io0"}]
+        }))
+        .unwrap();
+        assert!(both.into_spec().is_err());
+        let lbs = BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": "/s"}, "iothread": "io0", "logical-block-size": 4096
+        }))
+        .unwrap();
+        assert!(lbs.into_spec().is_err());
+    }
+
+    #[test]
+    fn cli_drive() {
+        let d = DriveSpec::parse_cli(
+            "id=d0,file=/tmp/disk.img,readonly=on,cache.direct=on,aio=io_uring",
+        )
+        .unwrap();
+        assert!(d.readonly && d.direct);
+        assert_eq!(d.aio.as_deref(), Some("io_uring"));
+        assert!(DriveSpec::parse_cli("file=/x").is_err());
+        assert!(DriveSpec::parse_cli("id=d0,file=/x,bogus=1").is_err());
+        assert!(DriveSpec::parse_cli("id=d0").is_err());
+    }
+}
