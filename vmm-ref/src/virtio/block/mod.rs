@@ -225,6 +225,8 @@ struct Shared {
     queue_iothreads: Vec<String>,
     counters: Vec<Arc<QueueCounters>>,
     activated: AtomicBool,
+    /// io_uring could not be set up for a queue and the sync engine runs it.
+    uring_fallback: AtomicBool,
 }
 
 /// A cloneable handle on a block device for the control plane: status for
@@ -245,7 +247,11 @@ impl BlockHandle {
             direct: s.file.is_direct(),
             capacity: s.capacity,
             num_queues: s.num_queues,
-            engine: s.engine,
+            engine: if s.uring_fallback.load(Ordering::SeqCst) {
+                EngineKind::Sync
+            } else {
+                s.engine
+            },
             activated: s.activated.load(Ordering::SeqCst),
             queues: s
                 .counters
@@ -391,6 +397,7 @@ impl Block {
             queue_iothreads: cfg.queue_iothreads.clone(),
             counters: (0..cfg.num_queues).map(|_| Arc::default()).collect(),
             activated: AtomicBool::new(false),
+            uring_fallback: AtomicBool::new(false),
         });
         Ok(Block {
             queue_sizes: vec![cfg.queue_size; usize::from(cfg.num_queues)],
@@ -482,6 +489,9 @@ impl Block {
                         source,
                     }
                 })?;
+            if backend.engine() != self.shared.engine {
+                self.shared.uring_fallback.store(true, Ordering::SeqCst);
+            }
             let counters = self.shared.counters.get(i).cloned().unwrap_or_default();
             let mut w = QueueWorker::new(
                 index,
