@@ -497,7 +497,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::block::request::Segment;
-    use crate::virtio::block::testing::{guest_mem, open_raw, temp_disk};
+    use crate::virtio::block::testing::{guest_mem, open_direct, open_raw, temp_disk};
 
     fn bufs(mem: &std::sync::Arc<vm_memory::GuestMemoryMmap>, segs: &[(u64, u32)]) -> GuestBuffers {
         let segs: Vec<Segment> = segs
@@ -523,7 +523,7 @@ mod tests {
     #[test]
     fn plan_chooses_direct_bounce_or_buffered() {
         let f = temp_disk(1 << 16, 0);
-        let raw = open_raw(&f, false, true);
+        let Some(raw) = open_direct(&f) else { return };
         assert!(raw.is_direct());
         let (mem_align, off_align) = raw.dio_alignment();
         assert!(mem_align >= 512 && off_align >= 512);
@@ -556,7 +556,7 @@ mod tests {
     #[test]
     fn direct_io_with_unaligned_guest_buffers_round_trips() {
         let f = temp_disk(1 << 16, 0);
-        let raw = open_raw(&f, false, true);
+        let Some(raw) = open_direct(&f) else { return };
         let mem = guest_mem();
         let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
         mem.write_slice(&pattern, GuestAddress(0x2_0003)).unwrap();

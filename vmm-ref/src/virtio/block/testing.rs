@@ -29,6 +29,19 @@ pub fn open_raw(f: &TempFile, read_only: bool, direct: bool) -> Arc<RawFile> {
     Arc::new(RawFile::open(f.as_path(), read_only, direct).unwrap())
 }
 
+/// Opens a temporary image with `O_DIRECT`, or `None` (test reported as
+/// skipped) when the file system holding /tmp does not support it.
+pub fn open_direct(f: &TempFile) -> Option<Arc<RawFile>> {
+    match RawFile::open(f.as_path(), false, true) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("skipped: O_DIRECT not supported on /tmp: {e}");
+            None
+        }
+        Err(e) => panic!("open O_DIRECT: {e}"),
+    }
+}
+
 /// 1 MiB of guest memory at 0.
 pub fn guest_mem() -> Arc<GuestMemoryMmap> {
     Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
