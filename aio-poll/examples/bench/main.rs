@@ -71,7 +71,7 @@ fn parse_args() -> (u64, u64, bool) {
     if std::env::var("AIO_BENCH_BOOST").is_ok_and(|v| v != "0" && !v.is_empty()) {
         workload::BOOST.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let mut duration_ms = 1200u64;
+    let mut duration_ms = 1000u64;
     let mut work_ns = 500u64;
     let mut quick = std::env::var("AIO_BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
     let mut args = std::env::args().skip(1);

@@ -100,7 +100,7 @@ impl AioContext {
     /// It stays on the poll list while polling is enabled (`max_ns > 0`; it
     /// never idles out): it is polled in every polling window and once after
     /// every wait. Nothing wakes a sleeping loop for it, so whoever makes it
-    /// ready must also call [`ContextHandle::notify`]. With polling disabled
+    /// ready must also call [`ContextHandle::notify`](crate::ContextHandle::notify). With polling disabled
     /// it is never polled.
     pub fn add_poll_handler(&mut self, h: Box<dyn FdHandler>) -> Result<HandlerId> {
         let id = self.insert(Self::new_entry(None, Interest::empty(), h))?;
