@@ -1070,8 +1070,6 @@ mod tests {
         // While ready: address and size writes are ignored.
         wr(&mut t, regs::QUEUE_DESC_LOW, 0x8000);
         wr(&mut t, regs::QUEUE_NUM, 2);
-        // Misaligned addresses are ignored (while not ready).
-        wr(&mut t, regs::QUEUE_SEL, 0);
         wr(&mut t, regs::STATUS, S_OK);
         let q = st.lock().unwrap().activations[0].1[0];
         assert_eq!(q.desc_table, 0x2000);
