@@ -60,9 +60,11 @@ impl AioContext {
         if timeout != Some(0) {
             announced = true;
             if self.shared.notifier.begin_may_sleep() {
+                // A notification is pending: we will not sleep, so poll mode
+                // (and the guest's suppressed kicks) can stay as it is.
                 timeout = Some(0);
-            }
-            if self.poll_set_started(false) {
+            } else if self.poll_set_started(false) {
+                // The final poll after poll_end found work.
                 timeout = Some(0);
             }
             if timeout != Some(0) {
