@@ -230,18 +230,21 @@ impl AioContext {
             // Running already (nested poll from its own callback).
             return false;
         };
-        let join = join && e.has_poll && !e.on_poll_list;
-        e.last_dispatch_ns = now;
-        e.dispatched_iter = iteration;
-        if join {
-            // Activity is likely to continue: start polling this handler.
-            self.join_poll_list(id, Some(&mut h), now);
-        }
-
         let readable = revents
             & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLRDHUP) as u32
             != 0;
         let writable = revents & (libc::EPOLLOUT | libc::EPOLLERR) as u32 != 0;
+        let will_run = (poll_ready && revents == 0)
+            || (readable && interest.is_readable())
+            || (writable && interest.is_writable());
+        if will_run {
+            e.last_dispatch_ns = now;
+            e.dispatched_iter = iteration;
+            if join && e.has_poll && !e.on_poll_list {
+                // Activity is likely to continue: start polling this handler.
+                self.join_poll_list(id, Some(&mut h), now);
+            }
+        }
         let mut ran = false;
         if poll_ready && revents == 0 {
             h.poll_ready(self);
