@@ -49,6 +49,11 @@ impl Clock for MonotonicClock {
 }
 
 /// A clock that only moves when told to (tests). Cloning shares the time.
+///
+/// With polling enabled, a *blocking* `poll()` busy-polls until this clock
+/// passes the polling window, so either advance it from another thread or
+/// drive the context with `poll(false)` (as the crate's tests do). Blocking
+/// timeouts are real `epoll_wait` timeouts computed from this clock.
 #[derive(Clone, Debug, Default)]
 pub struct ManualClock {
     now: Arc<AtomicU64>,
