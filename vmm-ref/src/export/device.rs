@@ -2,16 +2,17 @@
 
 use super::{ExportConfig, ExportError, MAX_QUEUE_SIZE};
 use crate::virtio::block::backend::BlockEngine;
-use crate::virtio::block::{Block, BlockConfig};
+use crate::virtio::block::{Block, BlockConfig, BlockHandle};
 use crate::virtio::device::VirtioDevice;
 use iothread_registry::IoThreadRegistry;
 
 /// Builds the virtio-blk device for `cfg`. The device serves queue `i` on
-/// IOThread `cfg.queue_iothreads[i]`.
+/// IOThread `cfg.queue_iothreads[i]`. The handle reports per-queue
+/// counters and flushes.
 pub(super) fn open_block(
     cfg: &ExportConfig,
     registry: &IoThreadRegistry,
-) -> Result<Box<dyn VirtioDevice>, ExportError> {
+) -> Result<(Box<dyn VirtioDevice>, BlockHandle), ExportError> {
     let block = Block::new(
         BlockConfig {
             id: cfg.id.clone(),
@@ -27,5 +28,6 @@ pub(super) fn open_block(
         registry.clone(),
     )
     .map_err(|e| ExportError::Device(Box::new(e)))?;
-    Ok(Box::new(block))
+    let handle = block.handle();
+    Ok((Box::new(block), handle))
 }

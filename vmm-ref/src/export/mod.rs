@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use iothread_registry::{HolderGuard, IoThreadHolder, IoThreadRegistry};
 use serde::Serialize;
 
+use crate::virtio::block::{BlockHandle, BlockInfo};
 use crate::virtio::device::VirtioDevice;
 pub use backend::{BackendStats, DeviceBackend, RequestError, VIRTIO_BLK_CONFIG_SIZE};
 pub use options::{BlockExportAddArgs, DriveSpec, ExportSpec, IoThreadChoice, OptionsError};
@@ -185,25 +186,41 @@ pub struct ExportStatus {
     pub activations: u64,
     /// The device currently serves queues.
     pub active: bool,
+    /// The virtio-blk device's state and per-queue counters (`None` for
+    /// exports of other device models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockInfo>,
 }
 
 /// A running vhost-user-blk export.
-#[derive(Debug)]
 pub struct Export {
     cfg: ExportConfig,
     backend: Arc<Mutex<DeviceBackend>>,
     stats: Arc<BackendStats>,
     server: server::Server,
     holders: Vec<HolderGuard>,
+    block: Option<BlockHandle>,
     stopped: bool,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("cfg", &self.cfg)
+            .field("server", &self.server)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Export {
     /// Opens the drive as a virtio-blk device model and starts serving it.
     pub fn start(cfg: ExportConfig, registry: &IoThreadRegistry) -> Result<Export, ExportError> {
         let holders = acquire_holders(&cfg, registry)?;
-        let device = device::open_block(&cfg, registry)?;
-        Self::start_inner(cfg, holders, device)
+        let (device, handle) = device::open_block(&cfg, registry)?;
+        let mut export = Self::start_inner(cfg, holders, device)?;
+        export.block = Some(handle);
+        Ok(export)
     }
 
     /// Starts an export of an already-built device model (tests, other
@@ -248,6 +265,7 @@ impl Export {
             stats,
             server,
             holders,
+            block: None,
             stopped: false,
         })
     }
@@ -293,7 +311,14 @@ impl Export {
             refused_requests: self.stats.refused.load(Ordering::Relaxed),
             activations: self.stats.activations.load(Ordering::Relaxed),
             active: self.stats.active.load(Ordering::SeqCst),
+            block: self.block_info(),
         }
+    }
+
+    /// The virtio-blk device's state (`query-block`), when the export was
+    /// started with [`Export::start`].
+    pub fn block_info(&self) -> Option<BlockInfo> {
+        self.block.as_ref().map(BlockHandle::info)
     }
 
     /// Disconnects the front-end (if any), stops serving, flushes the
