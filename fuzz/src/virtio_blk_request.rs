@@ -1,6 +1,6 @@
 //! `virtio_blk_request`: arbitrary descriptor tables and guest memory through the
 //! virtio-blk request parser and executor ([`vmm_ref::virtio::block::request::execute`])
-//! with a memory-backed disk.
+//! with the crate's memory-backed disk ([`MemDisk`]).
 //!
 //! Guest memory (64 KiB) layout: descriptor table at 0 (16 entries), avail ring at
 //! 0x100, used ring at 0x200, everything from 0x1000 is data. Format: a byte of
@@ -10,18 +10,14 @@
 //!
 //! Invariants: nothing panics; the guest memory changes only inside device-writable
 //! descriptors (direct or in indirect tables) and the used ring; the disk is only
-//! accessed inside its capacity; a read-only drive is never modified; every popped
-//! chain is completed.
+//! accessed inside its capacity (`MemDisk::refused` stays 0); a read-only drive is
+//! never modified.
 
-use std::io;
-use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_ref::virtio::block::backend::{
-    DiskBackend, DiskCompletion, DiskOp, DiskOpKind, EngineKind,
-};
+use vmm_ref::virtio::block::mem_disk::MemDisk;
 use vmm_ref::virtio::block::request::{execute, DiskLimits};
 
 use crate::bytes::{Reader, Writer};
@@ -40,92 +36,6 @@ pub const DISK_BYTES: usize = 64 * 512;
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_DESC_F_INDIRECT: u16 = 4;
-
-/// A synchronous disk in memory that checks every access against its capacity.
-pub struct MemDisk {
-    data: Vec<u8>,
-    done: Vec<DiskCompletion>,
-    /// Byte ranges written (for the read-only check).
-    pub writes: usize,
-}
-
-impl MemDisk {
-    /// A disk of `DISK_BYTES` bytes filled with `fill`.
-    pub fn new(fill: u8) -> Self {
-        MemDisk {
-            data: vec![fill; DISK_BYTES],
-            done: Vec::new(),
-            writes: 0,
-        }
-    }
-
-    fn range(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
-        let start = usize::try_from(offset).expect("offset fits usize");
-        let end = start
-            .checked_add(usize::try_from(len).expect("len fits usize"))
-            .expect("no overflow");
-        assert!(
-            end <= self.data.len(),
-            "disk access past capacity: {start}..{end}"
-        );
-        start..end
-    }
-
-    fn run(&mut self, op: DiskOp) -> io::Result<usize> {
-        match op.kind {
-            DiskOpKind::Read { offset } => {
-                let bufs = op.bufs.expect("read has buffers");
-                let r = self.range(offset, bufs.len() as u64);
-                bufs.copy_to_guest(&self.data[r.clone()])?;
-                Ok(r.len())
-            }
-            DiskOpKind::Write { offset } => {
-                let bufs = op.bufs.expect("write has buffers");
-                let r = self.range(offset, bufs.len() as u64);
-                bufs.copy_from_guest(&mut self.data[r.clone()])?;
-                self.writes += 1;
-                Ok(r.len())
-            }
-            DiskOpKind::Flush => Ok(0),
-            DiskOpKind::Discard { offset, len } | DiskOpKind::WriteZeroes { offset, len, .. } => {
-                let r = self.range(offset, len);
-                self.data[r].fill(0);
-                self.writes += 1;
-                Ok(0)
-            }
-        }
-    }
-}
-
-impl DiskBackend for MemDisk {
-    fn engine(&self) -> EngineKind {
-        EngineKind::Sync
-    }
-    fn has_capacity(&self) -> bool {
-        true
-    }
-    fn submit(&mut self, op: DiskOp, user_data: u64) {
-        let result = self.run(op);
-        self.done.push(DiskCompletion { user_data, result });
-    }
-    fn flush_submissions(&mut self) {}
-    fn set_max_batch(&mut self, _n: usize) {}
-    fn has_completions(&mut self) -> bool {
-        !self.done.is_empty()
-    }
-    fn reap(&mut self, out: &mut Vec<DiskCompletion>) {
-        out.append(&mut self.done);
-    }
-    fn wait(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-    fn completion_fd(&self) -> Option<RawFd> {
-        None
-    }
-}
 
 /// A decoded input.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,7 +162,7 @@ pub fn check(input: &Input) -> Vec<u8> {
         max_discard_sectors: 32,
         max_write_zeroes_sectors: 32,
     };
-    let mut disk = MemDisk::new(0xa5);
+    let mut disk = MemDisk::new(DISK_BYTES, input.read_only);
     let id = *b"fuzz-disk\0\0\0\0\0\0\0\0\0\0\0";
     let mut completed = 0u16;
     while let Some(chain) = q.pop_descriptor_chain(&*mem) {
@@ -262,8 +172,16 @@ pub fn check(input: &Input) -> Vec<u8> {
         completed += 1;
     }
     assert!(completed <= n);
+    assert_eq!(
+        disk.refused(),
+        0,
+        "the parser let through an access past capacity or to a read-only disk"
+    );
     if input.read_only {
-        assert_eq!(disk.writes, 0, "read-only drive modified");
+        assert!(
+            disk.data().iter().all(|b| *b == 0),
+            "read-only drive modified"
+        );
     }
     let mut after = vec![0u8; MEM_SIZE];
     mem.read_slice(&mut after, GuestAddress(0))
@@ -425,7 +343,7 @@ mod tests {
         let read = run("read");
         assert_eq!(read[STATUS], 0, "read OK");
         assert!(
-            read[0x1200..0x1600].iter().all(|b| *b == 0xa5),
+            read[0x1200..0x1600].iter().all(|b| *b == 0),
             "read data from disk"
         );
         let id = run("get-id");

@@ -114,11 +114,15 @@ fn cases(capacity: u64) -> [Case; 11] {
                 )
             },
         },
+        // Header + 4 GiB - 1 + status is more than the 2^32 bytes a chain may
+        // carry (virtio 1.2, 2.7.5.2): a device that stops walking the chain
+        // there (rust-vmm virtio-queue does) never reaches the status byte, so
+        // consuming the request without a status is as correct as IOERR.
         Case {
             name: "length_4g",
             kind: req_type::OUT,
             sector: 0,
-            expect: Expect::Error,
+            expect: Expect::NoStatus,
             status_at: StatusAt::Status,
             descs: |m, _| {
                 (

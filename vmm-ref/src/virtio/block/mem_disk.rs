@@ -15,6 +15,7 @@ pub struct MemDisk {
     read_only: bool,
     done: VecDeque<DiskCompletion>,
     flushes: u64,
+    refused: u64,
 }
 
 impl MemDisk {
@@ -25,6 +26,7 @@ impl MemDisk {
             read_only,
             done: VecDeque::new(),
             flushes: 0,
+            refused: 0,
         }
     }
 
@@ -36,6 +38,13 @@ impl MemDisk {
     /// Number of flushes completed.
     pub fn flushes(&self) -> u64 {
         self.flushes
+    }
+
+    /// Operations refused because they reached past the end of the image or
+    /// modified a read-only image. The request parser must stop such requests
+    /// before they get here, so a fuzzer asserts this stays 0.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     fn range(&self, offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
@@ -102,6 +111,10 @@ impl DiskBackend for MemDisk {
 
     fn submit(&mut self, op: DiskOp, user_data: u64) {
         let result = self.run(&op);
+        if matches!(&result, Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EBADF)))
+        {
+            self.refused += 1;
+        }
         self.done.push_back(DiskCompletion { user_data, result });
     }
 
@@ -170,6 +183,7 @@ mod tests {
             bufs: bufs(),
         };
         assert!(d.execute_blocking(out).is_err());
+        assert_eq!(d.refused(), 1);
         let f = DiskOp {
             kind: DiskOpKind::Flush,
             bufs: None,
@@ -182,5 +196,6 @@ mod tests {
             bufs: bufs(),
         };
         assert!(ro.execute_blocking(w).is_err());
+        assert_eq!(ro.refused(), 1);
     }
 }
