@@ -198,3 +198,82 @@ fn virtqueue_producer_no_lost_events() {
         t.join().unwrap();
     });
 }
+
+/// Deterministic proof for the polling phase: a notify() issued while the
+/// loop busy-polls (here from a poll() callback, i.e. certainly inside the
+/// polling window) costs no syscall and ends polling at once without being
+/// counted as progress.
+#[test]
+fn notify_during_polling_is_free_and_ends_the_window() {
+    use aio_poll::{ContextHandle, FdHandler};
+    use std::os::fd::AsRawFd;
+
+    struct Notifying {
+        q: Arc<Queue>,
+        handle: ContextHandle,
+        armed: bool,
+        polls_while_armed: Arc<AtomicU64>,
+    }
+    impl FdHandler for Notifying {
+        fn read(&mut self, _ctx: &mut AioContext) {
+            let _ = self.q.kick.read();
+        }
+        fn has_poll(&self) -> bool {
+            true
+        }
+        fn poll(&mut self) -> bool {
+            if self.armed {
+                // First poll() after poll_begin: inside the polling loop.
+                self.armed = false;
+                self.polls_while_armed.fetch_add(1, Ordering::SeqCst);
+                self.handle.notify();
+            }
+            false
+        }
+        fn poll_begin(&mut self) {
+            self.armed = true;
+        }
+    }
+
+    with_watchdog(120, || {
+        // A large max_ns so that the first interval (~20 ms) becomes the window.
+        let mut ctx =
+            AioContext::with_params(PollParams::default().with_max_ns(10_000_000_000)).unwrap();
+        let q = Queue::new();
+        let polls = Arc::new(AtomicU64::new(0));
+        ctx.add_fd_handler(
+            q.kick.as_raw_fd(),
+            aio_poll::Interest::READABLE,
+            Box::new(Notifying {
+                q: q.clone(),
+                handle: ctx.handle(),
+                armed: false,
+                polls_while_armed: polls.clone(),
+            }),
+        )
+        .unwrap();
+        let q2 = q.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            q2.kick.write(1).unwrap();
+        });
+        assert!(ctx.poll(true)); // dispatched: joins the poll list
+        t.join().unwrap();
+        assert!(ctx.poll_ns() > 0, "window {}", ctx.poll_ns());
+        let syscalls = ctx.handle().notify_syscalls();
+        let before = ctx.stats();
+        // Polls (poll_begin arms, first poll() notifies), stops at once.
+        assert!(!ctx.poll(true), "a bare notify is not progress");
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            ctx.handle().notify_syscalls(),
+            syscalls,
+            "notify() while polling made a syscall"
+        );
+        let after = ctx.stats();
+        assert_eq!(
+            after.blocking_waits, before.blocking_waits,
+            "the loop must not have slept"
+        );
+    });
+}
