@@ -1,24 +1,7 @@
 //! Statistics as data (serde): loop counters, the adaptive state and a
 //! histogram of the polling window.
 //!
-//! Definitions used by the benchmark table (the seeds' columns):
-//!
-//! * **mean poll_ns** — [`PollNsHistogram::mean_poll_ns`]: the polling window
-//!   (`poll_ns` at the start of an iteration, i.e. the longest it may poll)
-//!   averaged over every loop iteration run with polling enabled
-//!   (`max_ns > 0`). An iteration is sampled when the next one starts.
-//! * **reset rate** — [`PollNsHistogram::reset_rate`]: of all per-handler `ns`
-//!   recomputations (weighted: each EWMA step of a dispatched handler plus each
-//!   ageing step of a non-dispatched handler with `ns != 0`; classic: each
-//!   adjustment of a dispatched handler), the fraction that ended at 0 because
-//!   the value exceeded `max_ns` (weighted) or a shrink reached 0 (classic).
-//!   [`PollNsHistogram::poll_ns_reset_rate`] is the same for the context-wide
-//!   window: the fraction of window updates that dropped it from non-zero to 0.
-//! * **share of time near max** — [`PollNsHistogram::near_max_share`]: the
-//!   fraction of polling-enabled iterations whose window was
-//!   `>= 0.9 * max_ns` (each iteration weighs 1);
-//!   [`PollNsHistogram::near_max_time_share`] weighs each iteration by its
-//!   wall-clock duration instead.
+//! See [`PollNsHistogram`] for the definitions of the derived statistics.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +12,25 @@ use crate::params::PollParams;
 pub const HISTOGRAM_BUCKETS: usize = 65;
 
 /// Histogram and derived counters of the polling window.
+///
+/// Definitions used by the benchmark table (the seeds' columns):
+///
+/// * **mean poll_ns** — [`PollNsHistogram::mean_poll_ns`]: the polling window
+///   (`poll_ns` at the start of an iteration, i.e. the longest it may poll)
+///   averaged over every loop iteration run with polling enabled
+///   (`max_ns > 0`). An iteration is sampled when the next one starts.
+/// * **reset rate** — [`PollNsHistogram::reset_rate`]: of all per-handler `ns`
+///   recomputations (weighted: each EWMA step of a dispatched handler plus each
+///   ageing step of a non-dispatched handler with `ns != 0`; classic: each
+///   adjustment of a dispatched handler), the fraction that ended at 0 because
+///   the value exceeded `max_ns` (weighted) or a shrink reached 0 (classic).
+///   [`PollNsHistogram::poll_ns_reset_rate`] is the same for the context-wide
+///   window: the fraction of window updates that dropped it from non-zero to 0.
+/// * **share of time near max** — [`PollNsHistogram::near_max_share`]: the
+///   fraction of polling-enabled iterations whose window was
+///   `>= 0.9 * max_ns` (each iteration weighs 1);
+///   [`PollNsHistogram::near_max_time_share`] weighs each iteration by its
+///   wall-clock duration instead.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PollNsHistogram {
     /// Iteration counts per log2 bucket of `poll_ns` (see [`HISTOGRAM_BUCKETS`]).
