@@ -17,8 +17,11 @@
 # "non-vCPU" leaves the vCPU threads (vmm-ref `vcpuN`, QEMU `CPU N/KVM`) out:
 # that is the device side (IOThread, io workers, main loop); "IOThread" (`IO
 # io0` in both) and "io_uring workers" (`iou-wrk-*`, live at the end) are
-# parts of it. All CPU columns are µs per I/O. "CPU s whole run" is
-# getrusage of the reaped child (boot and exit included).
+# parts of it. All CPU columns are µs per I/O. "vCPU %" is the CPU the vCPU
+# thread got during the bench: on a loaded host the spinning guest is the
+# bottleneck, so IOPS follow the scheduler's share, and "process" CPU/IO
+# mostly reflects that spin - compare "non-vCPU" for what the VMM costs.
+# "CPU s whole run" is getrusage of the reaped child (boot and exit included).
 # Finally medians per configuration and the vmm-ref/QEMU ratios, and vmm-ref
 # with poll-max-ns=0 against the default.
 #
@@ -218,16 +221,17 @@ def run(kind, queues, poll):
                        for tid, (name, c) in s1[1].items() if pattern.match(name))
         vcpu = cls(VCPU_THREAD)
         dev = max(cpu - vcpu, 0.0) * 1e6 / ios
+        vcpu_share = 100.0 * vcpu / float(m.group(4)) if float(m.group(4)) > 0 else None
         iothread = cls(IOTHREAD_THREAD) * 1e6 / ios
         workers = cls(IO_WORKER_THREAD) * 1e6 / ios
     else:  # the VM was gone at the end snapshot: whole run minus the part before the bench
         cpu = run_cpu - s0[0]
-        dev = iothread = workers = None
+        dev = iothread = workers = vcpu_share = None
     return {"ok": True, "iops": int(m.group(5)), "ios": ios, "kicks": kicks,
             "ios_per_kick": ios / kicks if kicks else float(ios),
             "p50": float(m.group(6)), "p99": float(m.group(7)),
             "cpu_us": cpu * 1e6 / ios, "dev_us": dev, "iothread_us": iothread,
-            "workers_us": workers, "run_cpu": run_cpu}
+            "workers_us": workers, "vcpu_share": vcpu_share, "run_cpu": run_cpu}
 
 def fmt(v, nd=1):
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
@@ -254,10 +258,10 @@ for r in range(1, ROUNDS + 1):
         if res["ok"]:
             line = (f"| {r} | {label} | {res['iops']} | {res['ios_per_kick']:.1f} | "
                     f"{res['cpu_us']:.2f} | {fmt(res['dev_us'], 2)} | {fmt(res['iothread_us'], 2)} | "
-                    f"{fmt(res['workers_us'], 2)} | {res['p50']:.1f} | "
+                    f"{fmt(res['workers_us'], 2)} | {fmt(res['vcpu_share'], 0)} | {res['p50']:.1f} | "
                     f"{res['p99']:.1f} | {res['run_cpu']:.2f} |")
         else:
-            line = f"| {r} | {label} | FAILED | | | | | | | | |"
+            line = f"| {r} | {label} | FAILED | | | | | | | | | |"
             print(f"bench-vmm.sh: {label} failed: {res['error']}", file=sys.stderr)
         rows.append(line)
         print(line, file=sys.stderr, flush=True)
@@ -275,19 +279,20 @@ report.append(f"guest `{guest_cmdline()}`, disk {DISK} (tmpfs), O_DIRECT + io_ur
               f"1 IOThread (poll-max-ns={POLL}), queue-size 256, {ROUNDS} interleaved rounds; "
               f"load average before the summary: {' '.join(load)}")
 report.append("")
-report.append("| round | VMM | IOPS | I/Os per kick | CPU µs/IO (process) | non-vCPU | IOThread | io_uring workers | p50 µs | p99 µs | CPU s whole run |")
-report.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+report.append("| round | VMM | IOPS | I/Os per kick | CPU µs/IO (process) | non-vCPU | IOThread | io_uring workers | vCPU % | p50 µs | p99 µs | CPU s whole run |")
+report.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 report += rows
 report.append("")
 report.append("Medians:")
 report.append("")
-report.append("| VMM | queues | poll-max-ns | IOPS | I/Os per kick | CPU µs/IO (process) | non-vCPU | IOThread | io_uring workers |")
-report.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+report.append("| VMM | queues | poll-max-ns | IOPS | I/Os per kick | CPU µs/IO (process) | non-vCPU | IOThread | io_uring workers | vCPU % |")
+report.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for c in configs:
     kind, q, poll = c
     report.append(f"| {kind} | {q} | {poll} | {fmt(med(c, 'iops'))} | {fmt(med(c, 'ios_per_kick'))} | "
                   f"{fmt(med(c, 'cpu_us'), 2)} | {fmt(med(c, 'dev_us'), 2)} | "
-                  f"{fmt(med(c, 'iothread_us'), 2)} | {fmt(med(c, 'workers_us'), 2)} |")
+                  f"{fmt(med(c, 'iothread_us'), 2)} | {fmt(med(c, 'workers_us'), 2)} | "
+                  f"{fmt(med(c, 'vcpu_share'), 0)} |")
 report.append("")
 report.append("Ratios of medians:")
 report.append("")
