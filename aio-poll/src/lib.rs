@@ -65,3 +65,23 @@ pub use timer::TimerId;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+
+    #[test]
+    fn thread_safety_contract() {
+        // Compile-time checks: the handle and BHs cross threads freely, the
+        // context moves to the thread that runs it.
+        send_sync::<ContextHandle>();
+        send_sync::<Bh>();
+        send_sync::<Stats>();
+        send_sync::<PollParams>();
+        send::<AioContext>();
+        send::<Error>();
+    }
+}
