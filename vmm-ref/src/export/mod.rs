@@ -34,7 +34,10 @@ use serde::Serialize;
 use crate::virtio::block::{BlockHandle, BlockInfo};
 use crate::virtio::device::VirtioDevice;
 pub use backend::{BackendStats, DeviceBackend, RequestError, VIRTIO_BLK_CONFIG_SIZE};
-pub use options::{BlockExportAddArgs, DriveSpec, ExportSpec, IoThreadChoice, OptionsError};
+pub use options::{
+    BlockExportAddArgs, BlockExportDelArgs, BlockExportRemoveMode, DriveSpec, ExportSpec,
+    IoThreadChoice, OptionsError,
+};
 pub use server::{ConnState, ServerError};
 
 /// Largest queue size a front-end may choose (QEMU's vhost-user-blk

@@ -308,6 +308,30 @@ impl BlockExportAddArgs {
     }
 }
 
+/// QMP `block-export-del` removal mode (QEMU's `BlockExportRemoveMode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockExportRemoveMode {
+    /// Refuse while a front-end is connected (QEMU: "export '<id>' still in
+    /// use", hint "Use mode='hard' to force client disconnect").
+    #[default]
+    Safe,
+    /// Disconnect the front-end and remove the export.
+    Hard,
+}
+
+/// QMP `block-export-del` arguments. After a removal QEMU emits the
+/// `BLOCK_EXPORT_DELETED` event with `{"id": <id>}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockExportDelArgs {
+    /// Export id.
+    pub id: String,
+    /// Removal mode (default safe).
+    #[serde(default)]
+    pub mode: BlockExportRemoveMode,
+}
+
 /// A parsed `--drive id=d0,file=disk.img[,readonly=on][,cache.direct=on]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DriveSpec {
@@ -447,6 +471,19 @@ mod tests {
         }))
         .unwrap();
         assert!(lbs.into_spec().is_err());
+    }
+
+    #[test]
+    fn qmp_block_export_del() {
+        let a: BlockExportDelArgs = serde_json::from_value(json!({"id": "e0"})).unwrap();
+        assert_eq!(a.mode, BlockExportRemoveMode::Safe);
+        let a: BlockExportDelArgs =
+            serde_json::from_value(json!({"id": "e0", "mode": "hard"})).unwrap();
+        assert_eq!(a.mode, BlockExportRemoveMode::Hard);
+        assert!(
+            serde_json::from_value::<BlockExportDelArgs>(json!({"id": "e0", "mode": "soft"}))
+                .is_err()
+        );
     }
 
     #[test]

@@ -937,3 +937,46 @@ fn block_device_serves_requests_over_vhost_user() {
     export.stop();
     assert!(registry.holders("io0").unwrap().is_empty());
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn message() -> impl Strategy<Value = (u32, u32, Vec<u8>)> {
+        (
+            prop_oneof![0u32..50, any::<u32>()],
+            prop_oneof![Just(VERSION), Just(VERSION | NEED_REPLY), any::<u32>()],
+            proptest::collection::vec(any::<u8>(), 0..80),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Arbitrary message sequences (after a valid negotiation or not)
+        /// never take the export down: a well-behaved front-end is served
+        /// afterwards.
+        #[test]
+        fn random_messages_never_break_the_export(
+            negotiate in any::<bool>(),
+            msgs in proptest::collection::vec(message(), 1..12),
+        ) {
+            let f = fixture("fuzz", None);
+            {
+                let mut s = raw_connect(&f);
+                let mem = memfd(MEM_SIZE);
+                if negotiate {
+                    raw_negotiate(&mut s, &mem);
+                }
+                for (req, flags, body) in &msgs {
+                    let mut m = u32s(&[*req, *flags, body.len() as u32]);
+                    m.extend_from_slice(body);
+                    if (&s).write_all(&m).is_err() {
+                        break;
+                    }
+                }
+            }
+            still_serving(&f);
+        }
+    }
+}
