@@ -473,14 +473,83 @@ impl Dispatcher {
                 )
             }
             ["info", "block"] => format_info_block(&self.machine.query_block()),
+            ["qom-get", path, property] => self.hmp_via_qmp(
+                "qom-get",
+                json!({"path": path, "property": property}),
+                |ret| format!("{}\n", ret.as_str()),
+            ),
+            ["qom-get", ..] => "Usage: qom-get path property\n".to_string(),
+            ["qom-set", path, property, value] => self.hmp_via_qmp(
+                "qom-set",
+                json!({"path": path, "property": property, "value": hmp_value(value)}),
+                |_| String::new(),
+            ),
+            ["qom-set", ..] => "Usage: qom-set path property value\n".to_string(),
+            ["object_add", spec] => match parse_object_spec(spec) {
+                Ok(args) => self.hmp_via_qmp("object-add", args, |_| String::new()),
+                Err(msg) => format!("Error: {msg}\n"),
+            },
+            ["object_add", ..] => "Usage: object_add iothread,id=ID[,PROP=VALUE...]\n".to_string(),
+            ["object_del", id] => {
+                self.hmp_via_qmp("object-del", json!({"id": id}), |_| String::new())
+            }
+            ["object_del", ..] => "Usage: object_del id\n".to_string(),
             _ => format!("unknown command: '{}'\n", words.join(" ")),
         }
     }
+
+    /// Run an HMP command as its QMP equivalent (same typed parsing and checks);
+    /// errors print as HMP does: `Error: DESC`.
+    fn hmp_via_qmp(&self, name: &str, args: Value, ok: impl FnOnce(&Json) -> String) -> String {
+        let Value::Object(args) = args else {
+            return format!("Error: internal: arguments of {name} are not an object\n");
+        };
+        match Command::parse(name, Some(args)).and_then(|cmd| self.dispatch(&cmd)) {
+            Ok(ret) => ok(&ret),
+            Err(e) => format!("Error: {}\n", e.desc),
+        }
+    }
+}
+
+/// An HMP value: an integer when it parses as one, else a string.
+fn hmp_value(text: &str) -> Value {
+    text.parse::<i64>()
+        .map_or_else(|_| json!(text), |n| json!(n))
+}
+
+/// `TYPE,id=ID,KEY=VALUE...` (HMP `object_add`, as QEMU's `-object`) into `object-add`
+/// arguments. `qom-type=TYPE` may be spelled out.
+fn parse_object_spec(spec: &str) -> Result<Value, String> {
+    let mut args = Map::new();
+    for (i, item) in spec.split(',').enumerate() {
+        match item.split_once('=') {
+            Some((key, value)) if !key.is_empty() => {
+                // Names stay strings; property values are integers when they parse.
+                let value = if key == "id" || key == "qom-type" {
+                    json!(value)
+                } else {
+                    hmp_value(value)
+                };
+                if args.insert(key.to_string(), value).is_some() {
+                    return Err(format!("Parameter '{key}' given twice"));
+                }
+            }
+            None if i == 0 && !item.is_empty() => {
+                args.insert("qom-type".to_string(), json!(item));
+            }
+            _ => return Err(format!("Invalid object option '{item}'")),
+        }
+    }
+    Ok(Value::Object(args))
 }
 
 const HMP_HELP: &str = "\
 help|? -- show this help
 info [subcommand] -- show various information about the system state
+object_add iothread,id=ID[,PROP=VALUE...] -- create an IOThread
+object_del id -- destroy an IOThread (refused while it has holders)
+qom-get path property -- print an IOThread property (path /objects/ID)
+qom-set path property value -- set an IOThread property (path /objects/ID)
 ";
 
 const HMP_INFO_HELP: &str = "\

@@ -524,6 +524,65 @@ fn query_block_and_hmp() {
         "unknown command: 'info nothing'\n"
     );
     assert_eq!(hmp(&mut c, "   "), "");
+
+    // QOM and object commands, via the same typed parsing as their QMP twins.
+    assert_eq!(hmp(&mut c, "qom-get /objects/io1 poll-weight"), "3\n");
+    assert_eq!(hmp(&mut c, "qom-set /objects/io1 poll-weight 6"), "");
+    assert_eq!(
+        f.machine
+            .registry_ref()
+            .get_property("io1", "poll-weight")
+            .unwrap(),
+        6
+    );
+    assert_eq!(
+        hmp(&mut c, "qom-set /objects/io1 poll-weight six"),
+        "Error: Invalid parameter type for 'poll-weight', expected: integer\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "qom-get /objects/nope poll-weight"),
+        "Error: Device '/objects/nope' not found\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "qom-set /objects/io1"),
+        "Usage: qom-set path property value\n"
+    );
+    assert_eq!(hmp(&mut c, "object_add iothread,id=io5,poll-max-ns=0"), "");
+    assert_eq!(
+        f.machine
+            .registry_ref()
+            .get_property("io5", "poll-max-ns")
+            .unwrap(),
+        0
+    );
+    assert_eq!(hmp(&mut c, "object_add qom-type=iothread,id=io6"), "");
+    assert_eq!(
+        hmp(&mut c, "object_add iothread,id=9"),
+        "Error: Parameter 'id' expects an identifier: '9' must start with a letter\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "object_add iothread,id=io7,bogus=1"),
+        "Error: Parameter 'bogus' is unexpected\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "object_add iothread,id=io7,id=io8"),
+        "Error: Parameter 'id' given twice\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "object_add iothread,,id=io7"),
+        "Error: Invalid object option ''\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "object_add iothread"),
+        "Error: Parameter 'id' is missing\n"
+    );
+    assert_eq!(hmp(&mut c, "object_del io5"), "");
+    assert_eq!(hmp(&mut c, "object_del io6"), "");
+    assert!(!f.machine.registry_ref().contains("io5"));
+    assert_eq!(
+        hmp(&mut c, "object_del io0"),
+        format!("Error: IOThread 'io0' is in use by qom-object {FAKE_HOLDER}\n")
+    );
     assert_eq!(
         c.ok(
             "human-monitor-command",
