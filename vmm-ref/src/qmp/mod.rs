@@ -1,6 +1,8 @@
 //! QMP control socket: QEMU's machine protocol on a Unix socket, for live IOThread
-//! management (`query-iothreads`, `qom-set`, `object-add`/`object-del`), `query-block`,
-//! `query-status`, `system_reset`, `quit` and asynchronous events.
+//! management (`query-iothreads`, `qom-get`/`qom-set`, `object-add`/`object-del`, the
+//! `x-query-iothread-stats` extension), `query-block`, `query-status`,
+//! `human-monitor-command` (HMP `info iothreads`, ...), `system_reset`, `quit` and
+//! asynchronous events.
 //!
 //! Layout (control plane = typed commands + one dispatcher):
 //!
@@ -16,6 +18,10 @@
 //!
 //! The VMM implements [`QmpMachine`], starts the server with [`QmpServer::start`] and
 //! keeps the [`QmpServer`] alive as long as the socket should exist.
+//!
+//! Fuzzing entry points (no socket needed): [`Session::feed`] +
+//! [`Session::process_next`] with a [`Dispatcher`] over any [`QmpMachine`];
+//! [`protocol::JsonStreamDecoder`] and [`Command::parse`] on their own.
 
 mod args;
 pub mod commands;

@@ -337,8 +337,9 @@ impl Worker {
                 // Only a wake-up; the counter value does not matter.
                 let _ = self.wake.read();
             }
-            let polled = fds.len() - 2;
-            for (i, pfd) in fds.iter().skip(2).enumerate().take(polled) {
+            // Client i is fds[2 + i]: clients are only added (accept) and removed
+            // (retain) after this loop.
+            for (i, pfd) in fds.iter().skip(2).enumerate() {
                 let revents = pfd.revents;
                 if revents == 0 {
                     continue;
