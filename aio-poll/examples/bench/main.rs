@@ -6,7 +6,9 @@
 //! cargo run --release -p aio-poll --example bench -- --quick # ~25 s
 //! cargo run --release -p aio-poll --example bench -- --duration-ms 5000
 //! ```
-//! Options: `--dispatch-only` (just the same-thread dispatch cost),
+//! Options: `--dispatch-only` (just the same-thread dispatch cost of every
+//! dispatch mode; with `--dispatch-mode NAME` only that mode, once, for
+//! `callgrind.sh`; `--events N` events per run),
 //! `--pattern SUBSTR` (only matching patterns), `--quick` (or `AIO_BENCH_QUICK=1`), `--duration-ms N` per
 //! pattern and mode, `--work-ns N` emulated per-request device work (default
 //! 500), `--boost` (or `AIO_BENCH_BOOST=1`): run producer and consumer at
@@ -15,9 +17,11 @@
 //! at once instead of at the next tick).
 
 mod consumers;
+mod dispatch;
 mod workload;
 
-use consumers::{dispatch_cost_ns, idle_cpu_ns, run, Mode, RunResult};
+use consumers::{idle_cpu_ns, run, Mode, RunResult};
+use dispatch::{dispatch_cost_ns, dispatch_costs, print_dispatch_table, DispatchMode};
 use workload::Gap;
 
 use aio_poll::{PollAlgorithm, PollNsHistogram, PollParams};
@@ -61,12 +65,7 @@ fn pattern_filter() -> Option<String> {
 
 fn parse_args() -> (u64, u64, bool) {
     if std::env::args().any(|a| a == "--dispatch-only") {
-        // Diagnostic: only the same-thread dispatch cost, 1 M events each.
-        let (em, b, w) = dispatch_costs(1_000_000);
-        println!(
-            "dispatch ns/event: event-manager {em:.0}, aio-poll blocking {b:.0}, weighted {w:.0}"
-        );
-        std::process::exit(0);
+        dispatch_only();
     }
     if std::env::var("AIO_BENCH_BOOST").is_ok_and(|v| v != "0" && !v.is_empty()) {
         workload::BOOST.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -95,6 +94,7 @@ fn parse_args() -> (u64, u64, bool) {
             "--pattern" => {
                 let _ = args.next();
             }
+            "--dispatch-mode" | "--events" => usage(&format!("{a} needs --dispatch-only")),
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -105,13 +105,62 @@ fn parse_args() -> (u64, u64, bool) {
     (duration_ms, work_ns, quick)
 }
 
+/// `--dispatch-only`: the same-thread dispatch cost, then exit. With
+/// `--dispatch-mode NAME` one run of that mode only (what `callgrind.sh`
+/// runs under valgrind), else every mode, minimum of five rotations.
+fn dispatch_only() -> ! {
+    let mut mode = None;
+    let mut events = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--dispatch-only" => {}
+            "--dispatch-mode" => {
+                let v = args.next().unwrap_or_default();
+                mode = Some(
+                    DispatchMode::parse(&v)
+                        .unwrap_or_else(|| usage(&format!("unknown dispatch mode {v:?}"))),
+                );
+            }
+            "--events" => {
+                events = Some(
+                    args.next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .filter(|n| *n > 0)
+                        .unwrap_or_else(|| usage("--events needs a positive number")),
+                );
+            }
+            "--rt" => workload::RT.store(true, std::sync::atomic::Ordering::Relaxed),
+            "--boost" => workload::BOOST.store(true, std::sync::atomic::Ordering::Relaxed),
+            other => usage(&format!("unknown argument with --dispatch-only: {other:?}")),
+        }
+    }
+    workload::setup_thread(1);
+    match mode {
+        Some(m) => {
+            let n = events.unwrap_or(100_000);
+            let ns = dispatch_cost_ns(m, n);
+            println!(
+                "dispatch mode {}: {n} events, {ns:.0} CPU ns/event",
+                m.flag()
+            );
+        }
+        None => {
+            let n = events.unwrap_or(200_000);
+            print_dispatch_table(&dispatch_costs(n, 5), n, 5);
+        }
+    }
+    std::process::exit(0)
+}
+
 fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("error: {msg}");
     }
     eprintln!(
         "usage: bench [--quick] [--boost] [--rt] [--duration-ms N] [--work-ns N] \
-         [--pattern SUBSTR] [--dispatch-only]"
+         [--pattern SUBSTR]\n       bench --dispatch-only [--dispatch-mode MODE] [--events N]\n       \
+         MODE: em, blocking, weighted, em-wait, blocking-wait, weighted-wait"
     );
     std::process::exit(2)
 }
@@ -226,31 +275,31 @@ fn main() {
         idle_ms,
     );
     let idle_b = idle_cpu_ns(Some(PollParams::disabled()), idle_ms);
-    let (d_em, d_b, d_w) = dispatch_costs(if quick { 100_000 } else { 500_000 });
+    let (dn, drounds) = if quick { (20_000, 5) } else { (100_000, 5) };
+    let dcosts = dispatch_costs(dn, drounds);
+    println!("## Idle CPU over {idle_ms} ms right after 100 events\n");
+    println!("| consumer | idle CPU (us) |");
+    println!("|---|---:|");
+    println!("| event-manager | {:.1} |", idle_em as f64 / 1e3);
     println!(
-        "## Idle CPU over {idle_ms} ms right after 100 events, and same-thread dispatch cost\n"
+        "| aio-poll blocking (max_ns=0) | {:.1} |",
+        idle_b as f64 / 1e3
     );
-    println!(
-        "| consumer | idle CPU (us) | dispatch (ns/event, incl. eventfd write+read; min of 5) |"
-    );
-    println!("|---|---:|---:|");
-    println!(
-        "| event-manager | {:.1} | {:.0} |",
-        idle_em as f64 / 1e3,
-        d_em
-    );
-    println!(
-        "| aio-poll blocking (max_ns=0) | {:.1} | {:.0} |",
-        idle_b as f64 / 1e3,
-        d_b
-    );
-    println!(
-        "| aio-poll weighted w=3 | {:.1} | {:.0} |",
-        idle_w as f64 / 1e3,
-        d_w
-    );
-    println!("| aio-poll classic | {:.1} | - |", idle_c as f64 / 1e3);
+    println!("| aio-poll weighted w=3 | {:.1} |", idle_w as f64 / 1e3);
+    println!("| aio-poll classic | {:.1} |", idle_c as f64 / 1e3);
     println!();
+    println!(
+        "## Same-thread dispatch cost (eventfd write + one loop iteration that reads it; \
+         instructions/event: examples/bench/callgrind.sh)\n"
+    );
+    print_dispatch_table(&dcosts, dn, drounds);
+    let cost = |m: DispatchMode| {
+        dcosts
+            .iter()
+            .find(|(x, _)| *x == m)
+            .map(|(_, v)| *v)
+            .unwrap_or(f64::NAN)
+    };
 
     // Targets.
     println!("## Targets\n");
@@ -313,36 +362,21 @@ fn main() {
         },
         max_ns / 1000
     );
-    println!(
-        "- dispatch cost aio-poll blocking {:.0} ns vs event-manager {:.0} ns: {}",
-        d_b,
-        d_em,
-        no_worse(d_b, d_em)
-    );
-    println!(
-        "- dispatch cost aio-poll weighted {:.0} ns vs event-manager {:.0} ns: {}",
-        d_w,
-        d_em,
-        no_worse(d_w, d_em)
-    );
-}
-
-/// Same-thread dispatch cost of event-manager, aio-poll blocking and aio-poll
-/// weighted: five rotations of n/5 events each, minimum per consumer (the
-/// least disturbed run on a shared machine; order effects cancel out).
-fn dispatch_costs(n: u64) -> (f64, f64, f64) {
-    let mut best = [f64::MAX; 3];
-    for _ in 0..5 {
-        let r = [
-            dispatch_cost_ns(None, n / 5),
-            dispatch_cost_ns(Some(PollParams::disabled()), n / 5),
-            dispatch_cost_ns(Some(PollParams::default()), n / 5),
-        ];
-        for (b, v) in best.iter_mut().zip(r) {
-            *b = b.min(v);
-        }
+    for m in [
+        DispatchMode::Blocking,
+        DispatchMode::Weighted,
+        DispatchMode::BlockingWait,
+    ] {
+        let b = m.baseline();
+        println!(
+            "- dispatch cost {} {:.0} ns vs {} {:.0} ns: {}",
+            m.describe(),
+            cost(m),
+            b.describe(),
+            cost(b),
+            no_worse(cost(m), cost(b))
+        );
     }
-    (best[0], best[1], best[2])
 }
 
 fn verdict(ok: bool) -> &'static str {

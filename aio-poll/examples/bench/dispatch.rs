@@ -1,0 +1,251 @@
+//! Same-thread dispatch cost: eventfd events through aio-poll and rust-vmm
+//! event-manager in one thread. Reports thread CPU time per event; under
+//! `valgrind --tool=callgrind --toggle-collect='*dispatch_loop_*'` (see
+//! `callgrind.sh`) the instructions executed inside the per-mode loop
+//! functions give deterministic user-space instructions per event.
+//!
+//! Every event is: bump a "produced" counter, write 1 to the eventfd, one
+//! loop iteration whose handler reads the eventfd and catches up with the
+//! counter. Handlers do the same work in every mode.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use aio_poll::clock::thread_cpu_time_ns;
+use aio_poll::{AioContext, FdHandler, Interest, PollParams};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// One consumer configuration of the dispatch benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DispatchMode {
+    /// event-manager, `run_with_timeout(0)`.
+    Em,
+    /// aio-poll `max_ns = 0`, `poll(false)`.
+    Blocking,
+    /// aio-poll default parameters (Weighted, w=3), `poll(false)`.
+    Weighted,
+    /// event-manager, `run()` (blocking `epoll_wait`, event already pending).
+    EmWait,
+    /// aio-poll `max_ns = 0`, `poll(true)`: the may-sleep protocol and the
+    /// blocking `epoll_wait` (event already pending).
+    BlockingWait,
+    /// aio-poll default parameters, `poll(true)`: the event is found by the
+    /// handler's `poll()` in the polling window (no `epoll_wait`, except the
+    /// fairness check every 16 iterations).
+    WeightedWait,
+}
+
+impl DispatchMode {
+    /// Every mode, in report order.
+    pub const ALL: [DispatchMode; 6] = [
+        DispatchMode::Em,
+        DispatchMode::Blocking,
+        DispatchMode::Weighted,
+        DispatchMode::EmWait,
+        DispatchMode::BlockingWait,
+        DispatchMode::WeightedWait,
+    ];
+
+    /// The command-line name (`--dispatch-mode NAME`).
+    pub fn flag(self) -> &'static str {
+        match self {
+            DispatchMode::Em => "em",
+            DispatchMode::Blocking => "blocking",
+            DispatchMode::Weighted => "weighted",
+            DispatchMode::EmWait => "em-wait",
+            DispatchMode::BlockingWait => "blocking-wait",
+            DispatchMode::WeightedWait => "weighted-wait",
+        }
+    }
+
+    /// Parses a command-line name.
+    pub fn parse(s: &str) -> Option<DispatchMode> {
+        Self::ALL.into_iter().find(|m| m.flag() == s)
+    }
+
+    /// A human-readable description for tables.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DispatchMode::Em => "event-manager run_with_timeout(0)",
+            DispatchMode::Blocking => "aio-poll max_ns=0, poll(false)",
+            DispatchMode::Weighted => "aio-poll weighted w=3, poll(false)",
+            DispatchMode::EmWait => "event-manager run() (event pending)",
+            DispatchMode::BlockingWait => "aio-poll max_ns=0, poll(true) (event pending)",
+            DispatchMode::WeightedWait => "aio-poll weighted w=3, poll(true) (found by poll())",
+        }
+    }
+
+    /// The event-manager mode this one is compared with.
+    pub fn baseline(self) -> DispatchMode {
+        match self {
+            DispatchMode::Em | DispatchMode::Blocking | DispatchMode::Weighted => DispatchMode::Em,
+            _ => DispatchMode::EmWait,
+        }
+    }
+
+    fn blocking_call(self) -> bool {
+        matches!(
+            self,
+            DispatchMode::EmWait | DispatchMode::BlockingWait | DispatchMode::WeightedWait
+        )
+    }
+
+    fn params(self) -> Option<PollParams> {
+        match self {
+            DispatchMode::Em | DispatchMode::EmWait => None,
+            DispatchMode::Blocking | DispatchMode::BlockingWait => Some(PollParams::disabled()),
+            DispatchMode::Weighted | DispatchMode::WeightedWait => Some(PollParams::default()),
+        }
+    }
+}
+
+/// The event source: a "produced" counter (the avail ring) plus the eventfd.
+struct Source {
+    produced: Arc<AtomicU64>,
+    efd: EventFd,
+}
+
+impl Source {
+    #[inline]
+    fn kick(&self) {
+        let p = self.produced.load(Ordering::Relaxed);
+        self.produced.store(p + 1, Ordering::Release);
+        let _ = self.efd.write(1);
+    }
+}
+
+/// The consumer side, identical for both loops.
+struct Sink {
+    produced: Arc<AtomicU64>,
+    efd: EventFd,
+    consumed: u64,
+}
+
+impl Sink {
+    #[inline]
+    fn consume(&mut self) {
+        let _ = self.efd.read();
+        self.consumed = self.produced.load(Ordering::Acquire);
+    }
+}
+
+impl FdHandler for Sink {
+    fn read(&mut self, _ctx: &mut AioContext) {
+        self.consume();
+    }
+    fn has_poll(&self) -> bool {
+        true
+    }
+    fn poll(&mut self) -> bool {
+        self.produced.load(Ordering::Acquire) > self.consumed
+    }
+    fn poll_ready(&mut self, _ctx: &mut AioContext) {
+        self.consume();
+    }
+}
+
+impl MutEventSubscriber for Sink {
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.efd, EventSet::IN))
+            .expect("register eventfd");
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.consume();
+    }
+}
+
+fn pair() -> (Source, Sink) {
+    let produced = Arc::new(AtomicU64::new(0));
+    let efd = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let reader = efd.try_clone().expect("dup eventfd");
+    (
+        Source {
+            produced: produced.clone(),
+            efd,
+        },
+        Sink {
+            produced,
+            efd: reader,
+            consumed: 0,
+        },
+    )
+}
+
+/// The measured aio-poll loop (the callgrind script collects inside it only).
+#[inline(never)]
+fn dispatch_loop_aio(ctx: &mut AioContext, src: &Source, n: u64, blocking: bool) {
+    for _ in 0..n {
+        src.kick();
+        ctx.poll(blocking);
+    }
+}
+
+/// The measured event-manager loop (the callgrind script collects inside it only).
+#[inline(never)]
+fn dispatch_loop_em(em: &mut EventManager<Sink>, src: &Source, n: u64, blocking: bool) {
+    for _ in 0..n {
+        src.kick();
+        let _ = if blocking {
+            em.run()
+        } else {
+            em.run_with_timeout(0)
+        };
+    }
+}
+
+/// Runs `n` events through `mode`; returns thread CPU ns per event.
+pub fn dispatch_cost_ns(mode: DispatchMode, n: u64) -> f64 {
+    let (src, sink) = pair();
+    let blocking = mode.blocking_call();
+    let cpu = match mode.params() {
+        Some(p) => {
+            let mut ctx = AioContext::with_params(p).expect("context");
+            let fd = sink.efd.as_raw_fd();
+            ctx.add_fd_handler(fd, Interest::READABLE, Box::new(sink))
+                .expect("add handler");
+            let cpu0 = thread_cpu_time_ns();
+            dispatch_loop_aio(&mut ctx, &src, n, blocking);
+            thread_cpu_time_ns() - cpu0
+        }
+        None => {
+            let mut em = EventManager::<Sink>::new().expect("event manager");
+            em.add_subscriber(sink);
+            let cpu0 = thread_cpu_time_ns();
+            dispatch_loop_em(&mut em, &src, n, blocking);
+            thread_cpu_time_ns() - cpu0
+        }
+    };
+    cpu as f64 / n.max(1) as f64
+}
+
+/// CPU ns per event of every mode: `rounds` rotations of `n` events each,
+/// minimum per mode (the least disturbed run on a shared machine).
+pub fn dispatch_costs(n: u64, rounds: u32) -> Vec<(DispatchMode, f64)> {
+    let mut best = [f64::MAX; DispatchMode::ALL.len()];
+    for round in 0..rounds as usize {
+        for k in 0..DispatchMode::ALL.len() {
+            let i = (k + round) % DispatchMode::ALL.len();
+            if let (Some(mode), Some(b)) = (DispatchMode::ALL.get(i), best.get_mut(i)) {
+                *b = b.min(dispatch_cost_ns(*mode, n));
+            }
+        }
+    }
+    DispatchMode::ALL.into_iter().zip(best).collect()
+}
+
+/// Prints the CPU-time table with ratios against the event-manager baseline.
+pub fn print_dispatch_table(costs: &[(DispatchMode, f64)], n: u64, rounds: u32) {
+    println!("| dispatch mode | CPU ns/event (min of {rounds} x {n}) | vs event-manager |");
+    println!("|---|---:|---:|");
+    for (mode, ns) in costs {
+        let base = costs
+            .iter()
+            .find(|(m, _)| *m == mode.baseline())
+            .map(|(_, v)| *v)
+            .unwrap_or(f64::NAN);
+        println!("| {} | {:.0} | {:.2}x |", mode.describe(), ns, ns / base);
+    }
+    println!();
+}
