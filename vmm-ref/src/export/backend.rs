@@ -596,8 +596,12 @@ impl VhostUserBackendReqHandlerMut for DeviceBackend {
             Ok(v) => v,
             Err(e) => return self.refuse(RequestError::Memory(e)),
         };
+        // Running rings stop on the old mapping (the drain completes into
+        // it and their positions are read from it), then restart below on
+        // the new one.
+        self.stop_device();
         // Re-translate configured rings with the new table; a ring the new
-        // table no longer covers loses its addresses (and stops).
+        // table no longer covers loses its addresses (and stays stopped).
         for v in &mut self.vrings {
             if let Some(a) = v.addrs {
                 let size = u64::from(v.num);
@@ -625,7 +629,6 @@ impl VhostUserBackendReqHandlerMut for DeviceBackend {
         }
         self.table = table;
         self.stats.mem_tables.fetch_add(1, Ordering::Relaxed);
-        self.restart = self.active.is_some();
         let r = self.reconfigure();
         self.check(r)?;
         Ok(None)

@@ -312,7 +312,7 @@ impl BlockExportAddArgs {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BlockExportRemoveMode {
-    /// Refuse while a front-end is connected (QEMU: "export '<id>' still in
+    /// Refuse while a front-end is connected (QEMU: "export '`id`' still in
     /// use", hint "Use mode='hard' to force client disconnect").
     #[default]
     Safe,

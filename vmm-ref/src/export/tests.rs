@@ -304,6 +304,28 @@ fn session_activates_per_enabled_ring_and_returns_bases() {
     assert_eq!(new_call.read().unwrap(), 1);
     assert!(front.calls[1].read().is_err());
 
+    // A new memory table while the rings run (memory hot-plug): the device
+    // is re-activated on the new mapping with the same rings.
+    let n_before = events(&f).len();
+    let mem2 = memfd(MEM_SIZE);
+    front
+        .fe
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE,
+            userspace_addr: UADDR,
+            mmap_offset: 0,
+            mmap_handle: mem2.as_raw_fd(),
+        }])
+        .unwrap();
+    let ev = events(&f);
+    assert_eq!(ev.get(n_before), Some(&Event::Reset), "{ev:?}");
+    assert!(
+        matches!(ev.get(n_before + 1), Some(Event::Activate(a)) if a.ready == vec![true, true]),
+        "{ev:?}"
+    );
+    front.mem = mem2;
+
     // The device "completed" 7 requests on queue 0: used->idx = 7.
     front
         .mem
