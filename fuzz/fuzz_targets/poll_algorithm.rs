@@ -4,4 +4,6 @@
 use libfuzzer_sys::fuzz_target;
 use vmm_ref_fuzz::poll_algorithm::{check, Input};
 
-fuzz_target!(|data: &[u8]| check(&Input::decode(data)));
+fuzz_target!(|data: &[u8]| {
+    check(&Input::decode(data));
+});

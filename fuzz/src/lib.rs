@@ -11,6 +11,7 @@
 pub mod bytes;
 pub mod iothread_mapping;
 pub mod poll_algorithm;
+pub mod qmp;
 pub mod regpage;
 pub mod seeds;
 pub mod virtio_blk_request;

@@ -8,6 +8,7 @@ pub fn all() -> Vec<(&'static str, Vec<(String, Vec<u8>)>)> {
         ("poll_algorithm", crate::poll_algorithm::seeds()),
         ("iothread_mapping", crate::iothread_mapping::seeds()),
         ("regpage", crate::regpage::seeds()),
+        ("qmp", crate::qmp::seeds()),
         ("virtio_blk_request", crate::virtio_blk_request::seeds()),
         ("virtio_mmio", crate::virtio_mmio::seeds()),
     ]
