@@ -14,6 +14,7 @@ pub mod control;
 pub mod demo;
 pub mod devices;
 pub mod drives;
+pub mod export;
 pub mod logger;
 pub mod qmp;
 pub mod ratelimit;
