@@ -1,7 +1,6 @@
 //! Opens an export's drive as the virtio-blk device model.
 
 use super::{ExportConfig, ExportError, MAX_QUEUE_SIZE};
-use crate::virtio::block::backend::BlockEngine;
 use crate::virtio::block::{Block, BlockConfig, BlockHandle};
 use crate::virtio::device::VirtioDevice;
 use iothread_registry::IoThreadRegistry;
@@ -22,7 +21,7 @@ pub(super) fn open_block(
             readonly: cfg.readonly,
             direct: cfg.direct,
             queue_iothreads: cfg.queue_iothreads.clone(),
-            engine: BlockEngine::Auto,
+            engine: cfg.engine,
             serial: Some(cfg.id.clone()),
         },
         registry.clone(),

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use iothread_registry::{HolderGuard, IoThreadHolder, IoThreadRegistry};
 use serde::Serialize;
 
+use crate::virtio::block::backend::BlockEngine;
 use crate::virtio::block::{BlockHandle, BlockInfo};
 use crate::virtio::device::VirtioDevice;
 pub use backend::{BackendStats, DeviceBackend, RequestError, VIRTIO_BLK_CONFIG_SIZE};
@@ -64,6 +65,8 @@ pub struct ExportConfig {
     pub readonly: bool,
     /// Open the image with O_DIRECT.
     pub direct: bool,
+    /// I/O engine (`aio=` of the drive).
+    pub engine: BlockEngine,
 }
 
 impl ExportConfig {
@@ -92,6 +95,12 @@ impl ExportConfig {
             file: drive.file.clone(),
             readonly: drive.readonly || spec.writable == Some(false),
             direct: drive.direct,
+            engine: match drive.aio.as_deref() {
+                None => BlockEngine::Auto,
+                Some(a) => a
+                    .parse()
+                    .map_err(|msg| ExportError::Options(OptionsError::Value { key: "aio", msg }))?,
+            },
         })
     }
 }

@@ -343,7 +343,7 @@ pub struct DriveSpec {
     pub readonly: bool,
     /// Open with O_DIRECT (`cache.direct=on`).
     pub direct: bool,
-    /// `aio=io_uring|threads` (None = default engine).
+    /// `aio=io_uring|threads|sync|auto` (None = auto: io_uring when available).
     pub aio: Option<String>,
 }
 

@@ -167,6 +167,7 @@ fn fixture(tag: &str, registry: Option<IoThreadRegistry>) -> Fixture {
         file: PathBuf::from("/dev/null"),
         readonly: false,
         direct: false,
+        engine: Default::default(),
     };
     let export = Export::with_device(cfg, &registry, Box::new(device)).unwrap();
     Fixture {
@@ -447,6 +448,7 @@ fn start_fails_cleanly() {
         file: PathBuf::from("/dev/null"),
         readonly: false,
         direct: false,
+        engine: Default::default(),
     };
     // Unknown IOThread: nothing stays held.
     assert!(matches!(
@@ -834,6 +836,7 @@ fn block_device_serves_requests_over_vhost_user() {
         file: img.clone(),
         readonly: false,
         direct: false,
+        engine: Default::default(),
     };
     let export = Export::start(cfg, &registry).unwrap();
     assert_eq!(
@@ -1001,4 +1004,51 @@ mod fuzz {
             still_serving(&f);
         }
     }
+}
+
+#[test]
+fn export_config_from_cli_spec() {
+    let spec = ExportSpec::parse_cli(
+        "vhost-user-blk,id=e0,node-name=d0,addr=unix:/tmp/e0.sock,num-queues=2,iothread-vq-mapping=io0:io1",
+    )
+    .unwrap();
+    let drive = DriveSpec::parse_cli("id=d0,file=/tmp/d.img,aio=sync,cache.direct=on").unwrap();
+    let cfg = ExportConfig::from_spec(&spec, &drive, |_| true).unwrap();
+    assert_eq!(cfg.queue_iothreads, vec!["io0", "io1"]);
+    assert_eq!(cfg.engine, crate::virtio::block::backend::BlockEngine::Sync);
+    assert!(cfg.direct && !cfg.readonly);
+    // Read-only drive: read-only export; writable=on is refused.
+    let ro = DriveSpec::parse_cli("id=d0,file=/tmp/d.img,readonly=on").unwrap();
+    assert!(
+        ExportConfig::from_spec(&spec, &ro, |_| true)
+            .unwrap()
+            .readonly
+    );
+    let w = ExportSpec {
+        writable: Some(true),
+        ..spec.clone()
+    };
+    assert!(matches!(
+        ExportConfig::from_spec(&w, &ro, |_| true),
+        Err(ExportError::ReadOnlyDrive(_))
+    ));
+    // writable=off on a writable drive.
+    let r = ExportSpec {
+        writable: Some(false),
+        ..spec.clone()
+    };
+    assert!(
+        ExportConfig::from_spec(&r, &drive, |_| true)
+            .unwrap()
+            .readonly
+    );
+    // Wrong node, unknown IOThread, bad engine.
+    let other = DriveSpec::parse_cli("id=d1,file=/tmp/d.img").unwrap();
+    assert!(matches!(
+        ExportConfig::from_spec(&spec, &other, |_| true),
+        Err(ExportError::NodeMismatch { .. })
+    ));
+    assert!(ExportConfig::from_spec(&spec, &drive, |id| id == "io0").is_err());
+    let bad = DriveSpec::parse_cli("id=d0,file=/tmp/d.img,aio=posix").unwrap();
+    assert!(ExportConfig::from_spec(&spec, &bad, |_| true).is_err());
 }
