@@ -1,6 +1,7 @@
 //! State shared between the loop and other threads, and the `Send + Sync`
 //! [`ContextHandle`].
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,7 +11,7 @@ use crate::context::AioContext;
 use crate::error::Result;
 use crate::notifier::Notifier;
 use crate::params::PollParams;
-use crate::stats::Stats;
+use crate::stats::{PublishedCounters, Stats};
 
 /// Locks a mutex, ignoring poisoning (a panicking callback must not make the
 /// loop or its handles panic too; the protected data stay consistent because
@@ -20,15 +21,24 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 thread_local! {
-    static THREAD_TOKEN: u64 = {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    };
+    /// 0 until the thread first asks (a const initialiser: no lazy-init
+    /// check or destructor registration on the loop's hot path).
+    static THREAD_TOKEN: Cell<u64> = const { Cell::new(0) };
 }
 
 /// A non-zero id of the calling thread.
+#[inline]
 pub(crate) fn thread_token() -> u64 {
-    THREAD_TOKEN.with(|t| *t)
+    THREAD_TOKEN.with(|t| {
+        let v = t.get();
+        if v != 0 {
+            return v;
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let v = NEXT.fetch_add(1, Ordering::Relaxed);
+        t.set(v);
+        v
+    })
 }
 
 /// Everything other threads may touch.
@@ -41,7 +51,11 @@ pub(crate) struct Shared {
     pub(crate) pending_params: Mutex<Option<PollParams>>,
     pub(crate) params_dirty: AtomicBool,
     pub(crate) max_batch: AtomicU64,
+    /// Histogram, per-handler list and parameters of the last publish (the
+    /// scalar fields in it are stale: `counters` holds them).
     pub(crate) stats: Mutex<Stats>,
+    /// The scalar statistics, published before every sleep.
+    pub(crate) counters: PublishedCounters,
     pub(crate) stop: AtomicBool,
     pub(crate) loop_thread: AtomicU64,
     pub(crate) closed: AtomicBool,
@@ -58,6 +72,7 @@ impl Shared {
             params_dirty: AtomicBool::new(false),
             max_batch: AtomicU64::new(0),
             stats: Mutex::new(Stats::default()),
+            counters: PublishedCounters::default(),
             stop: AtomicBool::new(false),
             loop_thread: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -74,6 +89,12 @@ impl Shared {
         self.bh_queued.store(q.len(), Ordering::Release);
     }
 
+    /// Whether any BH entry is queued (one atomic load: the loop's fast path).
+    #[inline]
+    pub(crate) fn has_bhs(&self) -> bool {
+        self.bh_queued.load(Ordering::Acquire) != 0
+    }
+
     /// Moves every queued entry into `out` (which must be empty).
     pub(crate) fn take_bhs(&self, out: &mut Vec<BhEntry>) {
         if self.bh_queued.load(Ordering::Acquire) == 0 {
@@ -86,10 +107,15 @@ impl Shared {
 
     /// `None` if no BH is pending, `Some(true)` if only idle BHs are,
     /// `Some(false)` if a normal BH is.
+    #[inline]
     pub(crate) fn bh_pending(&self) -> Option<bool> {
         if self.bh_queued.load(Ordering::Acquire) == 0 {
             return None;
         }
+        self.bh_pending_slow()
+    }
+
+    fn bh_pending_slow(&self) -> Option<bool> {
         let q = lock(&self.bh_queue);
         let mut res = None;
         for e in q.iter() {
@@ -180,7 +206,9 @@ impl ContextHandle {
     /// parameters); while it is busy, at most
     /// [`STATS_PUBLISH_INTERVAL`](crate::STATS_PUBLISH_INTERVAL) iterations old.
     pub fn stats(&self) -> Stats {
-        lock(&self.shared.stats).clone()
+        self.shared
+            .counters
+            .read(|| lock(&self.shared.stats).clone())
     }
 
     /// Makes [`AioContext::run`] return after the current iteration (or at

@@ -3,6 +3,8 @@
 //!
 //! See [`PollNsHistogram`] for the definitions of the derived statistics.
 
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use crate::params::PollParams;
@@ -267,6 +269,106 @@ impl Stats {
     }
 }
 
+/// Number of scalar counters in [`PublishedCounters`].
+const SCALARS: usize = 13;
+
+/// The scalar fields of [`Stats`] as published by the loop for other
+/// threads: plain atomics under a single-writer sequence lock, so that
+/// publishing right before every sleep is a few stores (no lock, no
+/// allocation). The vector-valued parts (histogram, per-handler list) and the
+/// parameters are kept in a mutex and written only when they changed; the
+/// sequence number covers them too, so a reader gets one consistent snapshot.
+#[derive(Debug, Default)]
+pub(crate) struct PublishedCounters {
+    /// Odd while the loop is publishing.
+    seq: AtomicU64,
+    vals: [AtomicU64; SCALARS],
+}
+
+/// Readers retry this often when they race with a publish, then accept the
+/// last read (only a reader racing with a loop that publishes non-stop can
+/// get there).
+const READ_RETRIES: u32 = 1000;
+
+impl PublishedCounters {
+    /// Starts a publish (only the loop thread, which holds `&mut AioContext`,
+    /// publishes). Returns the token for [`end`](Self::end).
+    #[inline]
+    pub(crate) fn begin(&self) -> u64 {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        seq
+    }
+
+    /// Stores the scalars of `s`, with `poll_ns` as the current window.
+    #[inline]
+    pub(crate) fn store(&self, s: &Stats, poll_ns: u64) {
+        let [iterations, poll_time_ns, successful_polls, blocking_waits, eventfd_wakeups, grow_count, shrink_count, window, dispatches, bh_runs, timer_runs, param_updates, epoll_errors] =
+            &self.vals;
+        iterations.store(s.iterations, Ordering::Relaxed);
+        poll_time_ns.store(s.poll_time_ns, Ordering::Relaxed);
+        successful_polls.store(s.successful_polls, Ordering::Relaxed);
+        blocking_waits.store(s.blocking_waits, Ordering::Relaxed);
+        eventfd_wakeups.store(s.eventfd_wakeups, Ordering::Relaxed);
+        grow_count.store(s.grow_count, Ordering::Relaxed);
+        shrink_count.store(s.shrink_count, Ordering::Relaxed);
+        window.store(poll_ns, Ordering::Relaxed);
+        dispatches.store(s.dispatches, Ordering::Relaxed);
+        bh_runs.store(s.bh_runs, Ordering::Relaxed);
+        timer_runs.store(s.timer_runs, Ordering::Relaxed);
+        param_updates.store(s.param_updates, Ordering::Relaxed);
+        epoll_errors.store(s.epoll_errors, Ordering::Relaxed);
+    }
+
+    /// Ends the publish started by [`begin`](Self::begin).
+    #[inline]
+    pub(crate) fn end(&self, token: u64) {
+        self.seq.store(token.wrapping_add(2), Ordering::Release);
+    }
+
+    /// A consistent snapshot: `rest()` reads the mutex-protected part, the
+    /// scalars are filled in from the atomics of the same publish.
+    pub(crate) fn read(&self, mut rest: impl FnMut() -> Stats) -> Stats {
+        let mut tries = 0u32;
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if before & 1 == 0 || tries >= READ_RETRIES {
+                let mut v = [0u64; SCALARS];
+                for (dst, src) in v.iter_mut().zip(self.vals.iter()) {
+                    *dst = src.load(Ordering::Relaxed);
+                }
+                let mut s = rest();
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == before || tries >= READ_RETRIES {
+                    set_scalars(&mut s, v);
+                    return s;
+                }
+            }
+            tries += 1;
+            std::hint::spin_loop();
+        }
+    }
+}
+
+fn set_scalars(s: &mut Stats, v: [u64; SCALARS]) {
+    let [iterations, poll_time_ns, successful_polls, blocking_waits, eventfd_wakeups, grow_count, shrink_count, poll_ns, dispatches, bh_runs, timer_runs, param_updates, epoll_errors] =
+        v;
+    s.iterations = iterations;
+    s.poll_time_ns = poll_time_ns;
+    s.successful_polls = successful_polls;
+    s.blocking_waits = blocking_waits;
+    s.eventfd_wakeups = eventfd_wakeups;
+    s.grow_count = grow_count;
+    s.shrink_count = shrink_count;
+    s.poll_ns = poll_ns;
+    s.dispatches = dispatches;
+    s.bh_runs = bh_runs;
+    s.timer_runs = timer_runs;
+    s.param_updates = param_updates;
+    s.epoll_errors = epoll_errors;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +408,34 @@ mod tests {
         };
         s.copy_from(&o);
         assert_eq!(s, o);
+        let p = PublishedCounters::default();
+        let o = Stats {
+            iterations: 1,
+            poll_time_ns: 2,
+            successful_polls: 3,
+            blocking_waits: 4,
+            eventfd_wakeups: 5,
+            grow_count: 6,
+            shrink_count: 7,
+            poll_ns: 8,
+            dispatches: 9,
+            bh_runs: 10,
+            timer_runs: 11,
+            param_updates: 12,
+            epoll_errors: 13,
+            ..o
+        };
+        let t = p.begin();
+        p.store(&o, 80);
+        p.end(t);
+        let back = p.read(|| s.clone());
+        assert_eq!(
+            back,
+            Stats {
+                poll_ns: 80,
+                ..o.clone()
+            }
+        );
         let json = serde_json::to_string(&s).unwrap();
         let back: Stats = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);

@@ -14,7 +14,9 @@ impl AioContext {
         self.stats.iterations += 1;
         let polling = self.adaptive.enabled();
         // 1. start (when polling, or for the timer timeout).
-        let start = if polling || self.timers.len() > 0 {
+        // (QEMU reads the clock only when polling is enabled; a blocking
+        // iteration also needs it for a timer deadline.)
+        let start = if polling || (blocking && self.timers.len() > 0) {
             self.clock.now_ns()
         } else {
             0
@@ -63,7 +65,7 @@ impl AioContext {
                 // A notification is pending: we will not sleep, so poll mode
                 // (and the guest's suppressed kicks) can stay as it is.
                 timeout = Some(0);
-            } else if self.poll_set_started(false) {
+            } else if self.poll_started && self.poll_set_started(false) {
                 // The final poll after poll_end found work.
                 timeout = Some(0);
             }
@@ -128,6 +130,9 @@ impl AioContext {
     }
 
     pub(super) fn run_bhs(&mut self) -> bool {
+        if !self.shared.has_bhs() {
+            return false;
+        }
         let mut batch = std::mem::take(&mut self.bh_batch);
         self.shared.take_bhs(&mut batch);
         if batch.is_empty() {
@@ -168,6 +173,22 @@ impl AioContext {
     /// Builds the dispatch list from the epoll events and the poll-ready
     /// handlers, then dispatches it.
     pub(super) fn dispatch(&mut self, nevents: usize, now: u64) -> bool {
+        if self.ready_poll.is_empty() {
+            // Fast paths: nothing, or a single epoll event (the common
+            // wake-up). It is copied out of the buffer before its callback
+            // runs (a nested poll() reuses the buffer), and needs no
+            // dispatch list: epoll reports each fd at most once per call.
+            match nevents {
+                0 => return false,
+                1 => {
+                    let Some(ev) = self.events.first().copied() else {
+                        return false;
+                    };
+                    return self.dispatch_event(ev, now);
+                }
+                _ => {}
+            }
+        }
         let mut list = std::mem::take(&mut self.dispatch_list);
         list.clear();
         for i in 0..nevents.min(self.events.len()) {
@@ -189,23 +210,23 @@ impl AioContext {
                 }
             }
         }
-        let ready = std::mem::take(&mut self.ready_poll);
-        for id in &ready {
-            if let Some(e) = self.entry_mut(*id) {
-                if e.poll_ready && !e.queued {
-                    e.queued = true;
-                    list.push(*id);
+        if !self.ready_poll.is_empty() {
+            let mut ready = std::mem::take(&mut self.ready_poll);
+            for id in &ready {
+                if let Some(e) = self.entry_mut(*id) {
+                    if e.poll_ready && !e.queued {
+                        e.queued = true;
+                        list.push(*id);
+                    }
                 }
             }
-        }
-        if self.ready_poll.capacity() == 0 {
-            let mut ready = ready;
             ready.clear();
+            // Nothing can have been pushed meanwhile (no callback ran).
             self.ready_poll = ready;
         }
         let mut progress = false;
         for id in list.iter().copied() {
-            progress |= self.dispatch_one(id, now);
+            progress |= self.dispatch_one(id, 0, now);
         }
         list.clear();
         if self.dispatch_list.capacity() == 0 {
@@ -214,15 +235,29 @@ impl AioContext {
         progress
     }
 
+    /// Dispatches the handler of one epoll event (or drains the notifier).
+    #[inline]
+    fn dispatch_event(&mut self, ev: libc::epoll_event, now: u64) -> bool {
+        let token = ev.u64;
+        if token == NOTIFIER_TOKEN {
+            self.shared.notifier.drain();
+            self.stats.eventfd_wakeups += 1;
+            return false;
+        }
+        self.dispatch_one(HandlerId(token), ev.events, now)
+    }
+
     /// Dispatches one handler: takes it out of its slot while calling it, so
     /// that it may remove itself (tombstone) or anything else.
-    pub(super) fn dispatch_one(&mut self, id: HandlerId, now: u64) -> bool {
+    /// `events` are epoll events not yet merged into the entry's `revents`.
+    #[inline]
+    pub(super) fn dispatch_one(&mut self, id: HandlerId, events: u32, now: u64) -> bool {
         let iteration = self.iteration;
         let join = self.adaptive.enabled();
         let Some(e) = self.entry_mut(id) else {
             return false;
         };
-        let revents = std::mem::take(&mut e.revents);
+        let revents = std::mem::take(&mut e.revents) | events;
         let poll_ready = std::mem::take(&mut e.poll_ready);
         e.queued = false;
         let interest = e.interest;

@@ -119,6 +119,10 @@ pub struct AioContext {
     stats: Stats,
     /// (window, max_ns, iteration start) awaiting its duration.
     hist_pending: Option<(u64, u64, u64)>,
+    /// The histogram or the parameters changed since the last publish.
+    snapshot_dirty: bool,
+    /// The last publish had a non-empty per-handler list.
+    handlers_published: bool,
 }
 
 impl fmt::Debug for AioContext {
@@ -169,6 +173,7 @@ impl AioContext {
             params,
             ..Stats::default()
         };
+        lock(&shared.stats).clone_from(&stats);
         Ok(AioContext {
             epoll,
             shared,
@@ -191,6 +196,8 @@ impl AioContext {
             poll_streak: 0,
             stats,
             hist_pending: None,
+            snapshot_dirty: false,
+            handlers_published: false,
         })
     }
 
@@ -294,10 +301,12 @@ impl AioContext {
         self.hist_pending = None;
         self.stats.param_updates += 1;
         self.stats.params = self.adaptive.params();
+        self.snapshot_dirty = true;
         // Visible at once, even if the loop now sleeps for a long time.
         self.publish_stats();
     }
 
+    #[inline]
     fn apply_pending_params(&mut self) {
         // Plain load first: the common case must not pay for an RMW.
         if !self.shared.params_dirty.load(Ordering::Acquire)
@@ -343,7 +352,12 @@ impl AioContext {
     fn fill_stats(&self, s: &mut Stats) {
         s.copy_from(&self.stats);
         s.poll_ns = self.poll_ns();
-        s.handlers.clear();
+        self.fill_handlers(&mut s.handlers);
+    }
+
+    /// The per-handler statistics of the poll list.
+    fn fill_handlers(&self, out: &mut Vec<HandlerStats>) {
+        out.clear();
         for id in &self.poll_list {
             // Looked up by slot so that a handler whose callback is running
             // (nested poll) is still reported.
@@ -351,7 +365,7 @@ impl AioContext {
                 continue;
             };
             if let Some(e) = slot.entry.as_ref() {
-                s.handlers.push(HandlerStats {
+                out.push(HandlerStats {
                     id: id.as_u64(),
                     ns: e.ns,
                     dispatch_count: e.dispatch_count,
@@ -360,9 +374,37 @@ impl AioContext {
         }
     }
 
+    /// Makes the statistics visible to [`ContextHandle::stats`]: the scalar
+    /// counters through the seqlock (a few plain stores), the histogram and
+    /// parameters only if they changed since the last publish, the
+    /// per-handler list only if it is or was non-empty. A loop without
+    /// polling therefore publishes without taking a lock.
+    #[inline]
     fn publish_stats(&mut self) {
+        let token = self.shared.counters.begin();
+        if self.snapshot_dirty || self.handlers_published || !self.poll_list.is_empty() {
+            self.publish_snapshot();
+        }
+        self.shared.counters.store(&self.stats, self.poll_ns());
+        self.shared.counters.end(token);
+    }
+
+    /// The mutex-protected part of [`publish_stats`](Self::publish_stats).
+    #[inline(never)]
+    fn publish_snapshot(&mut self) {
+        let dirty = std::mem::take(&mut self.snapshot_dirty);
+        let handlers = !self.poll_list.is_empty() || self.handlers_published;
+        self.handlers_published = !self.poll_list.is_empty();
         let mut guard = lock(&self.shared.stats);
-        self.fill_stats(&mut guard);
+        if dirty {
+            guard
+                .poll_ns_histogram
+                .copy_from(&self.stats.poll_ns_histogram);
+            guard.params = self.stats.params;
+        }
+        if handlers {
+            self.fill_handlers(&mut guard.handlers);
+        }
     }
 
     // ----- the loop -----
@@ -408,6 +450,9 @@ impl AioContext {
             Some(true) => Some(IDLE_BH_TIMEOUT_NS),
             None => None,
         };
+        if self.timers.len() == 0 {
+            return timeout;
+        }
         if let Some(deadline) = self.timers.next_deadline() {
             let t = deadline.saturating_sub(now);
             timeout = Some(soonest(timeout, t));

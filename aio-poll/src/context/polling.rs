@@ -184,6 +184,7 @@ impl AioContext {
         let adj = self.adaptive.update(block_ns, refs);
         self.stats.grow_count += adj.grows;
         self.stats.shrink_count += adj.shrinks;
+        self.snapshot_dirty = true;
         let h = &mut self.stats.poll_ns_histogram;
         h.handler_updates += adj.handler_updates;
         h.handler_resets += adj.handler_resets;
@@ -202,6 +203,7 @@ impl AioContext {
         if let Some((poll_ns, max, prev_start)) = self.hist_pending.take() {
             let duration = start.saturating_sub(prev_start);
             self.stats.poll_ns_histogram.record(poll_ns, max, duration);
+            self.snapshot_dirty = true;
         }
         let max = u64::try_from(self.adaptive.params().max_ns).unwrap_or(0);
         self.hist_pending = Some((self.poll_ns(), max, start));

@@ -59,6 +59,7 @@ impl Epoll {
 
     /// Waits up to `timeout_ns` (`None` = forever, `Some(0)` = just check) and
     /// fills `events`. Returns the number of ready events; EINTR yields 0.
+    #[inline]
     pub(crate) fn wait(
         &self,
         events: &mut [libc::epoll_event],
@@ -68,51 +69,66 @@ impl Epoll {
         if max == 0 {
             return Ok(0);
         }
+        // The loop's common cases (no timeout, or poll only) go straight to
+        // epoll_wait; ns timeouts take the epoll_pwait2 path.
         let rc = match timeout_ns {
-            Some(ns) if ns > 0 && !NO_PWAIT2.load(Ordering::Relaxed) => {
-                let ts = libc::timespec {
-                    tv_sec: libc::time_t::try_from(ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
-                    tv_nsec: libc::c_long::try_from(ns % 1_000_000_000).unwrap_or(0),
-                };
-                // SAFETY: `events` is a writable buffer of at least `max` entries,
-                // `ts` outlives the call and a null sigmask means "unchanged".
-                let rc = unsafe {
-                    libc::epoll_pwait2(
-                        self.fd.as_raw_fd(),
-                        events.as_mut_ptr(),
-                        max,
-                        &ts,
-                        std::ptr::null(),
-                    )
-                };
-                if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
-                    NO_PWAIT2.store(true, Ordering::Relaxed);
-                    self.wait_ms(events, max, timeout_ns)
-                } else {
-                    rc
-                }
-            }
-            _ => self.wait_ms(events, max, timeout_ns),
+            Some(0) => self.wait_ms(events, max, 0),
+            None => self.wait_ms(events, max, -1),
+            Some(ns) => self.wait_ns(events, max, ns),
         };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                return Ok(0);
-            }
-            return Err(err);
+        match usize::try_from(rc) {
+            Ok(n) => Ok(n),
+            Err(_) => Self::wait_error(),
         }
-        Ok(usize::try_from(rc).unwrap_or(0))
     }
 
-    fn wait_ms(&self, events: &mut [libc::epoll_event], max: i32, timeout_ns: Option<u64>) -> i32 {
-        let ms = match timeout_ns {
-            None => -1,
-            // Round up so that a timer is never woken early.
-            Some(ns) => i32::try_from(ns.div_ceil(1_000_000)).unwrap_or(i32::MAX),
+    #[cold]
+    fn wait_error() -> io::Result<usize> {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        Err(err)
+    }
+
+    fn wait_ns(&self, events: &mut [libc::epoll_event], max: i32, ns: u64) -> i32 {
+        if NO_PWAIT2.load(Ordering::Relaxed) {
+            return self.wait_ms(events, max, ms_rounded_up(ns));
+        }
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::try_from(ns % 1_000_000_000).unwrap_or(0),
         };
+        // SAFETY: `events` is a writable buffer of at least `max` entries,
+        // `ts` outlives the call and a null sigmask means "unchanged".
+        let rc = unsafe {
+            libc::epoll_pwait2(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                max,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            NO_PWAIT2.store(true, Ordering::Relaxed);
+            self.wait_ms(events, max, ms_rounded_up(ns))
+        } else {
+            rc
+        }
+    }
+
+    #[inline]
+    fn wait_ms(&self, events: &mut [libc::epoll_event], max: i32, ms: i32) -> i32 {
         // SAFETY: `events` is a writable buffer of at least `max` entries.
         unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), max, ms) }
     }
+}
+
+/// A ns timeout in ms for `epoll_wait`, rounded up so that a timer is never
+/// woken early.
+fn ms_rounded_up(ns: u64) -> i32 {
+    i32::try_from(ns.div_ceil(1_000_000)).unwrap_or(i32::MAX)
 }
 
 impl AsRawFd for Epoll {
