@@ -9,6 +9,11 @@
 //! translation ambiguous). Only then are the regions mapped and returned as a
 //! new [`GuestMemoryMmap`] with the matching [`AddressTable`], so a bad table
 //! never replaces a good one.
+//!
+//! Remaining risk: a front-end that shrinks a mapped file afterwards makes
+//! the next access to the lost pages raise `SIGBUS`. QEMU's memfd backends
+//! are sealed against shrinking (`seal=on`, the default); a region whose fd
+//! is not sealed with `F_SEAL_SHRINK` is accepted with a warning.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -163,6 +168,13 @@ fn file_size(file: &File) -> std::io::Result<(u64, bool)> {
     Ok((u64::try_from(st.st_size).unwrap_or(0), regular))
 }
 
+/// Whether `file` is a memfd sealed with `F_SEAL_SHRINK`.
+fn sealed_against_shrinking(file: &File) -> bool {
+    // SAFETY: fcntl on an fd owned by `file`; no pointers involved.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+}
+
 fn overlaps(a_start: u64, a_len: u64, b_start: u64, b_len: u64) -> bool {
     // Lengths are non-zero and the ends were checked for overflow.
     a_start < b_start.saturating_add(b_len) && b_start < a_start.saturating_add(a_len)
@@ -245,6 +257,14 @@ pub fn build(
         }
     }
 
+    for (index, file) in files.iter().enumerate() {
+        if !sealed_against_shrinking(file) {
+            log::warn!(
+                "vhost-user memory region {index}: file not sealed against shrinking (F_SEAL_SHRINK); \
+                 a front-end that truncates it can crash this process"
+            );
+        }
+    }
     let mut mapped = Vec::with_capacity(regions.len());
     let mut mappings = Vec::with_capacity(regions.len());
     for (index, (r, file)) in regions.iter().zip(files).enumerate() {
@@ -316,6 +336,35 @@ pub(crate) mod tests {
         assert_eq!(table.total_size(), 0x20000);
         // Guest memory is the shared file.
         mem.write_slice(b"xy", GuestAddress(0x10_0000)).unwrap();
+    }
+
+    #[test]
+    fn detects_shrink_seals() {
+        let plain = memfd(0x1000);
+        assert!(!sealed_against_shrinking(&plain));
+        // SAFETY: valid NUL-terminated name; flags are valid.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"sealed".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd owned by nobody else.
+        let sealed = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        sealed.set_len(0x1000).unwrap();
+        // SAFETY: fcntl on an open fd; no pointers involved.
+        let rc = unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert!(sealed_against_shrinking(&sealed));
+        let (mem, _) = build(&[region(0, 0x1000, 0x1000, 0)], vec![sealed]).unwrap();
+        assert_eq!(mem.num_regions(), 1);
     }
 
     #[test]
