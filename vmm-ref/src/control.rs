@@ -1,5 +1,7 @@
-//! Control-plane glue: the [`QmpMachine`] implementation over a [`Vmm`], and
-//! starting the QMP server for `--qmp unix:/path`.
+//! Control-plane glue: the [`QmpMachine`] implementations over a [`Vmm`]
+//! ([`QmpAdapter`]) and over the export daemon ([`ExportQmpAdapter`], which
+//! also manages block exports), and starting the QMP server for
+//! `--qmp unix:/path`.
 //!
 //! Event flow: the QMP dispatcher itself emits `RESET` after a successful
 //! `system_reset` and `SHUTDOWN` before `quit`; the VMM adds the events the
@@ -11,7 +13,12 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::config::QmpAddr;
-use crate::qmp::{BlockInfo, QmpError, QmpMachine, QmpServer, RunStatus};
+use crate::export::{BlockExportAddArgs, BlockExportDelArgs};
+use crate::export_daemon::ExportDaemon;
+use crate::qmp::{
+    BlockExportInfo, BlockInfo, CommandError, ExportControl, QmpError, QmpMachine, QmpServer,
+    RunStatus,
+};
 use crate::vm::stop::StopReason;
 use crate::vmm::{RunState, Vmm, VmmEvent};
 
@@ -65,4 +72,67 @@ pub fn start_qmp(vmm: &Vmm, addr: &QmpAddr) -> Result<QmpServer, QmpError> {
         _ => {}
     }));
     Ok(server)
+}
+
+/// The `system_reset` error of the export daemon.
+pub const EXPORT_RESET_UNSUPPORTED: &str = "system_reset is not supported by the export daemon";
+
+/// [`QmpMachine`] (with block exports) over an [`ExportDaemon`]: status
+/// `running` until a stop is requested, no `system_reset`, `query-block` lists
+/// the exported drives.
+pub struct ExportQmpAdapter(pub ExportDaemon);
+
+impl QmpMachine for ExportQmpAdapter {
+    fn status(&self) -> RunStatus {
+        if self.0.stopping() {
+            RunStatus::Shutdown
+        } else {
+            RunStatus::Running
+        }
+    }
+
+    fn system_reset(&self) -> Result<(), String> {
+        Err(EXPORT_RESET_UNSUPPORTED.to_owned())
+    }
+
+    fn quit(&self) {
+        self.0.quit();
+    }
+
+    fn query_block(&self) -> Vec<BlockInfo> {
+        self.0.query_block()
+    }
+
+    fn registry(&self) -> &iothread_registry::IoThreadRegistry {
+        self.0.registry()
+    }
+
+    fn exports(&self) -> Option<&dyn ExportControl> {
+        Some(self)
+    }
+}
+
+impl ExportControl for ExportQmpAdapter {
+    fn add(&self, args: BlockExportAddArgs) -> Result<(), CommandError> {
+        self.0
+            .add_export(args)
+            .map_err(|e| CommandError::from_error(&e))
+    }
+
+    fn del(&self, args: &BlockExportDelArgs) -> Result<(), CommandError> {
+        self.0
+            .del_export(args)
+            .map_err(|e| CommandError::from_error(&e))
+    }
+
+    fn query(&self) -> Vec<BlockExportInfo> {
+        self.0.query_exports()
+    }
+}
+
+/// Starts the QMP monitor of the export daemon on `addr`. Keep the returned
+/// server alive until the daemon has shut down.
+pub fn start_export_qmp(daemon: &ExportDaemon, addr: &QmpAddr) -> Result<QmpServer, QmpError> {
+    let QmpAddr::Unix(path) = addr;
+    QmpServer::start(path, Arc::new(ExportQmpAdapter(daemon.clone())))
 }

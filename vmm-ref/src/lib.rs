@@ -1,9 +1,12 @@
 //! vmm-ref: a small reference VMM on KVM composing `aio-poll` and
 //! `iothread-registry`: virtio-mmio multi-queue virtio-blk whose queues are served
-//! by IOThreads, a serial console, clean exits, and a QMP monitor.
+//! by IOThreads, a serial console, clean exits, and a QMP monitor; and, as
+//! `vmm-ref export`, a vhost-user-blk export daemon serving the same device model.
 //!
 //! Module map: [`config`] (CLI + JSON), [`vm`] (KVM VM, memory, boot, vCPUs),
 //! [`devices`] (serial, i8042, debug-exit), [`vmm`] (composition and lifecycle),
+//! [`export`] (vhost-user-blk exports), [`export_daemon`] (the `export`
+//! subcommand's composition and lifecycle), [`control`] (QMP glue),
 //! [`demo`] (the embedded test guest on a temporary disk), [`bus`] (the device
 //! trait of both buses).
 #![deny(missing_docs)]
@@ -15,6 +18,7 @@ pub mod demo;
 pub mod devices;
 pub mod drives;
 pub mod export;
+pub mod export_daemon;
 pub mod logger;
 pub mod qmp;
 pub mod ratelimit;
@@ -57,6 +61,7 @@ pub fn cli_main(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     let run = match cli.command {
         Some(config::cli::Command::Demo(d)) => return demo::main(&d),
+        Some(config::cli::Command::Export(e)) => return export_daemon::main(&e),
         Some(config::cli::Command::Run(r)) => r,
         None => cli.run,
     };

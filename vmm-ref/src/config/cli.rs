@@ -30,6 +30,8 @@ pub enum Command {
     Run(RunArgs),
     /// Boot the embedded test guest on a temporary disk: verify, then a short bench.
     Demo(DemoArgs),
+    /// Serve drives to vhost-user front-ends (vhost-user-blk exports on IOThreads).
+    Export(ExportArgs),
 }
 
 /// Options of `run`.
@@ -62,6 +64,23 @@ pub struct RunArgs {
     /// The whole configuration as a JSON file (instead of the options above).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "objects", "drives", "qmp"])]
     pub config: Option<PathBuf>,
+}
+
+/// Options of `export` (QEMU's `qemu-storage-daemon` vocabulary).
+#[derive(Debug, Default, Args)]
+pub struct ExportArgs {
+    /// `id=ID,file=PATH[,readonly=on][,cache.direct=on]` (repeatable): a drive (block node) exports refer to by `node-name`.
+    #[arg(long = "drive", value_name = "id=ID,file=PATH,...")]
+    pub drives: Vec<String>,
+    /// `iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N][,poll-weight=N][,aio-max-batch=N][,poll-algorithm=weighted|classic]` (repeatable).
+    #[arg(long = "object", value_name = "iothread,id=ID,...")]
+    pub objects: Vec<String>,
+    /// `vhost-user-blk,id=ID,node-name=DRIVE,addr=unix:PATH[,num-queues=N][,iothread=ID | iothread-vq-mapping=ID:ID...][,writable=on|off]` (repeatable).
+    #[arg(long = "export", value_name = "vhost-user-blk,id=ID,...")]
+    pub exports: Vec<String>,
+    /// QMP monitor socket: `unix:/path` (block-export-add/-del, query-block-exports, ...).
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: Option<String>,
 }
 
 /// Options of `demo`.

@@ -3,6 +3,7 @@
 //! before any VM, thread or file handle is created.
 
 pub mod cli;
+pub mod export;
 pub mod keyval;
 
 use std::collections::HashSet;
@@ -294,6 +295,15 @@ pub enum InvalidOption {
     /// The iothread-vq-mapping was rejected.
     #[error("invalid iothread-vq-mapping")]
     Mapping(#[source] iothread_registry::Error),
+    /// A `--drive`/`--export` option of the export daemon was rejected.
+    #[error(transparent)]
+    Export(crate::export::OptionsError),
+    /// An export cannot be built from its options, drive and IOThreads.
+    #[error(transparent)]
+    ExportConfig(crate::export::ExportError),
+    /// An export conflicts with another export, the QMP socket or a file.
+    #[error(transparent)]
+    ExportConflict(export::ExportConflict),
     /// A file cannot be opened.
     #[error("cannot open '{path}'{how}")]
     File {
@@ -343,14 +353,14 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn option(option: impl Into<String>, source: impl Into<InvalidOption>) -> Self {
+    pub(crate) fn option(option: impl Into<String>, source: impl Into<InvalidOption>) -> Self {
         ConfigError::Option {
             option: option.into(),
             source: source.into(),
         }
     }
 
-    fn msg(option: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub(crate) fn msg(option: impl Into<String>, msg: impl Into<String>) -> Self {
         Self::option(option, InvalidOption::Message(msg.into()))
     }
 }
@@ -403,32 +413,43 @@ fn check_readable(option: &str, path: &Path) -> Result<(), ConfigError> {
 /// Opens the image the way the block device will (read-only or read-write,
 /// O_DIRECT if asked), without writing anything, to catch errors early.
 fn check_image(option: &str, d: &DriveConfig) -> Result<(), ConfigError> {
+    check_image_file(option, &d.file, d.readonly, d.direct)
+}
+
+/// [`check_image`] for any image: `file` opened read-only or read-write, with
+/// O_DIRECT if `direct`; it must be a regular file or a block device.
+pub(crate) fn check_image_file(
+    option: &str,
+    file: &Path,
+    readonly: bool,
+    direct: bool,
+) -> Result<(), ConfigError> {
     let mut o = OpenOptions::new();
-    o.read(true).write(!d.readonly);
-    if d.direct {
+    o.read(true).write(!readonly);
+    if direct {
         o.custom_flags(libc::O_DIRECT);
     }
-    let how = match (d.readonly, d.direct) {
+    let how = match (readonly, direct) {
         (true, false) => " read-only",
         (true, true) => " read-only with O_DIRECT (direct=on)",
         (false, false) => " for writing",
         (false, true) => " for writing with O_DIRECT (direct=on)",
     };
-    let file = o.open(&d.file).map_err(|source| {
+    let handle = o.open(file).map_err(|source| {
         ConfigError::option(
             option,
             InvalidOption::File {
-                path: d.file.clone(),
+                path: file.to_owned(),
                 how,
                 source,
             },
         )
     })?;
-    let meta = file.metadata().map_err(|source| {
+    let meta = handle.metadata().map_err(|source| {
         ConfigError::option(
             option,
             InvalidOption::File {
-                path: d.file.clone(),
+                path: file.to_owned(),
                 how,
                 source,
             },
@@ -437,11 +458,60 @@ fn check_image(option: &str, d: &DriveConfig) -> Result<(), ConfigError> {
     if !meta.is_file() && !meta.file_type().is_block_device() {
         return Err(ConfigError::msg(
             option,
-            format!(
-                "'{}' is not a regular file or block device",
-                d.file.display()
-            ),
+            format!("'{}' is not a regular file or block device", file.display()),
         ));
+    }
+    Ok(())
+}
+
+/// IOThreads to create, in order, with their parameters.
+pub type IoThreadSpecs = Vec<(String, IoThreadParams)>;
+
+/// Validates `--object` entries: ids (well-formed, unique) and parameters.
+/// Returns the IOThreads to create, in order, and the set of their ids.
+pub(crate) fn validate_objects(
+    objects: &[IoThreadObject],
+    origin: &Origin,
+) -> Result<(IoThreadSpecs, HashSet<String>), ConfigError> {
+    let mut iothreads = Vec::new();
+    let mut ids = HashSet::new();
+    for (i, o) in objects.iter().enumerate() {
+        let label = origin.label(
+            format!("--object iothread,id={}", o.id),
+            format!("objects[{i}] (id={})", o.id),
+        );
+        iothread_registry::validate_id(&o.id)
+            .map_err(|e| ConfigError::option(label.clone(), InvalidOption::IoThread(e)))?;
+        if !ids.insert(o.id.clone()) {
+            return Err(ConfigError::msg(
+                label,
+                format!("duplicate object id '{}'", o.id),
+            ));
+        }
+        let params = o
+            .params()
+            .map_err(|e| ConfigError::option(label, InvalidOption::IoThread(e)))?;
+        iothreads.push((o.id.clone(), params));
+    }
+    Ok((iothreads, ids))
+}
+
+/// Checks that the directory of the `--qmp` socket exists.
+pub(crate) fn check_qmp(label: String, addr: &QmpAddr) -> Result<(), ConfigError> {
+    let QmpAddr::Unix(path) = addr;
+    check_socket_dir(label, path)
+}
+
+/// Checks that the directory of a socket path exists.
+pub(crate) fn check_socket_dir(label: String, path: &Path) -> Result<(), ConfigError> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent {
+        if !dir.is_dir() {
+            return Err(ConfigError::msg(
+                label,
+                format!("directory '{}' does not exist", dir.display()),
+            ));
+        }
     }
     Ok(())
 }
@@ -471,26 +541,7 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
         ));
     }
 
-    let mut iothreads = Vec::new();
-    let mut ids = HashSet::new();
-    for (i, o) in vm.objects.iter().enumerate() {
-        let label = origin.label(
-            format!("--object iothread,id={}", o.id),
-            format!("objects[{i}] (id={})", o.id),
-        );
-        iothread_registry::validate_id(&o.id)
-            .map_err(|e| ConfigError::option(label.clone(), InvalidOption::IoThread(e)))?;
-        if !ids.insert(o.id.clone()) {
-            return Err(ConfigError::msg(
-                label,
-                format!("duplicate object id '{}'", o.id),
-            ));
-        }
-        let params = o
-            .params()
-            .map_err(|e| ConfigError::option(label, InvalidOption::IoThread(e)))?;
-        iothreads.push((o.id.clone(), params));
-    }
+    let (iothreads, ids) = validate_objects(&vm.objects, origin)?;
 
     if vm.drives.len() > MAX_VIRTIO_DEVICES {
         return Err(ConfigError::msg(
@@ -568,16 +619,8 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
             queue_iothreads,
         });
     }
-    if let Some(QmpAddr::Unix(path)) = &vm.qmp {
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        if let Some(dir) = parent {
-            if !dir.is_dir() {
-                return Err(ConfigError::msg(
-                    top("--qmp", "qmp"),
-                    format!("directory '{}' does not exist", dir.display()),
-                ));
-            }
-        }
+    if let Some(addr) = &vm.qmp {
+        check_qmp(top("--qmp", "qmp"), addr)?;
     }
     Ok(ValidConfig {
         vm,

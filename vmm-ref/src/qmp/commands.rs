@@ -14,11 +14,12 @@ use iothread_registry::{Error as RegistryError, IoThreadParams, IoThreadRegistry
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::export::{BlockExportAddArgs, BlockExportDelArgs};
 use crate::qmp::args::{parse_args, ArgError};
 use crate::qmp::error::CommandError;
 use crate::qmp::event::Event;
 use crate::qmp::protocol::{Json, VersionInfo};
-use crate::qmp::{BlockInfo, QmpMachine};
+use crate::qmp::{BlockInfo, ExportControl, QmpMachine, NO_EXPORTS};
 
 /// Every command this server knows, as `query-commands` lists them.
 pub const COMMAND_NAMES: &[&str] = &[
@@ -33,6 +34,9 @@ pub const COMMAND_NAMES: &[&str] = &[
     "object-add",
     "object-del",
     "query-block",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
     "human-monitor-command",
     "system_reset",
     "quit",
@@ -153,6 +157,12 @@ pub enum Command {
     ObjectDel(ObjectDelArgs),
     /// `query-block`.
     QueryBlock,
+    /// `block-export-add` (type `vhost-user-blk`).
+    BlockExportAdd(BlockExportAddArgs),
+    /// `block-export-del`.
+    BlockExportDel(BlockExportDelArgs),
+    /// `query-block-exports`.
+    QueryBlockExports,
     /// `human-monitor-command`.
     HumanMonitorCommand(HmpArgs),
     /// `system_reset`.
@@ -203,6 +213,21 @@ impl Command {
             }
             "object-del" => Command::ObjectDel(parse_args(args)?),
             "query-block" => no_args(args).map(|()| Command::QueryBlock)?,
+            "block-export-add" => {
+                // As QEMU: the union discriminator first.
+                match args.as_ref().and_then(|a| a.get("type")) {
+                    Some(Value::String(t)) if t != crate::export::options::EXPORT_TYPE => {
+                        return Err(CommandError::generic(format!(
+                            "Parameter 'type' does not accept value '{t}' \
+                             (vmm-ref only exports '{}')",
+                            crate::export::options::EXPORT_TYPE
+                        )))
+                    }
+                    _ => Command::BlockExportAdd(parse_args(args)?),
+                }
+            }
+            "block-export-del" => Command::BlockExportDel(parse_args(args)?),
+            "query-block-exports" => no_args(args).map(|()| Command::QueryBlockExports)?,
             "human-monitor-command" => Command::HumanMonitorCommand(parse_args(args)?),
             "system_reset" => no_args(args).map(|()| Command::SystemReset)?,
             "quit" => no_args(args).map(|()| Command::Quit)?,
@@ -229,6 +254,9 @@ impl Command {
             Command::ObjectAdd(_) => "object-add",
             Command::ObjectDel(_) => "object-del",
             Command::QueryBlock => "query-block",
+            Command::BlockExportAdd(_) => "block-export-add",
+            Command::BlockExportDel(_) => "block-export-del",
+            Command::QueryBlockExports => "query-block-exports",
             Command::HumanMonitorCommand(_) => "human-monitor-command",
             Command::SystemReset => "system_reset",
             Command::Quit => "quit",
@@ -242,6 +270,9 @@ impl Command {
                 "RESET",
                 json!({"guest": false, "reason": "host-qmp-system-reset"}),
             )),
+            Command::BlockExportDel(args) => {
+                FollowUp::Event(Event::new("BLOCK_EXPORT_DELETED", json!({"id": args.id})))
+            }
             Command::Quit => FollowUp::Quit(Event::new(
                 "SHUTDOWN",
                 json!({"guest": false, "reason": "host-qmp-quit"}),
@@ -339,6 +370,20 @@ impl Dispatcher {
             Command::ObjectAdd(args) => self.object_add(args),
             Command::ObjectDel(args) => self.object_del(args),
             Command::QueryBlock => Ok(Json::new(&self.machine.query_block())),
+            Command::BlockExportAdd(args) => self
+                .exports()?
+                .add(args.clone())
+                .map(|()| Json::empty_object()),
+            Command::BlockExportDel(args) => {
+                self.exports()?.del(args).map(|()| Json::empty_object())
+            }
+            Command::QueryBlockExports => Ok(Json::new(
+                &self
+                    .machine
+                    .exports()
+                    .map(ExportControl::query)
+                    .unwrap_or_default(),
+            )),
             Command::HumanMonitorCommand(args) => Ok(Json::new(&self.hmp(&args.command_line))),
             Command::SystemReset => self
                 .machine
@@ -353,6 +398,12 @@ impl Dispatcher {
 
     fn registry(&self) -> &IoThreadRegistry {
         self.machine.registry()
+    }
+
+    fn exports(&self) -> Result<&dyn ExportControl, CommandError> {
+        self.machine
+            .exports()
+            .ok_or_else(|| CommandError::generic(NO_EXPORTS))
     }
 
     fn iothread_stats(&self, args: &IothreadStatsArgs) -> Result<Json, CommandError> {

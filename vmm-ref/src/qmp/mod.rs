@@ -1,8 +1,9 @@
 //! QMP control socket: QEMU's machine protocol on a Unix socket, for live IOThread
 //! management (`query-iothreads`, `qom-get`/`qom-set`, `object-add`/`object-del`, the
 //! `x-query-iothread-stats` extension), `query-block`, `query-status`,
-//! `human-monitor-command` (HMP `info iothreads`, ...), `system_reset`, `quit` and
-//! asynchronous events.
+//! `human-monitor-command` (HMP `info iothreads`, ...), `system_reset`, `quit`,
+//! block exports (`block-export-add`, `block-export-del`, `query-block-exports`,
+//! answered by machines that have an [`ExportControl`]) and asynchronous events.
 //!
 //! Layout (control plane = typed commands + one dispatcher):
 //!
@@ -33,6 +34,9 @@ pub mod session;
 mod socket;
 
 use serde::Serialize;
+
+use crate::export::options::SocketAddress;
+use crate::export::{BlockExportAddArgs, BlockExportDelArgs};
 
 // The whole surface (also for the fuzz target and tools); the vmm-ref binary uses part
 // of it, so unused re-exports must not warn there.
@@ -69,6 +73,65 @@ pub trait QmpMachine: Send + Sync {
     /// The IOThread registry that `query-iothreads`, `qom-get`/`qom-set` and
     /// `object-add`/`object-del` operate on.
     fn registry(&self) -> &iothread_registry::IoThreadRegistry;
+
+    /// Block export management (`block-export-add`, `block-export-del`,
+    /// `query-block-exports`), if this machine has it. The default, `None`,
+    /// makes the first two fail with [`NO_EXPORTS`] and the query return `[]`.
+    fn exports(&self) -> Option<&dyn ExportControl> {
+        None
+    }
+}
+
+/// The `desc` of `block-export-add`/`block-export-del` on a machine without
+/// block exports (vmm-ref's VM mode).
+pub const NO_EXPORTS: &str =
+    "Block exports are not available in this mode (they are served by 'vmm-ref export')";
+
+/// Block exports, as QMP manages them. Called on the `qmp` server thread, one
+/// command at a time.
+pub trait ExportControl: Send + Sync {
+    /// `block-export-add`: start an export. The export acquires the IOThreads of
+    /// its queues as holder `block-node <node-name>`.
+    fn add(&self, args: BlockExportAddArgs) -> Result<(), CommandError>;
+
+    /// `block-export-del`: stop an export and release its IOThreads. On success the
+    /// server sends `BLOCK_EXPORT_DELETED` `{"id": <id>}` after the reply.
+    fn del(&self, args: &BlockExportDelArgs) -> Result<(), CommandError>;
+
+    /// `query-block-exports`.
+    fn query(&self) -> Vec<BlockExportInfo>;
+}
+
+/// One element of `query-block-exports`: QEMU's `BlockExportInfo` (`type`, `id`,
+/// `node-name`, `shutting-down`) plus vmm-ref's fields.
+///
+/// ```text
+/// {"type": "vhost-user-blk", "id": "e0", "node-name": "d0", "shutting-down": false,
+///  "addr": {"type": "unix", "path": "/tmp/e0.sock"}, "num-queues": 2,
+///  "iothreads": ["io0", "io1"], "writable": true, "connected": false}
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockExportInfo {
+    /// Export type (`vhost-user-blk`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Export id.
+    pub id: String,
+    /// The exported block node (drive id).
+    pub node_name: String,
+    /// The export is being removed.
+    pub shutting_down: bool,
+    /// Listening socket (extension).
+    pub addr: SocketAddress,
+    /// Number of virtqueues (extension).
+    pub num_queues: u16,
+    /// IOThread of every virtqueue (extension).
+    pub iothreads: Vec<String>,
+    /// Writes are accepted (extension).
+    pub writable: bool,
+    /// A front-end is connected (extension).
+    pub connected: bool,
 }
 
 /// The VM run state (QEMU's `RunState`, the values vmm-ref can be in).
