@@ -131,6 +131,15 @@ pub enum RequestError {
         #[source]
         source: EventFdError,
     },
+    /// Duplicating a kick eventfd (or creating a placeholder) failed.
+    #[error("vring {index}: cannot prepare its kick eventfd")]
+    EventFd {
+        /// Vring index.
+        index: usize,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Features that were not offered.
     #[error("features {acked:#x} include bits never offered ({offered:#x})")]
     BadFeatures {
@@ -380,9 +389,11 @@ impl DeviceBackend {
         Ok(q)
     }
 
-    /// Brings the device in line with the running ring set.
+    /// Brings the device in line with the running ring set. A ring whose
+    /// layout is not valid in guest memory is stopped (its kick fd dropped)
+    /// and reported, while the other rings run.
     fn reconfigure(&mut self) -> Result<(), RequestError> {
-        let want = self.running_set();
+        let mut want = self.running_set();
         if !self.restart && self.active.as_ref() == Some(&want) {
             return Ok(());
         }
@@ -394,32 +405,52 @@ impl DeviceBackend {
         let mem = self.mem.memory();
         let mut queues = Vec::with_capacity(want.len());
         let mut evts = Vec::with_capacity(want.len());
-        for (index, &run) in want.iter().enumerate() {
-            if run {
-                queues.push(self.build_queue(index, &mem)?);
-                let kick = self
-                    .vrings
-                    .get(index)
-                    .and_then(|v| v.kick.as_ref())
-                    .ok_or(RequestError::Unconfigured { index })?;
-                evts.push(kick.try_clone().map_err(|e| RequestError::BadFd {
-                    index,
-                    what: "kick",
-                    source: EventFdError::Inspect { fd: -1, source: e },
-                })?);
+        let mut first_err = None;
+        for index in 0..want.len() {
+            let built = if want.get(index) == Some(&true) {
+                self.build_queue(index, &mem).and_then(|q| {
+                    let kick = self
+                        .vrings
+                        .get(index)
+                        .and_then(|v| v.kick.as_ref())
+                        .ok_or(RequestError::Unconfigured { index })?;
+                    let evt = kick
+                        .try_clone()
+                        .map_err(|source| RequestError::EventFd { index, source })?;
+                    Ok((q, evt))
+                })
             } else {
-                let max = self.queue_max.get(index).copied().unwrap_or(0);
-                queues
-                    .push(Queue::new(max).map_err(|source| RequestError::Queue { index, source })?);
-                // Never signalled: the queue is not ready.
-                evts.push(
-                    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| RequestError::BadFd {
-                        index,
-                        what: "kick",
-                        source: EventFdError::Inspect { fd: -1, source: e },
-                    })?,
-                );
+                Err(RequestError::Unconfigured { index })
+            };
+            match built {
+                Ok((q, evt)) => {
+                    queues.push(q);
+                    evts.push(evt);
+                }
+                Err(e) => {
+                    if want.get(index) == Some(&true) {
+                        if let Some(v) = self.vrings.get_mut(index) {
+                            v.kick = None;
+                        }
+                        if let Some(w) = want.get_mut(index) {
+                            *w = false;
+                        }
+                        first_err.get_or_insert(e);
+                    }
+                    // A queue that is not ready, with a kick fd never signalled.
+                    let max = self.queue_max.get(index).copied().unwrap_or(0);
+                    queues.push(
+                        Queue::new(max).map_err(|source| RequestError::Queue { index, source })?,
+                    );
+                    evts.push(
+                        EventFd::new(libc::EFD_NONBLOCK)
+                            .map_err(|source| RequestError::EventFd { index, source })?,
+                    );
+                }
             }
+        }
+        if !want.iter().any(|&r| r) {
+            return first_err.map_or(Ok(()), Err);
         }
         drop(mem);
         let ctx = ActivateContext {
@@ -433,7 +464,7 @@ impl DeviceBackend {
         self.active = Some(want);
         self.stats.active.store(true, Ordering::SeqCst);
         self.stats.activations.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Forgets everything the front-end set up (disconnect, `RESET_OWNER`).

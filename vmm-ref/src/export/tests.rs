@@ -1052,3 +1052,36 @@ fn export_config_from_cli_spec() {
     let bad = DriveSpec::parse_cli("id=d0,file=/tmp/d.img,aio=posix").unwrap();
     assert!(ExportConfig::from_spec(&spec, &bad, |_| true).is_err());
 }
+
+#[test]
+fn an_invalid_ring_is_stopped_and_the_others_run() {
+    let f = fixture("badring", None);
+    let mut front = connect(&f);
+    setup_ring(&front, 0, 0);
+    // Ring 1: addresses that fit 16 entries at the very end of guest memory,
+    // then the size grows to 256: the descriptor table no longer fits.
+    let end = UADDR + MEM_SIZE;
+    front.fe.set_vring_num(1, 16).unwrap();
+    let cfg = VringConfigData {
+        queue_max_size: 256,
+        queue_size: 16,
+        flags: 0,
+        desc_table_addr: end - 0x800,
+        avail_ring_addr: end - 0x600,
+        used_ring_addr: end - 0x400,
+        log_addr: None,
+    };
+    front.fe.set_vring_addr(1, &cfg).unwrap();
+    front.fe.set_vring_num(1, 256).unwrap();
+    front.fe.set_vring_kick(1, &front.kicks[1]).unwrap();
+    front.fe.set_vring_enable(0, true).unwrap();
+    // Enabling ring 1 is refused; ring 0 keeps running alone.
+    assert!(front.fe.set_vring_enable(1, true).is_err());
+    let ev = events(&f);
+    let Event::Activate(a) = ev.last().unwrap() else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(a.ready, vec![true, false]);
+    assert!(f.export.as_ref().unwrap().status().active);
+    assert_eq!(front.fe.get_queue_num().unwrap(), QUEUES as u64);
+}
