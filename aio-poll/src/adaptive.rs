@@ -146,6 +146,7 @@ impl Adaptive {
     ///
     /// `handlers` yields every handler on the poll list as
     /// `(&mut ns, dispatched_this_iteration)`.
+    #[inline]
     pub fn update<'a>(
         &mut self,
         block_ns: i64,
@@ -180,6 +181,7 @@ impl Adaptive {
         adj
     }
 
+    #[inline]
     fn update_weighted<'a>(
         &mut self,
         block_ns: i64,
@@ -217,7 +219,7 @@ impl Adaptive {
                 let grown = adj.max(p.grow.saturating_mul(self.poll_ns));
                 self.poll_ns = grown.min(p.max_ns);
                 out.grows += 1;
-            } else if adj < self.poll_ns / p.shrink {
+            } else if below_quotient(adj, self.poll_ns, p.shrink) {
                 self.poll_ns /= p.shrink;
                 out.shrinks += 1;
             }
@@ -227,8 +229,22 @@ impl Adaptive {
     }
 }
 
+/// `adj < poll_ns / shrink` (integer division) for `adj >= 0`,
+/// `poll_ns >= 0`, `shrink >= 1`, without dividing: the loop evaluates it on
+/// every iteration and a 64-bit division costs tens of cycles. `floor(p / s)
+/// > a` holds exactly when `p >= (a + 1) * s`; an overflowing product is
+/// larger than any `p`.
+#[inline]
+fn below_quotient(adj: i64, poll_ns: i64, shrink: i64) -> bool {
+    match adj.checked_add(1).and_then(|a| a.checked_mul(shrink)) {
+        Some(limit) => poll_ns >= limit,
+        None => false,
+    }
+}
+
 /// The weighted EWMA step: `(ns == 0) ? block_ns : ns - (ns >> w) + (block_ns >> w)`,
 /// saturating. `weight` outside `0..=63` is clamped.
+#[inline]
 pub fn weighted_ewma(ns: i64, block_ns: i64, weight: i64) -> i64 {
     let ns = ns.max(0);
     let block_ns = block_ns.max(0);
@@ -581,6 +597,13 @@ mod tests {
                     prop_assert!(h.0 >= 0 && h.0 <= max, "ns {} max {}", h.0, max);
                 }
             }
+        }
+
+        #[test]
+        fn below_quotient_is_the_division(adj in 0i64..=i64::MAX, poll_ns in 0i64..=i64::MAX, shrink in 1i64..=i64::MAX) {
+            prop_assert_eq!(below_quotient(adj, poll_ns, shrink), adj < poll_ns / shrink);
+            let small = (adj % 100_000, poll_ns % 100_000, shrink % 9 + 1);
+            prop_assert_eq!(below_quotient(small.0, small.1, small.2), small.0 < small.1 / small.2);
         }
 
         #[test]

@@ -188,6 +188,16 @@ impl AioContext {
                 }
                 _ => {}
             }
+        } else if nevents == 0 && self.ready_poll.len() == 1 {
+            // One handler found ready by poll() and no fd event: the common
+            // polling hit, dispatched without building a list.
+            let Some(id) = self.ready_poll.pop() else {
+                return false;
+            };
+            return match self.entry_mut(id) {
+                Some(e) if e.poll_ready && !e.queued => self.dispatch_one(id, 0, now),
+                _ => false,
+            };
         }
         let mut list = std::mem::take(&mut self.dispatch_list);
         list.clear();
