@@ -220,6 +220,8 @@ pub struct BlockInfo {
 }
 
 #[cfg(test)]
+mod export_tests;
+#[cfg(test)]
 mod test_util;
 #[cfg(test)]
 mod tests;
