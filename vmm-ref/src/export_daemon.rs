@@ -9,6 +9,7 @@
 //! is stopped (front-end disconnected, image flushed, socket removed, its
 //! `block-node` holders released) and the IOThreads are joined.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -342,7 +343,7 @@ pub fn run(cfg: ValidExportConfig) -> Result<i32, DaemonError> {
         .iter()
         .map(|e| format!("{} on unix:{}", e.id, e.socket.display()))
         .collect();
-    println!(
+    let ready = format!(
         "vmm-ref export: ready ({})",
         if listening.is_empty() {
             "no exports yet".to_owned()
@@ -350,6 +351,12 @@ pub fn run(cfg: ValidExportConfig) -> Result<i32, DaemonError> {
             listening.join(", ")
         }
     );
+    // Informational: a closed stdout must not stop the daemon.
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{ready}").and_then(|()| out.flush()) {
+        log::debug!("cannot print the ready line: {e}");
+    }
+    drop(out);
     let reason = daemon.stop_signal().wait();
     log::info!("export daemon stopping: {reason}");
     daemon.shutdown();
