@@ -69,7 +69,7 @@ pub struct RunArgs {
 /// Options of `export` (QEMU's `qemu-storage-daemon` vocabulary).
 #[derive(Debug, Default, Args)]
 pub struct ExportArgs {
-    /// `id=ID,file=PATH[,readonly=on][,cache.direct=on]` (repeatable): a drive (block node) exports refer to by `node-name`.
+    /// `id=ID,file=PATH[,readonly=on][,cache.direct=on][,aio=auto|io_uring|threads]` (repeatable): a drive (block node) exports refer to by `node-name`.
     #[arg(long = "drive", value_name = "id=ID,file=PATH,...")]
     pub drives: Vec<String>,
     /// `iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N][,poll-weight=N][,aio-max-batch=N][,poll-algorithm=weighted|classic]` (repeatable).

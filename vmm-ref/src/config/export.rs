@@ -17,10 +17,10 @@ use iothread_registry::IoThreadParams;
 
 use super::cli::{parse_object, ExportArgs};
 use super::{
-    check_image_file, check_qmp, validate_objects, AioMode, ConfigError, InvalidOption, Origin,
-    QmpAddr,
+    check_image_file, check_qmp, validate_objects, ConfigError, InvalidOption, Origin, QmpAddr,
 };
 use crate::export::{DriveSpec, ExportConfig, ExportSpec};
+use crate::virtio::block::backend::BlockEngine;
 
 /// A configuration of `vmm-ref export` that passed [`validate`].
 #[derive(Clone, Debug, PartialEq)]
@@ -162,24 +162,10 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
         if object_ids.contains(&d.id) || drives.iter().any(|o| o.id == d.id) {
             return Err(ConfigError::msg(lbl, format!("duplicate id '{}'", d.id)));
         }
+        // Checked for every drive, also those only exported later through QMP.
         if let Some(aio) = &d.aio {
-            match AioMode::parse(aio) {
-                Some(AioMode::Auto) => {}
-                Some(_) => {
-                    return Err(ConfigError::msg(
-                        lbl,
-                        format!(
-                            "aio={aio} is not supported for exports (they use io_uring when the host has it)"
-                        ),
-                    ))
-                }
-                None => {
-                    return Err(ConfigError::msg(
-                        lbl,
-                        format!("invalid value '{aio}' for 'aio': expected auto"),
-                    ))
-                }
-            }
+            aio.parse::<BlockEngine>()
+                .map_err(|msg| ConfigError::msg(lbl.clone(), format!("aio={aio}: {msg}")))?;
         }
         check_image_file(&lbl, &d.file, d.readonly, d.direct)?;
         let canonical = std::fs::canonicalize(&d.file).unwrap_or_else(|_| d.file.clone());
@@ -294,7 +280,14 @@ mod tests {
             "vhost-user-blk,id=e0,node-name=d0,addr=unix:{},num-queues=3,iothread-vq-mapping=io0:io1",
             d.path("e0.sock")
         );
-        let v = validate(&args(&d, &[drive], &[export], None)).unwrap();
+        let v = validate(&args(
+            &d,
+            &[drive.clone() + ",aio=threads"],
+            &[export],
+            None,
+        ))
+        .unwrap();
+        assert_eq!(v.exports[0].engine, BlockEngine::Sync);
         assert_eq!(v.iothreads.len(), 2);
         assert_eq!(v.exports.len(), 1);
         assert_eq!(v.exports[0].queue_iothreads, vec!["io0", "io1", "io0"]);
@@ -383,10 +376,10 @@ mod tests {
                 "directory '/nonexistent-dir' does not exist",
             ),
             (
-                vec![format!("id=d0,file={img},aio=threads")],
+                vec![format!("id=d0,file={img},aio=native")],
                 vec![],
                 Some("unix:/tmp/q.sock".into()),
-                "--drive id=d0: aio=threads is not supported for exports",
+                "--drive id=d0: aio=native: invalid engine 'native' (expected auto, io_uring or sync)",
             ),
             (
                 vec![format!("id=d0,file={}", d.path("missing.img"))],
