@@ -308,7 +308,23 @@ impl ExportDaemon {
             std::mem::take(&mut exports.running)
         };
         for export in running.into_iter().rev() {
+            // The final counters (requests per queue, protocol errors) on
+            // stdout, one JSON line per export, for operators and tests.
+            let status = export.status();
             export.stop();
+            let line = serde_json::to_string(&status).map(|json| format!("export-status {json}"));
+            // Informational, like the ready line: a closed stdout is no error.
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = line
+                .map_err(std::io::Error::other)
+                .and_then(|l| writeln!(out, "{l}"))
+                .and_then(|()| out.flush())
+            {
+                log::debug!(
+                    "cannot print the status of export '{}': {e}",
+                    status.info.id
+                );
+            }
         }
         let registry = &self.inner.registry;
         for id in registry.ids().into_iter().rev() {

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# bench-export.sh — vhost-user-blk export benchmark (not part of CI).
+#
+# The same Linux guest (Debian cloud kernel under QEMU TCG, see
+# vhost-guest.sh) runs the same fio job against:
+#   qsd            qemu-storage-daemon, vhost-user-blk export on an IOThread
+#                  (QEMU's default adaptive polling), aio=io_uring
+#   ours:weight=N  our export (2 queues on 1 IOThread), poll-weight N
+#   ours:classic   our export with the classic polling algorithm
+# with the image on tmpfs. Runs are interleaved (round-robin over the
+# configurations, ROUNDS times) so that host noise hits all of them alike.
+#
+# Per run: guest-reported IOPS of the measured fio window, and the back-end
+# process's CPU time (utime + stime from /proc/<pid>/stat, all threads)
+# during that window, as CPU seconds per 1000 I/Os. The host samples the CPU
+# time when the guest prints BENCH-START / BENCH-END on its serial console.
+# Printed: every run, then per configuration the medians and the ratios to
+# qemu-storage-daemon (CPU ratio < 1 = cheaper per I/O than QEMU).
+#
+# Environment: ROUNDS (3), FIO_TIME (10 s), QD (16 per job, 2 jobs pinned to
+# the 2 vCPUs => both queues), RW (randread), CONFIGS (default: all below),
+# EXPORT_CMD (default: `vmm-ref export`, release build), OUT (result file).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${VMM_REF_TEST_CACHE:-/var/cache/vmm-ref-test}
+ROUNDS=${ROUNDS:-3}
+FIO_TIME=${FIO_TIME:-10}
+QD=${QD:-16}
+RW=${RW:-randread}
+CONFIGS=${CONFIGS:-"qsd ours:weight=3 ours:weight=1 ours:weight=2 ours:weight=4 ours:weight=5 ours:classic"}
+OUT=${OUT:-/tmp/bench-export.txt}
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-900}
+DISK_MIB=256
+
+log() { printf '[bench-export] %s\n' "$*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
+
+# shellcheck source=vhost-guest.sh
+. "$HERE/vhost-guest.sh"
+ensure_export_cmd --release
+CLK_TCK=$(getconf CLK_TCK)
+
+INIT=$(mktemp)
+cat >"$INIT" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+fail() { echo "BENCH-FAIL: $*"; poweroff -f; sleep 5; exit 1; }
+arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p"; }
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+    insmod /lib/modules/$m.ko || fail "insmod $m"
+done
+i=0
+while [ ! -b /dev/vda ]; do i=$((i + 1)); [ $i -gt 300 ] && fail "no /dev/vda"; sleep 0.1; done
+job() { # name runtime
+    fio --name=$1 --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$(arg b.rw) --bs=4k \
+        --iodepth=$(arg b.qd) --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
+        --runtime=$2 --time_based --group_reporting --output-format=terse --terse-version=3
+}
+job warm 2 >/dev/null 2>&1 || fail "warm-up"
+echo "BENCH-START"
+job bench $(arg b.time) >/tmp/b 2>&1 || { cat /tmp/b; fail "fio"; }
+echo "BENCH-END"
+l=$(grep '^3;' /tmp/b) || fail "no result"
+# terse v3: 6 read KiB, 8 read IOPS, 47 write KiB, 49 write IOPS
+echo "BENCH-RESULT $(echo "$l" | cut -d';' -f6,8,47,49)"
+poweroff -f
+EOF
+INITRD=$(build_initramfs "$INIT" /nonexistent bench)
+rm -f "$INIT"
+
+WORK=$(mktemp -d /tmp/bench-export.XXXXXX)
+IMG=/dev/shm/vmm-ref-bench-$$.img
+BACKEND_PID=
+QEMU_PID=
+cleanup() {
+    for p in $QEMU_PID $BACKEND_PID; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    rm -rf "$WORK" "$IMG"
+}
+trap cleanup EXIT
+dd if=/dev/urandom of="$IMG" bs=1M count=$DISK_MIB status=none
+
+start_backend() { # config socket log
+    case "$1" in
+        qsd)
+            qemu-storage-daemon \
+                --blockdev driver=file,node-name=f0,filename="$IMG",aio=io_uring \
+                --object iothread,id=io0 \
+                --export type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path="$2",writable=on,num-queues=2,iothread=io0 \
+                >"$3" 2>&1 &
+            ;;
+        ours:weight=*)
+            # shellcheck disable=SC2086
+            $EXPORT_CMD --drive id=d0,file="$IMG" --object iothread,id=io0,poll-weight=${1#ours:weight=} \
+                --export vhost-user-blk,id=e0,node-name=d0,addr=unix:"$2",num-queues=2,iothread=io0 \
+                >"$3" 2>&1 &
+            ;;
+        ours:classic)
+            # shellcheck disable=SC2086
+            $EXPORT_CMD --drive id=d0,file="$IMG" --object iothread,id=io0,poll-algorithm=classic \
+                --export vhost-user-blk,id=e0,node-name=d0,addr=unix:"$2",num-queues=2,iothread=io0 \
+                >"$3" 2>&1 &
+            ;;
+        *) die "unknown configuration $1" ;;
+    esac
+    BACKEND_PID=$!
+    wait_socket "$2" "$BACKEND_PID" "$3"
+}
+
+wait_serial() { # file marker pid -> 0 when seen, 1 if qemu ended
+    while ! grep -q "$2" "$1" 2>/dev/null; do
+        kill -0 "$3" 2>/dev/null || return 1
+        sleep 0.05
+    done
+}
+
+# One run: prints "config iops cpu_s ios".
+run_one() {
+    local cfg=$1 n=$2 sock=$WORK/s$n.sock serial=$WORK/serial.$n blog=$WORK/backend.$n
+    start_backend "$cfg" "$sock" "$blog"
+    timeout "$GUEST_TIMEOUT" qemu-system-x86_64 \
+        -M q35,accel=tcg,memory-backend=mem \
+        -object memory-backend-memfd,id=mem,size=512M,share=on \
+        -cpu max -smp 2 -m 512 -nodefaults -display none -serial stdio -no-reboot \
+        -kernel "$VMLINUZ" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 quiet b.time=$FIO_TIME b.qd=$QD b.rw=$RW" \
+        -chardev socket,id=vu0,path="$sock" \
+        -device vhost-user-blk-pci,chardev=vu0,num-queues=2 \
+        </dev/null >"$serial" 2>&1 &
+    QEMU_PID=$!
+    wait_serial "$serial" BENCH-START "$QEMU_PID" || { tail -20 "$serial" >&2; die "$cfg: guest did not start the benchmark"; }
+    local t0 t1
+    t0=$(proc_cpu_ticks "$BACKEND_PID")
+    thread_ticks "$BACKEND_PID" >"$WORK/threads0.$n"
+    wait_serial "$serial" BENCH-END "$QEMU_PID" || { tail -20 "$serial" >&2; die "$cfg: guest did not finish"; }
+    t1=$(proc_cpu_ticks "$BACKEND_PID")
+    thread_ticks "$BACKEND_PID" >"$WORK/threads1.$n"
+    # Per-thread CPU during the window (threads grouped by name), to stderr.
+    awk -v cfg="$cfg" 'NR == FNR { a[$1] = $3; next } { d[$2] += $3 - a[$1] }
+        END { s = ""; for (k in d) if (d[k] > 0) s = s " " k "=" d[k]; print "[bench-export]   " cfg " thread ticks:" s > "/dev/stderr" }' \
+        "$WORK/threads0.$n" "$WORK/threads1.$n"
+    wait "$QEMU_PID" || true
+    QEMU_PID=
+    kill "$BACKEND_PID"
+    wait "$BACKEND_PID" || true
+    BACKEND_PID=
+    local res
+    res=$(grep -a 'BENCH-RESULT' "$serial" | tr -d '\r' | awk '{print $2}') || die "$cfg: no result"
+    # read KiB; read IOPS; write KiB; write IOPS
+    awk -v r="$res" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" -v cfg="$cfg" 'BEGIN {
+        split(r, f, ";"); ios = (f[1] + f[3]) / 4; iops = f[2] + f[4];
+        cpu = (t1 - t0) / hz;
+        printf "%s %.0f %.6f %.0f\n", cfg, iops, (ios > 0 ? cpu / (ios / 1000) : 0), ios }'
+}
+
+# thread_ticks PID: "tid comm ticks" for every thread.
+thread_ticks() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        [ -r "$t/stat" ] || continue
+        printf '%s %s %s\n' "${t##*/}" "$(tr ' ' '_' <"$t/comm")" "$(sed 's/^.*) //' "$t/stat" | awk '{print $12 + $13}')"
+    done
+}
+
+log "configs: $CONFIGS; $ROUNDS rounds of $FIO_TIME s ($RW 4k, 2 jobs x QD $QD); backend: $EXPORT_CMD"
+: >"$WORK/runs"
+n=0
+for r in $(seq 1 "$ROUNDS"); do
+    for cfg in $CONFIGS; do
+        n=$((n + 1))
+        line=$(run_one "$cfg" "$n")
+        log "round $r: $line"
+        echo "$line" >>"$WORK/runs"
+    done
+done
+
+{
+    echo "# bench-export: $RW 4k, 2 jobs x QD $QD, $FIO_TIME s, $ROUNDS interleaved rounds, image on tmpfs, QEMU TCG guest ($(date -u +%F))"
+    echo "# per run: config IOPS cpu-ms-per-1000-IOs"
+    awk '{printf "#   %-14s %8s %8.2f\n", $1, $2, $3 * 1000}' "$WORK/runs"
+    printf "%-14s %10s %16s %12s %12s\n" config IOPS "CPU-ms/1000IO" "IOPS/qsd" "CPU/qsd"
+    awk '
+        { iops[$1] = iops[$1] " " $2; cpu[$1] = cpu[$1] " " $3; if (!($1 in seen)) { order[++k] = $1; seen[$1] = 1 } }
+        function median(s,   a, n, i, j, t) {
+            n = split(s, a, " ");
+            for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        END {
+            qi = ("qsd" in seen) ? median(iops["qsd"]) : 0; qc = ("qsd" in seen) ? median(cpu["qsd"]) : 0;
+            for (x = 1; x <= k; x++) {
+                c = order[x]; mi = median(iops[c]); mc = median(cpu[c]);
+                printf "%-14s %10.0f %16.2f %12s %12s\n", c, mi, mc * 1000,
+                    (qi > 0 ? sprintf("%.2f", mi / qi) : "-"), (qc > 0 ? sprintf("%.2f", mc / qc) : "-")
+            }
+        }' "$WORK/runs"
+} | tee "$OUT"
+log "results in $OUT"
