@@ -14,5 +14,6 @@ pub mod poll_algorithm;
 pub mod qmp;
 pub mod regpage;
 pub mod seeds;
+pub mod vhost_user;
 pub mod virtio_blk_request;
 pub mod virtio_mmio;

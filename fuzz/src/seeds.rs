@@ -11,6 +11,7 @@ pub fn all() -> Vec<(&'static str, Vec<(String, Vec<u8>)>)> {
         ("qmp", crate::qmp::seeds()),
         ("virtio_blk_request", crate::virtio_blk_request::seeds()),
         ("virtio_mmio", crate::virtio_mmio::seeds()),
+        ("vhost_user", crate::vhost_user::seeds()),
     ]
 }
 
