@@ -87,7 +87,7 @@ fn bad_options_exit_2_and_touch_nothing() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["--export".into(), export(",bogus=1")],
-            "--export id=e0: --export: unknown parameter 'bogus'",
+            "--export id=e0: unknown option 'bogus'",
         ),
         (
             vec!["--export".into(), export(",num-queues=0")],
@@ -177,7 +177,7 @@ fn bad_options_exit_2_and_touch_nothing() {
     );
     expect_error(
         &["--drive", &format!("{drive},readonly=maybe")],
-        "--drive id=d0: parameter 'readonly' 'maybe': expected 'on' or 'off'",
+        "--drive id=d0: invalid value 'maybe' for 'readonly': expected on, off, true or false",
     );
     // A writable export of a read-only drive.
     expect_error(

@@ -314,7 +314,7 @@ mod tests {
                 vec![drive.clone()],
                 vec![exp(",bogus=1")],
                 None,
-                "--export id=e0: --export: unknown parameter 'bogus'",
+                "--export id=e0: unknown option 'bogus'",
             ),
             (
                 vec![drive.clone()],
@@ -397,7 +397,7 @@ mod tests {
                 vec![format!("id=d0,file={img},direct")],
                 vec![],
                 None,
-                "--drive id=d0: --drive: 'direct' is not key=value",
+                "--drive id=d0: expected key=value, got 'direct'",
             ),
             (
                 vec![drive.clone()],

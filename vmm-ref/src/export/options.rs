@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use iothread_registry::{assign_vqs, IoThreadVqMapping};
 use serde::{Deserialize, Serialize};
 
+use crate::config::keyval::{KeyVals, OptionError as KeyValError};
+
 /// The only export type implemented.
 pub const EXPORT_TYPE: &str = "vhost-user-blk";
 
@@ -45,6 +47,9 @@ pub enum OptionsError {
     /// The IOThread mapping is invalid.
     #[error("invalid IOThread assignment")]
     Mapping(#[source] iothread_registry::Error),
+    /// The `key=value` string itself (shared parser with `vmm-ref run`).
+    #[error(transparent)]
+    KeyVal(#[from] KeyValError),
 }
 
 /// Which IOThreads serve the queues.
@@ -106,81 +111,69 @@ impl ExportSpec {
     pub fn parse_cli(s: &str) -> Result<ExportSpec, OptionsError> {
         const WHAT: &str = "--export";
         let syntax = |msg: String| OptionsError::Syntax { what: WHAT, msg };
-        let mut kind = None;
-        let (mut id, mut node, mut socket, mut addr_type, mut nq, mut io, mut writable) =
-            (None, None, None, None, None, None, None);
-        for (i, part) in s.split(',').enumerate() {
-            let (k, v) = match part.split_once('=') {
-                Some(kv) => kv,
-                None if i == 0 => ("type", part),
-                None => return Err(syntax(format!("'{part}' is not key=value"))),
-            };
-            match k {
-                "type" => kind = Some(v.to_owned()),
-                "id" => id = Some(v.to_owned()),
-                "node-name" => node = Some(v.to_owned()),
-                "addr" => {
-                    let path = v.strip_prefix("unix:").ok_or_else(|| {
-                        syntax(format!("addr '{v}': only unix:<path> is supported"))
-                    })?;
-                    socket = Some(PathBuf::from(path));
-                }
-                "addr.type" => addr_type = Some(v.to_owned()),
-                "addr.path" => socket = Some(PathBuf::from(v)),
-                "num-queues" => {
-                    nq = Some(v.parse::<u16>().map_err(|e| OptionsError::Value {
-                        key: "num-queues",
-                        msg: format!("'{v}': {e}"),
-                    })?)
-                }
-                "iothread" => io = Some(IoThreadChoice::Single(v.to_owned())),
-                "iothread-vq-mapping" => {
-                    io = Some(IoThreadChoice::List(
-                        v.split(':').map(str::to_owned).collect(),
-                    ))
-                }
-                "writable" => writable = Some(parse_bool("writable", v)?),
-                _ => return Err(syntax(format!("unknown parameter '{k}'"))),
-            }
-        }
-        match kind.as_deref() {
-            Some(EXPORT_TYPE) => {}
-            Some(t) => {
+        let mut kv = KeyVals::parse(s, Some("type"))?;
+        match kv.take_required("type")?.as_str() {
+            EXPORT_TYPE => {}
+            t => {
                 return Err(syntax(format!(
                     "export type '{t}' is not supported (only {EXPORT_TYPE})"
                 )))
             }
-            None => {
+        }
+        let id = kv.take_required("id")?;
+        let node_name = kv.take_required("node-name")?;
+        let socket = match (kv.take("addr"), kv.take("addr.path")) {
+            (Some(a), None) => PathBuf::from(
+                a.strip_prefix("unix:")
+                    .ok_or_else(|| syntax(format!("addr '{a}': only unix:<path> is supported")))?,
+            ),
+            (None, Some(p)) => PathBuf::from(p),
+            (Some(_), Some(_)) => {
+                return Err(syntax(
+                    "'addr' and 'addr.path' are mutually exclusive".into(),
+                ))
+            }
+            (None, None) => {
                 return Err(OptionsError::Missing {
                     what: WHAT,
-                    key: "type",
+                    key: "addr",
                 })
             }
-        }
-        if let Some(t) = addr_type.filter(|t| t != "unix") {
+        };
+        if let Some(t) = kv.take("addr.type").filter(|t| t != "unix") {
             return Err(syntax(format!("addr.type '{t}': only unix is supported")));
         }
-        let spec = ExportSpec {
-            id: id.ok_or(OptionsError::Missing {
-                what: WHAT,
-                key: "id",
-            })?,
-            node_name: node.ok_or(OptionsError::Missing {
-                what: WHAT,
-                key: "node-name",
-            })?,
-            socket: socket.ok_or(OptionsError::Missing {
-                what: WHAT,
-                key: "addr",
-            })?,
-            num_queues: nq.unwrap_or(DEFAULT_NUM_QUEUES),
-            iothreads: io.ok_or(OptionsError::Missing {
-                what: WHAT,
-                key: "iothread",
-            })?,
-            writable,
+        let num_queues = kv
+            .take_int::<u16>("num-queues")?
+            .unwrap_or(DEFAULT_NUM_QUEUES);
+        let iothreads = match (kv.take("iothread"), kv.take("iothread-vq-mapping")) {
+            (Some(one), None) => IoThreadChoice::Single(one),
+            (None, Some(list)) => {
+                IoThreadChoice::List(list.split(':').map(str::to_owned).collect())
+            }
+            (Some(_), Some(_)) => {
+                return Err(syntax(
+                    "'iothread' and 'iothread-vq-mapping' are mutually exclusive".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(OptionsError::Missing {
+                    what: WHAT,
+                    key: "iothread",
+                })
+            }
         };
-        spec.validate()
+        let writable = kv.take_bool("writable")?;
+        kv.finish()?;
+        ExportSpec {
+            id,
+            node_name,
+            socket,
+            num_queues,
+            iothreads,
+            writable,
+        }
+        .validate()
     }
 
     fn validate(self) -> Result<ExportSpec, OptionsError> {
@@ -203,17 +196,6 @@ impl ExportSpec {
 /// Largest `num-queues` (QEMU's VIRTIO_QUEUE_MAX for vhost-user-blk is 1024;
 /// one vring index fits in the protocol's 8-bit fd-message field: 256).
 pub const MAX_QUEUES: u16 = 256;
-
-fn parse_bool(key: &'static str, v: &str) -> Result<bool, OptionsError> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(OptionsError::Value {
-            key,
-            msg: format!("'{v}': expected 'on' or 'off'"),
-        }),
-    }
-}
 
 /// QMP `SocketAddress` (only the `unix` variant).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,7 +314,7 @@ pub struct BlockExportDelArgs {
     pub mode: BlockExportRemoveMode,
 }
 
-/// A parsed `--drive id=d0,file=disk.img[,readonly=on][,cache.direct=on]`.
+/// A parsed `--drive id=d0,file=disk.img[,readonly=on][,direct=on|cache.direct=on]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DriveSpec {
     /// Drive id (the node name exports refer to).
@@ -341,7 +323,7 @@ pub struct DriveSpec {
     pub file: PathBuf,
     /// Read-only.
     pub readonly: bool,
-    /// Open with O_DIRECT (`cache.direct=on`).
+    /// Open with O_DIRECT (`direct=on` or QEMU's `cache.direct=on`).
     pub direct: bool,
     /// `aio=io_uring|threads|sync|auto` (None = auto: io_uring when available).
     pub aio: Option<String>,
@@ -350,37 +332,40 @@ pub struct DriveSpec {
 impl DriveSpec {
     /// Parses the value of `--drive`.
     pub fn parse_cli(s: &str) -> Result<DriveSpec, OptionsError> {
-        const WHAT: &str = "--drive";
-        let (mut id, mut file, mut readonly, mut direct, mut aio) =
-            (None, None, false, false, None);
-        for part in s.split(',') {
-            let (k, v) = part.split_once('=').ok_or_else(|| OptionsError::Syntax {
-                what: WHAT,
-                msg: format!("'{part}' is not key=value"),
-            })?;
-            match k {
-                "id" | "node-name" => id = Some(v.to_owned()),
-                "file" => file = Some(PathBuf::from(v)),
-                "readonly" => readonly = parse_bool("readonly", v)?,
-                "cache.direct" => direct = parse_bool("cache.direct", v)?,
-                "aio" => aio = Some(v.to_owned()),
-                _ => {
-                    return Err(OptionsError::Syntax {
-                        what: WHAT,
-                        msg: format!("unknown parameter '{k}'"),
-                    })
-                }
+        let mut kv = KeyVals::parse(s, None)?;
+        let id = match (kv.take("id"), kv.take("node-name")) {
+            (Some(id), None) | (None, Some(id)) => id,
+            (Some(_), Some(_)) => {
+                return Err(OptionsError::Syntax {
+                    what: "--drive",
+                    msg: "'id' and 'node-name' are the same option; give one".into(),
+                })
             }
-        }
+            (None, None) => {
+                return Err(OptionsError::Missing {
+                    what: "--drive",
+                    key: "id",
+                })
+            }
+        };
+        let file = PathBuf::from(kv.take_required("file")?);
+        let readonly = kv.take_bool("readonly")?.unwrap_or(false);
+        // `direct=on` as for `vmm-ref run`, or QEMU's `cache.direct=on`.
+        let direct = match (kv.take_bool("direct")?, kv.take_bool("cache.direct")?) {
+            (Some(d), None) | (None, Some(d)) => d,
+            (None, None) => false,
+            (Some(_), Some(_)) => {
+                return Err(OptionsError::Syntax {
+                    what: "--drive",
+                    msg: "'direct' and 'cache.direct' are the same option; give one".into(),
+                })
+            }
+        };
+        let aio = kv.take("aio");
+        kv.finish()?;
         Ok(DriveSpec {
-            id: id.ok_or(OptionsError::Missing {
-                what: WHAT,
-                key: "id",
-            })?,
-            file: file.ok_or(OptionsError::Missing {
-                what: WHAT,
-                key: "file",
-            })?,
+            id,
+            file,
             readonly,
             direct,
             aio,
