@@ -20,7 +20,8 @@ use std::time::Duration;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::{error_chain, DeviceBackend};
+use super::backend::DeviceBackend;
+use crate::error_chain;
 
 /// How long a front-end may take to send the rest of a message it started.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
