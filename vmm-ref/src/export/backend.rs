@@ -39,10 +39,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error_chain;
-
 use super::interrupt::{into_eventfd, EventFdError, VringSignals};
 use super::memory::{self, AddressTable, MemoryError};
+use crate::error_chain;
 use crate::virtio::device::{feature, ActivateContext, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Size of the virtio-blk configuration space (`struct virtio_blk_config`,
