@@ -78,6 +78,7 @@ pub fn demo_config(kernel: &Path, disk: &Path, bench_secs: u32) -> VmConfig {
     VmConfig {
         kernel: kernel.to_owned(),
         initrd: None,
+        boot: Default::default(),
         cmdline: format!("scenario=verify,bench bench.secs={bench_secs}"),
         memory: ByteSize(256 << 20),
         vcpus: 1,

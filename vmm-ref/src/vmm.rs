@@ -17,6 +17,7 @@ use crate::devices::serial::{Serial, SerialOut, SERIAL_SIZE};
 use crate::drives::{self, Drive};
 use crate::qmp::BlockInfo;
 use crate::vm::boot::{self, BootSetup};
+use crate::vm::cpu::BootEntry;
 use crate::vm::iobus::IoBus;
 use crate::vm::layout;
 use crate::vm::stop::{StopReason, StopSignal};
@@ -258,6 +259,7 @@ impl Vmm {
             initrd: config.vm.initrd.clone(),
             cmdline: kernel_cmdline(&config.vm.cmdline, &slots, tsc_khz),
             mem_size: config.vm.memory.0,
+            protocol: config.vm.boot,
         };
         log::info!("kernel command line: {}", boot.cmdline);
         let entry = Self::load_guest(&vm, &boot, vcpu_count)?;
@@ -285,13 +287,13 @@ impl Vmm {
         })
     }
 
-    fn load_guest(vm: &Vm, boot: &BootSetup, vcpus: u8) -> Result<u64, VmmError> {
+    fn load_guest(vm: &Vm, boot: &BootSetup, vcpus: u8) -> Result<BootEntry, VmmError> {
         let mem = vm.memory().memory();
-        let kernel = boot::prepare(&mem, boot).map_err(VmmError::Boot)?;
+        let entry = boot::prepare(&mem, boot).map_err(VmmError::Boot)?;
         if vcpus > 1 {
             mptable::write(&mem, vcpus).map_err(VmmError::Mptable)?;
         }
-        Ok(kernel.entry)
+        Ok(entry)
     }
 
     /// The IOThread registry (for query-iothreads, qom-get/set, object-add/del).

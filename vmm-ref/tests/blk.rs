@@ -57,6 +57,10 @@ fn check_image(disk: &str, queues: u64) {
 }
 
 fn run_verify(tag: &str, objects: &[&str], drive_opts: &str, queues: u64) {
+    run_verify_with(tag, &[], objects, drive_opts, queues);
+}
+
+fn run_verify_with(tag: &str, extra: &[&str], objects: &[&str], drive_opts: &str, queues: u64) {
     if !kvm_available(tag) {
         return;
     }
@@ -65,6 +69,7 @@ fn run_verify(tag: &str, objects: &[&str], drive_opts: &str, queues: u64) {
     let cmdline = format!("scenario=verify verify.seed={SEED}");
     let drive = format!("id=d0,file={disk},{drive_opts}");
     let mut args = vec!["--kernel", GUEST, "--cmdline", &cmdline, "--drive", &drive];
+    args.extend_from_slice(extra);
     for o in objects {
         args.push("--object");
         args.push(o);
@@ -78,6 +83,20 @@ fn run_verify(tag: &str, objects: &[&str], drive_opts: &str, queues: u64) {
         "{out:?}"
     );
     check_image(&disk, queues);
+}
+
+/// The same guest entered through its PVH note (32-bit protected mode,
+/// `hvm_start_info` with the command line and memory map) instead of the
+/// 64-bit entry.
+#[test]
+fn verify_through_the_pvh_entry() {
+    run_verify_with(
+        "pvh",
+        &["--boot", "pvh"],
+        &["iothread,id=io0", "iothread,id=io1"],
+        "num-queues=2,iothread-vq-mapping=io0:io1",
+        2,
+    );
 }
 
 #[test]

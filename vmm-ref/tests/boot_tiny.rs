@@ -142,6 +142,21 @@ fn triple_fault_stops_the_vm() {
 }
 
 #[test]
+fn pvh_boot_of_a_kernel_without_pvh_note_fails_cleanly() {
+    if !kvm_available("pvh_boot_of_a_kernel_without_pvh_note_fails_cleanly") {
+        return;
+    }
+    let dir = TempDir::new("nopvh");
+    let kernel = write_guest(&dir, &echo_cmdline_code(0));
+    let out = run_vmm(&["--kernel", &kernel, "--boot", "pvh"], RUN_TIMEOUT);
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("the kernel has no PVH entry"),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn garbage_kernel_fails_cleanly() {
     if !kvm_available("garbage_kernel_fails_cleanly") {
         return;

@@ -37,7 +37,7 @@ pub enum Command {
 /// Options of `run`.
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
-    /// Kernel image: ELF (64-bit entry, PVH note allowed) or bzImage.
+    /// Kernel image: ELF (64-bit entry, or PVH entry with `--boot pvh`) or bzImage.
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
@@ -46,6 +46,9 @@ pub struct RunArgs {
     /// Kernel command line (virtio_mmio.device= and tsc_khz= are appended).
     #[arg(long, value_name = "STRING")]
     pub cmdline: Option<String>,
+    /// Boot protocol: `linux64` (64-bit entry, the default) or `pvh` (the ELF's PVH note).
+    #[arg(long, value_name = "linux64|pvh")]
+    pub boot: Option<crate::vm::boot::BootProtocol>,
     /// Guest RAM, e.g. 256M or 1G.
     #[arg(long, value_name = "SIZE")]
     pub memory: Option<String>,
@@ -206,6 +209,7 @@ impl RunArgs {
             kernel,
             initrd: self.initrd,
             cmdline: self.cmdline.unwrap_or_default(),
+            boot: self.boot.unwrap_or_default(),
             memory,
             vcpus: self.vcpus.unwrap_or(1),
             objects: self

@@ -89,6 +89,9 @@ pub struct VmConfig {
     /// Kernel command line (device arguments are appended).
     #[serde(default)]
     pub cmdline: String,
+    /// Boot protocol: `linux64` (default) or `pvh`.
+    #[serde(default)]
+    pub boot: crate::vm::boot::BootProtocol,
     /// Guest RAM.
     #[serde(default = "default_memory")]
     pub memory: ByteSize,

@@ -7,10 +7,18 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::cpu::BootEntry;
 use super::layout::*;
 
 /// e820 type of usable RAM.
@@ -84,6 +92,12 @@ pub enum BootError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// `--boot pvh` with a kernel that has no PVH entry note.
+    #[error("--boot pvh: the kernel has no PVH entry (XEN_ELFNOTE_PHYS32_ENTRY note)")]
+    NoPvhEntry,
+    /// Writing `hvm_start_info` and the PVH memory map failed.
+    #[error("cannot write the PVH start info into guest memory")]
+    PvhStartInfo(#[source] linux_loader::configurator::Error),
     /// Guest memory is too small for the boot layout.
     #[error("guest memory of {0:#x} bytes is too small to boot (need more than {HIMEM_START:#x})")]
     MemoryTooSmall(u64),
@@ -98,9 +112,11 @@ pub struct LoadedKernel {
     pub kernel_end: u64,
     /// The bzImage setup header, if the kernel was a bzImage.
     pub setup_header: Option<setup_header>,
+    /// The 32-bit PVH entry point, if the ELF has a PVH note.
+    pub pvh_entry: Option<u64>,
 }
 
-/// Loads an ELF (with or without PVH note; entered through its 64-bit `e_entry`) or
+/// Loads an ELF (its 64-bit `e_entry`, and its PVH entry if it has the note) or
 /// a bzImage (entered at its 64-bit entry, load address + 0x200).
 pub fn load_kernel<F: Read + vm_memory::ReadVolatile + Seek>(
     mem: &GuestMemoryMmap,
@@ -112,6 +128,10 @@ pub fn load_kernel<F: Read + vm_memory::ReadVolatile + Seek>(
             entry: res.kernel_load.0,
             kernel_end: res.kernel_end,
             setup_header: None,
+            pvh_entry: match res.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(a) => Some(a.0),
+                _ => None,
+            },
         }),
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
             image
@@ -122,6 +142,7 @@ pub fn load_kernel<F: Read + vm_memory::ReadVolatile + Seek>(
                 entry: res.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
                 kernel_end: res.kernel_end,
                 setup_header: res.setup_header,
+                pvh_entry: None,
             })
         }
         Err(e) => Err(BootError::KernelLoad(e)),
@@ -327,11 +348,85 @@ pub struct BootSetup {
     pub cmdline: String,
     /// RAM size.
     pub mem_size: u64,
+    /// How to enter the kernel.
+    pub protocol: BootProtocol,
 }
 
-/// Loads the kernel, initrd, command line, zero page, GDT and page tables.
-/// Returns the loaded kernel (its entry goes into `rip`).
-pub fn prepare(mem: &GuestMemoryMmap, setup: &BootSetup) -> Result<LoadedKernel, BootError> {
+/// The boot protocol (`--boot`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootProtocol {
+    /// Linux 64-bit boot protocol: ELF `e_entry` or bzImage + 0x200, long
+    /// mode, `rsi` = zero page (the fewest emulated ring-0 instructions on a
+    /// paravirtual nested KVM).
+    #[default]
+    Linux64,
+    /// PVH: the ELF's `XEN_ELFNOTE_PHYS32_ENTRY`, 32-bit protected mode,
+    /// `ebx` = `hvm_start_info` (as cloud-hypervisor and QEMU boot an ELF).
+    Pvh,
+}
+
+impl std::str::FromStr for BootProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "linux64" => Ok(BootProtocol::Linux64),
+            "pvh" => Ok(BootProtocol::Pvh),
+            other => Err(format!(
+                "unknown boot protocol '{other}' (expected linux64 or pvh)"
+            )),
+        }
+    }
+}
+
+/// Writes `hvm_start_info` at [`PVH_INFO_START`] with the command line, the
+/// initrd as module 0 and the memory map (linux-loader's PVH configurator).
+pub fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    initrd: Option<(u64, u64)>,
+) -> Result<u64, BootError> {
+    let memmap: Vec<hvm_memmap_table_entry> = e820_map(mem_size)
+        .iter()
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.r#type,
+            reserved: 0,
+        })
+        .collect();
+    let start_info = hvm_start_info {
+        magic: linux_loader::loader::elf::start_info::XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: if initrd.is_some() {
+            PVH_MODLIST_START
+        } else {
+            0
+        },
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
+    if let Some((paddr, size)) = initrd {
+        let module = hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        };
+        params.set_modules(&[module], GuestAddress(PVH_MODLIST_START));
+    }
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+        .map_err(BootError::PvhStartInfo)?;
+    Ok(PVH_INFO_START)
+}
+
+/// Loads the kernel, initrd, command line, zero page, GDT and page tables, and
+/// for PVH the start info. Returns how the boot processor enters the kernel.
+pub fn prepare(mem: &GuestMemoryMmap, setup: &BootSetup) -> Result<BootEntry, BootError> {
     if setup.mem_size <= HIMEM_START {
         return Err(BootError::MemoryTooSmall(setup.mem_size));
     }
@@ -358,7 +453,14 @@ pub fn prepare(mem: &GuestMemoryMmap, setup: &BootSetup) -> Result<LoadedKernel,
     )?;
     write_gdt(mem)?;
     write_page_tables(mem)?;
-    Ok(kernel)
+    match setup.protocol {
+        BootProtocol::Linux64 => Ok(BootEntry::Linux64 { rip: kernel.entry }),
+        BootProtocol::Pvh => {
+            let rip = kernel.pvh_entry.ok_or(BootError::NoPvhEntry)?;
+            let start_info = write_pvh_start_info(mem, setup.mem_size, initrd)?;
+            Ok(BootEntry::Pvh { rip, start_info })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -368,6 +470,37 @@ mod tests {
 
     fn mem(size: u64) -> GuestMemoryMmap {
         crate::vm::memory::create(size).unwrap()
+    }
+
+    #[test]
+    fn pvh_start_info_describes_cmdline_memory_and_initrd() {
+        let m = mem(256 << 20);
+        let at = write_pvh_start_info(&m, 256 << 20, Some((0x80_0000, 0x1234))).unwrap();
+        let info: hvm_start_info = m.read_obj(GuestAddress(at)).unwrap();
+        assert_eq!(info.magic, 0x336e_c578);
+        assert_eq!(info.version, 1);
+        assert_eq!(info.cmdline_paddr, CMDLINE_START);
+        assert_eq!(
+            (info.nr_modules, info.modlist_paddr),
+            (1, PVH_MODLIST_START)
+        );
+        let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
+        assert_eq!((module.paddr, module.size), (0x80_0000, 0x1234));
+        let e820 = e820_map(256 << 20);
+        assert_eq!(info.memmap_entries as usize, e820.len());
+        for (i, e) in e820.iter().enumerate() {
+            let entry: hvm_memmap_table_entry = m
+                .read_obj(GuestAddress(info.memmap_paddr + 24 * i as u64))
+                .unwrap();
+            assert_eq!(
+                (entry.addr, entry.size, entry.type_),
+                (e.addr, e.size, e.r#type)
+            );
+        }
+        // Without an initrd there is no module list.
+        let at = write_pvh_start_info(&m, 256 << 20, None).unwrap();
+        let info: hvm_start_info = m.read_obj(GuestAddress(at)).unwrap();
+        assert_eq!((info.nr_modules, info.modlist_paddr), (0, 0));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! x86_64 vCPU state at boot: CPUID, MSRs, LAPIC, FPU, general and special
-//! registers for the 64-bit Linux boot protocol.
+//! registers for the 64-bit Linux boot protocol and for the PVH entry.
 
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId,
@@ -159,6 +159,63 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
+/// How the boot processor enters the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootEntry {
+    /// Linux 64-bit boot protocol: long mode, paging on, `rsi` = zero page.
+    Linux64 {
+        /// Entry point (`rip`).
+        rip: u64,
+    },
+    /// PVH (`XEN_ELFNOTE_PHYS32_ENTRY`): 32-bit protected mode, paging off,
+    /// `ebx` = `hvm_start_info`.
+    Pvh {
+        /// Entry point (`eip`).
+        rip: u64,
+        /// Guest-physical address of `hvm_start_info`.
+        start_info: u64,
+    },
+}
+
+/// Special registers for the PVH entry: flat 32-bit code and data segments
+/// (base 0, limit 4 GiB), CR0.PE only, paging, PAE and long mode off. The
+/// guest loads its own GDT; ours only backs the task register.
+pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    let flat = |selector: u16, type_: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let code = flat(0x8, 0xb);
+    let data = flat(0x10, 0x3);
+    sregs.gdt.base = GDT_START;
+    sregs.gdt.limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
+    sregs.idt.base = IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(BOOT_GDT[3], 3);
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
 /// General registers at the 64-bit entry point.
 pub fn boot_regs(entry: u64) -> kvm_regs {
     kvm_regs {
@@ -187,10 +244,10 @@ impl CpuSetup {
     }
 
     /// Puts `fd` in its boot state. The boot processor (id 0) starts at `entry`
-    /// in 64-bit mode; application processors wait for INIT/SIPI. CPUID is set
+    /// (64-bit or PVH); application processors wait for INIT/SIPI. CPUID is set
     /// only the first time (`initial`): KVM refuses to change it after `KVM_RUN`,
     /// and it does not change across resets.
-    pub fn apply(&self, fd: &VcpuFd, entry: u64, initial: bool) -> Result<(), CpuError> {
+    pub fn apply(&self, fd: &VcpuFd, entry: BootEntry, initial: bool) -> Result<(), CpuError> {
         if initial {
             fd.set_cpuid2(&self.cpuid)
                 .map_err(self.ioctl("KVM_SET_CPUID2"))?;
@@ -236,10 +293,20 @@ impl CpuSetup {
         fd.set_fpu(&fpu).map_err(self.ioctl("KVM_SET_FPU"))?;
         if self.id == 0 {
             let sregs = fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?;
-            fd.set_sregs(&boot_sregs(sregs))
-                .map_err(self.ioctl("KVM_SET_SREGS"))?;
-            fd.set_regs(&boot_regs(entry))
-                .map_err(self.ioctl("KVM_SET_REGS"))?;
+            let (sregs, regs) = match entry {
+                BootEntry::Linux64 { rip } => (boot_sregs(sregs), boot_regs(rip)),
+                BootEntry::Pvh { rip, start_info } => (
+                    pvh_sregs(sregs),
+                    kvm_regs {
+                        rflags: 0x2,
+                        rip,
+                        rbx: start_info,
+                        ..Default::default()
+                    },
+                ),
+            };
+            fd.set_sregs(&sregs).map_err(self.ioctl("KVM_SET_SREGS"))?;
+            fd.set_regs(&regs).map_err(self.ioctl("KVM_SET_REGS"))?;
             fd.set_mp_state(kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
             })

@@ -16,6 +16,12 @@ pub const GDT_START: u64 = 0x500;
 pub const IDT_START: u64 = 0x520;
 /// The zero page (Linux `struct boot_params`), passed in `rsi`.
 pub const ZERO_PAGE_START: u64 = 0x7000;
+/// PVH boot: `hvm_start_info` (then the module list and the memory map after it).
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH boot: `hvm_modlist_entry` of the initrd.
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// PVH boot: the `hvm_memmap_table_entry` array.
+pub const PVH_MEMMAP_START: u64 = 0x6080;
 /// Initial stack pointer of the boot CPU.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Level-4 page table.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::cpu::CpuSetup;
+use super::cpu::{BootEntry, CpuSetup};
 use super::iobus::IoBus;
 use super::stop::{StopReason, StopSignal};
 use crate::ratelimit::RateLimiter;
@@ -58,7 +58,7 @@ struct Ctl {
     command: Command,
     /// Bumped by every reset; a vCPU that sees a new epoch re-applies its boot state.
     reset_epoch: u64,
-    entry: u64,
+    entry: BootEntry,
     paused: usize,
     exited: usize,
 }
@@ -108,7 +108,7 @@ impl Vcpus {
     pub fn start(
         vcpus: Vec<(VcpuFd, CpuSetup)>,
         ctx: VcpuContext,
-        entry: u64,
+        entry: BootEntry,
     ) -> Result<Vcpus, VcpuError> {
         install_kick_handler()?;
         let control = Arc::new(Control {
@@ -223,7 +223,7 @@ impl Vcpus {
 
     /// Resumes paused vCPUs; with `reset_entry`, each vCPU first re-applies its boot
     /// state (the boot processor entering at that address).
-    pub fn resume(&self, reset_entry: Option<u64>) {
+    pub fn resume(&self, reset_entry: Option<BootEntry>) {
         let mut ctl = self.control.lock();
         if ctl.command == Command::Exit {
             return;
