@@ -289,7 +289,12 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     };
     let vring_addr = |index: u32, desc: u64| {
         let mut b = le(&[index, 0]);
-        for v in [desc, desc.wrapping_add(0x1000), desc.wrapping_add(0x2000), 0] {
+        for v in [
+            desc,
+            desc.wrapping_add(0x1000),
+            desc.wrapping_add(0x2000),
+            0,
+        ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
         b

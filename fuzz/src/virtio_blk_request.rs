@@ -19,6 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_ref::virtio::block::mem_disk::MemDisk;
 use vmm_ref::virtio::block::request::{execute, DiskLimits};
+use vmm_ref::virtio::block::sync_engine::SyncEngine;
 
 use crate::bytes::{Reader, Writer};
 
@@ -162,7 +163,7 @@ pub fn check(input: &Input) -> Vec<u8> {
         max_discard_sectors: 32,
         max_write_zeroes_sectors: 32,
     };
-    let mut disk = MemDisk::new(DISK_BYTES, input.read_only);
+    let mut disk = SyncEngine::new(MemDisk::new(DISK_BYTES, input.read_only));
     let id = *b"fuzz-disk\0\0\0\0\0\0\0\0\0\0\0";
     let mut completed = 0u16;
     while let Some(chain) = q.pop_descriptor_chain(&*mem) {
@@ -173,13 +174,13 @@ pub fn check(input: &Input) -> Vec<u8> {
     }
     assert!(completed <= n);
     assert_eq!(
-        disk.refused(),
+        disk.disk().refused(),
         0,
         "the parser let through an access past capacity or to a read-only disk"
     );
     if input.read_only {
         assert!(
-            disk.data().iter().all(|b| *b == 0),
+            disk.disk().data().iter().all(|b| *b == 0),
             "read-only drive modified"
         );
     }

@@ -1,19 +1,17 @@
-//! An in-memory disk backend: the image is a `Vec<u8>`. Completes every
-//! operation during `submit`, like the sync engine. For fuzzing the request
-//! path and for tests that do not want files.
+//! An in-memory disk: the image is a `Vec<u8>`, run by the sync engine
+//! (`SyncEngine::new(MemDisk::new(..))`). For fuzzing the request path and for
+//! tests that do not want files.
 
-use std::collections::VecDeque;
 use std::io;
-use std::os::unix::io::RawFd;
 
-use super::backend::{DiskBackend, DiskCompletion, DiskOp, DiskOpKind, EngineKind};
+use super::backend::{DiskOp, DiskOpKind};
+use super::sync_engine::SyncDisk;
 
 /// A disk held in memory.
 #[derive(Debug, Default)]
 pub struct MemDisk {
     data: Vec<u8>,
     read_only: bool,
-    done: VecDeque<DiskCompletion>,
     flushes: u64,
     refused: u64,
 }
@@ -24,7 +22,6 @@ impl MemDisk {
         MemDisk {
             data: vec![0; size],
             read_only,
-            done: VecDeque::new(),
             flushes: 0,
             refused: 0,
         }
@@ -65,7 +62,7 @@ impl MemDisk {
         }
     }
 
-    fn run(&mut self, op: &DiskOp) -> io::Result<usize> {
+    fn apply(&mut self, op: &DiskOp) -> io::Result<usize> {
         match op.kind {
             DiskOpKind::Read { offset } | DiskOpKind::Write { offset } => {
                 let bufs = op.bufs.as_ref().ok_or_else(einval)?;
@@ -100,46 +97,14 @@ fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
 }
 
-impl DiskBackend for MemDisk {
-    fn engine(&self) -> EngineKind {
-        EngineKind::Sync
-    }
-
-    fn has_capacity(&self) -> bool {
-        true
-    }
-
-    fn submit(&mut self, op: DiskOp, user_data: u64) {
-        let result = self.run(&op);
+impl SyncDisk for MemDisk {
+    fn run(&mut self, op: &DiskOp) -> io::Result<usize> {
+        let result = self.apply(op);
         if matches!(&result, Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EBADF)))
         {
             self.refused += 1;
         }
-        self.done.push_back(DiskCompletion { user_data, result });
-    }
-
-    fn flush_submissions(&mut self) {}
-
-    fn set_max_batch(&mut self, _n: usize) {}
-
-    fn has_completions(&mut self) -> bool {
-        !self.done.is_empty()
-    }
-
-    fn reap(&mut self, out: &mut Vec<DiskCompletion>) {
-        out.extend(self.done.drain(..));
-    }
-
-    fn wait(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-
-    fn completion_fd(&self) -> Option<RawFd> {
-        None
+        result
     }
 }
 
@@ -148,14 +113,15 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::virtio::block::backend::GuestBuffers;
+    use crate::virtio::block::backend::{DiskBackend, GuestBuffers};
     use crate::virtio::block::request::Segment;
+    use crate::virtio::block::sync_engine::SyncEngine;
     use crate::virtio::block::testing::guest_mem;
 
     #[test]
     fn operations() {
         let mem = guest_mem();
-        let mut d = MemDisk::new(8192, false);
+        let mut d = SyncEngine::new(MemDisk::new(8192, false));
         mem.write_slice(&[7u8; 1024], GuestAddress(0x1000)).unwrap();
         let seg = [Segment {
             addr: GuestAddress(0x1000),
@@ -167,7 +133,7 @@ mod tests {
             bufs: bufs(),
         };
         assert_eq!(d.execute_blocking(w).unwrap(), 1024);
-        assert!(d.data()[512..1536].iter().all(|&b| b == 7));
+        assert!(d.disk().data()[512..1536].iter().all(|&b| b == 7));
         let z = DiskOp {
             kind: DiskOpKind::WriteZeroes {
                 offset: 1024,
@@ -177,25 +143,25 @@ mod tests {
             bufs: None,
         };
         d.execute_blocking(z).unwrap();
-        assert!(d.data()[1024..1536].iter().all(|&b| b == 0));
+        assert!(d.disk().data()[1024..1536].iter().all(|&b| b == 0));
         let out = DiskOp {
             kind: DiskOpKind::Read { offset: 8192 - 512 },
             bufs: bufs(),
         };
         assert!(d.execute_blocking(out).is_err());
-        assert_eq!(d.refused(), 1);
+        assert_eq!(d.disk().refused(), 1);
         let f = DiskOp {
             kind: DiskOpKind::Flush,
             bufs: None,
         };
         d.execute_blocking(f).unwrap();
-        assert_eq!(d.flushes(), 1);
-        let mut ro = MemDisk::new(4096, true);
+        assert_eq!(d.disk().flushes(), 1);
+        let mut ro = SyncEngine::new(MemDisk::new(4096, true));
         let w = DiskOp {
             kind: DiskOpKind::Write { offset: 0 },
             bufs: bufs(),
         };
         assert!(ro.execute_blocking(w).is_err());
-        assert_eq!(ro.refused(), 1);
+        assert_eq!(ro.disk().refused(), 1);
     }
 }

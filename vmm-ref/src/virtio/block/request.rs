@@ -1269,7 +1269,7 @@ mod tests {
             sector in prop_oneof![0u64..140, any::<u64>()],
             fill in any::<u8>(),
         ) {
-            let mut backend = MemDisk::new((DISK_SECTORS * 512) as usize, false);
+            let mut backend = SyncEngine::new(MemDisk::new((DISK_SECTORS * 512) as usize, false));
             let mem = guest_mem();
             // Fill the data area, then put a header where the first
             // descriptor points (if that is in memory).

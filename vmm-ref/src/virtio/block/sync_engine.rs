@@ -10,23 +10,40 @@ use std::sync::Arc;
 use super::backend::{DiskBackend, DiskCompletion, DiskOp, EngineKind};
 use super::raw::RawFile;
 
-/// Synchronous backend over a [`RawFile`].
-pub struct SyncEngine {
-    file: Arc<RawFile>,
-    done: VecDeque<DiskCompletion>,
+/// A disk that runs one operation to completion in the calling thread.
+pub trait SyncDisk: Send {
+    /// Performs `op`; returns the bytes transferred.
+    fn run(&mut self, op: &DiskOp) -> io::Result<usize>;
 }
 
-impl SyncEngine {
-    /// A sync engine on `file`.
-    pub fn new(file: Arc<RawFile>) -> SyncEngine {
-        SyncEngine {
-            file,
-            done: VecDeque::new(),
-        }
+impl SyncDisk for Arc<RawFile> {
+    fn run(&mut self, op: &DiskOp) -> io::Result<usize> {
+        self.run_sync(op)
     }
 }
 
-impl DiskBackend for SyncEngine {
+/// Synchronous backend over a [`SyncDisk`] (by default a [`RawFile`]).
+pub struct SyncEngine<D = Arc<RawFile>> {
+    disk: D,
+    done: VecDeque<DiskCompletion>,
+}
+
+impl<D> SyncEngine<D> {
+    /// A sync engine on `disk`.
+    pub fn new(disk: D) -> SyncEngine<D> {
+        SyncEngine {
+            disk,
+            done: VecDeque::new(),
+        }
+    }
+
+    /// The disk (e.g. to inspect a [`MemDisk`](super::mem_disk::MemDisk)).
+    pub fn disk(&self) -> &D {
+        &self.disk
+    }
+}
+
+impl<D: SyncDisk> DiskBackend for SyncEngine<D> {
     fn engine(&self) -> EngineKind {
         EngineKind::Sync
     }
@@ -36,7 +53,7 @@ impl DiskBackend for SyncEngine {
     }
 
     fn submit(&mut self, op: DiskOp, user_data: u64) {
-        let result = self.file.run_sync(&op);
+        let result = self.disk.run(&op);
         self.done.push_back(DiskCompletion { user_data, result });
     }
 
