@@ -338,6 +338,8 @@ fn holders_follow_activation_and_reset() {
     // 1. Activation during the first hold.
     let h = wait_holders(&mut qmp, true, T);
     assert_eq!(h.len(), 2);
+    // Holders are taken while activating; `activated` is published last.
+    wait_activated(&mut qmp, true, T);
     let blk = qmp.execute("query-block", json!(null));
     assert_eq!(blk[0]["device"], "d0");
     assert_eq!(blk[0]["activated"], true);
@@ -352,11 +354,10 @@ fn holders_follow_activation_and_reset() {
     wait_holders(&mut qmp, true, Duration::from_secs(2));
     // 4. system_reset releases them (the guest boots again and re-activates).
     qmp.execute("system_reset", json!(null));
+    // The rebooted guest may already be re-activating (holders are taken
+    // one IOThread at a time), but the old holds must be gone: none twice.
     let h = holders(&mut qmp);
-    assert!(
-        h.iter().all(|(_, v)| v.is_empty()) || h.iter().all(|(_, v)| v.len() == 1),
-        "{h:?}"
-    );
+    assert!(h.iter().all(|(_, v)| v.len() <= 1), "{h:?}");
     wait_holders(&mut qmp, true, T);
     qmp.execute("quit", json!(null));
     assert_eq!(vmm.wait(T), Some(0));

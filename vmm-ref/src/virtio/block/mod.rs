@@ -545,10 +545,14 @@ impl Block {
 
     /// Removes the handlers from their IOThreads, waits for in-flight I/O,
     /// flushes, and releases the holders.
+    ///
+    /// `activated` is cleared first and set last in `activate`, so an
+    /// observer that sees `activated` also sees the holders.
     fn stop(&mut self) {
         let Some(active) = self.active.take() else {
             return;
         };
+        self.shared.activated.store(false, Ordering::SeqCst);
         for q in &active.queues {
             if let Some(g) = active.guards.get(&q.iothread) {
                 let ids = q.handlers.clone();
@@ -589,7 +593,6 @@ impl Block {
                 );
             }
         }
-        self.shared.activated.store(false, Ordering::SeqCst);
     }
 }
 
