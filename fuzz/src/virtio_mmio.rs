@@ -17,7 +17,7 @@ use iothread_registry::{IoThreadParams, IoThreadRegistry};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_ref::bus::BusDevice;
 use vmm_ref::virtio::block::backend::BlockEngine;
-use vmm_ref::virtio::block::{Block, BlockConfig};
+use vmm_ref::virtio::block::{Block, BlockConfig, HolderPolicy};
 use vmm_ref::virtio::mmio::MmioTransport;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -130,6 +130,7 @@ pub fn check(input: &Input) {
         queue_iothreads: vec!["fuzz0".into(); usize::from(NUM_QUEUES)],
         engine: BlockEngine::Sync,
         serial: None,
+        holders: HolderPolicy::Device,
     };
     let block = Block::new(cfg, f.registry.clone()).expect("block device");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");

@@ -15,7 +15,7 @@ use crate::bus::BusDevice;
 use crate::config::{AioMode, ValidDrive};
 use crate::qmp::{BlockInfo, BlockQueueInfo};
 use crate::virtio::block::backend::{BlockEngine, EngineKind};
-use crate::virtio::block::{Block, BlockConfig, BlockError, BlockHandle};
+use crate::virtio::block::{Block, BlockConfig, BlockError, BlockHandle, HolderPolicy};
 use crate::virtio::mmio::{MmioError, MmioTransport};
 use crate::vm::iobus::{IoBus, IoBusError};
 use crate::vm::layout::{self, VIRTIO_MMIO_SLOT_SIZE};
@@ -102,6 +102,7 @@ impl Drive {
             queue_iothreads: d.queue_iothreads.clone(),
             engine: engine(c.aio),
             serial: c.serial.clone(),
+            holders: HolderPolicy::Device,
         };
         let block = Block::new(cfg, registry.clone()).map_err(DriveError::Block)?;
         let handle = block.handle();
@@ -167,14 +168,7 @@ impl Drive {
             num_queues: b.num_queues,
             queue_size: self.config.config.queue_size,
             activated: b.activated,
-            queues: b
-                .queues
-                .iter()
-                .map(|q| BlockQueueInfo {
-                    queue: q.index,
-                    iothread: q.iothread.clone(),
-                })
-                .collect(),
+            queues: b.queues.iter().map(BlockQueueInfo::from).collect(),
         }
     }
 

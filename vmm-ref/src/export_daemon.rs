@@ -285,14 +285,7 @@ impl ExportDaemon {
                     num_queues: b.num_queues,
                     queue_size: crate::export::MAX_QUEUE_SIZE,
                     activated: b.activated,
-                    queues: b
-                        .queues
-                        .iter()
-                        .map(|q| BlockQueueInfo {
-                            queue: q.index,
-                            iothread: q.iothread.clone(),
-                        })
-                        .collect(),
+                    queues: b.queues.iter().map(BlockQueueInfo::from).collect(),
                 })
             })
             .collect()

@@ -1,7 +1,7 @@
 //! Opens an export's drive as the virtio-blk device model.
 
 use super::{ExportConfig, ExportError, MAX_QUEUE_SIZE};
-use crate::virtio::block::{Block, BlockConfig, BlockHandle};
+use crate::virtio::block::{Block, BlockConfig, BlockHandle, HolderPolicy};
 use crate::virtio::device::VirtioDevice;
 use iothread_registry::IoThreadRegistry;
 
@@ -23,6 +23,7 @@ pub(super) fn open_block(
             queue_iothreads: cfg.queue_iothreads.clone(),
             engine: cfg.engine,
             serial: Some(cfg.id.clone()),
+            holders: HolderPolicy::External,
         },
         registry.clone(),
     )

@@ -911,6 +911,13 @@ fn block_device_serves_requests_over_vhost_user() {
     );
     let on_disk = std::fs::read(&img).unwrap();
     assert_eq!(&on_disk[1024..1536], &pattern[..]);
+    // The running device adds no holder of its own: the export's
+    // `block-node` is the only one, connected or not.
+    assert!(export.status().block.expect("block info").activated);
+    assert_eq!(
+        registry.holders("io0").unwrap(),
+        vec![IoThreadHolder::block_node("db")]
+    );
 
     // IN request: read the sector back into other guest memory.
     mem.write_slice(&hdr(0, 2), GuestAddress(0x2_2000)).unwrap();

@@ -181,6 +181,27 @@ pub struct BlockQueueInfo {
     pub queue: u16,
     /// Id of the IOThread that serves it.
     pub iothread: String,
+    /// Requests taken from the avail ring since the device was created.
+    pub requests: u64,
+    /// Guest notifications (kicks) that woke the queue's handler.
+    pub notifications: u64,
+    /// Used-buffer interrupts sent to the guest.
+    pub interrupts: u64,
+    /// Requests completed with an error status.
+    pub errors: u64,
+}
+
+impl From<&crate::virtio::block::QueueInfo> for BlockQueueInfo {
+    fn from(q: &crate::virtio::block::QueueInfo) -> Self {
+        BlockQueueInfo {
+            queue: q.index,
+            iothread: q.iothread.clone(),
+            requests: q.requests,
+            notifications: q.notifications,
+            interrupts: q.interrupts,
+            errors: q.errors,
+        }
+    }
 }
 
 /// One block device in `query-block` (vmm-ref's own schema; QEMU's `BlockInfo` nests
@@ -190,7 +211,10 @@ pub struct BlockQueueInfo {
 /// {"device": "blk0", "qdev": "/machine/peripheral/blk0/virtio-backend",
 ///  "file": "/tmp/disk.img", "read-only": false, "direct": false, "format": "raw",
 ///  "engine": "io-uring", "num-queues": 2, "queue-size": 256, "activated": true,
-///  "queues": [{"queue": 0, "iothread": "io0"}, {"queue": 1, "iothread": "io1"}]}
+///  "queues": [{"queue": 0, "iothread": "io0", "requests": 28, "notifications": 10,
+///              "interrupts": 4, "errors": 2},
+///             {"queue": 1, "iothread": "io1", "requests": 19, "notifications": 3,
+///              "interrupts": 0, "errors": 0}]}
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -114,10 +114,18 @@ impl QmpMachine for FakeMachine {
                 BlockQueueInfo {
                     queue: 0,
                     iothread: "io0".to_string(),
+                    requests: 0,
+                    notifications: 0,
+                    interrupts: 0,
+                    errors: 0,
                 },
                 BlockQueueInfo {
                     queue: 1,
                     iothread: "io0".to_string(),
+                    requests: 0,
+                    notifications: 0,
+                    interrupts: 0,
+                    errors: 0,
                 },
             ],
         }]

@@ -496,7 +496,10 @@ fn query_block_and_hmp() {
     assert_eq!(blocks[0]["num-queues"], 2);
     assert_eq!(
         blocks[0]["queues"],
-        json!([{"queue": 0, "iothread": "io0"}, {"queue": 1, "iothread": "io0"}])
+        json!([
+            {"queue": 0, "iothread": "io0", "requests": 0, "notifications": 0, "interrupts": 0, "errors": 0},
+            {"queue": 1, "iothread": "io0", "requests": 0, "notifications": 0, "interrupts": 0, "errors": 0}
+        ])
     );
 
     let hmp = |c: &mut TestClient, line: &str| {

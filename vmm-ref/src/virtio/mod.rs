@@ -12,7 +12,8 @@
 //!
 //! ```text
 //! let block = Block::new(BlockConfig { id, path, num_queues, queue_size, readonly, direct,
-//!                                      queue_iothreads /* assign_vqs(..) */, engine, serial },
+//!                                      queue_iothreads /* assign_vqs(..) */, engine, serial,
+//!                                      holders: HolderPolicy::Device },
 //!                        registry.clone())?;
 //! let handle = block.handle();                  // query-block info + flush, keep it
 //! let irq = EventFd::new(EFD_NONBLOCK)?;        // KVM irqfd on the slot's GSI

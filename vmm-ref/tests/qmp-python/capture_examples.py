@@ -212,7 +212,9 @@ DESCRIPTIONS = {
                     "`device`, `qdev` (QOM path, the holder name), `file`, `read-only`, "
                     "`direct`, `format`, `engine`, `num-queues`, `queue-size`, "
                     "`activated` (the driver set DRIVER_OK, so the device holds its "
-                    "IOThreads) and `queues` (virtqueue -> IOThread)."),
+                    "IOThreads) and `queues` (per virtqueue: its IOThread and the "
+                    "`requests`, `notifications` (guest kicks that woke it), "
+                    "`interrupts` and `errors` counted since the drive was created)."),
     "human-monitor-command": ("human-monitor-command", "Runs an HMP command line and "
                               "returns its text. Arguments: `command-line`, `cpu-index` "
                               "(optional, ignored). Supported: `info iothreads`, `info "

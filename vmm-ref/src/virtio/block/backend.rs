@@ -212,7 +212,12 @@ impl fmt::Display for EngineKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BlockEngine {
-    /// io_uring when this host supports it (probed once), else sync.
+    /// io_uring when this host supports it (probed once), else sync; also
+    /// sync for an image in memory (tmpfs, ramfs, hugetlbfs), where these
+    /// file systems cannot serve io_uring inline (no `RWF_NOWAIT`), so
+    /// every request would go through an io-wq worker thread and an
+    /// eventfd wake-up only to copy memory that `preadv`/`pwritev` on the
+    /// IOThread copies at once.
     #[default]
     Auto,
     /// io_uring; fails if unavailable.
@@ -333,12 +338,7 @@ pub fn create_backend(
     engine: BlockEngine,
     queue_size: u16,
 ) -> Result<Box<dyn DiskBackend>, BackendError> {
-    let use_uring = match engine {
-        BlockEngine::Sync => false,
-        BlockEngine::IoUring => true,
-        BlockEngine::Auto => io_uring_available(),
-    };
-    if use_uring {
+    if resolve_engine(engine, &file) == EngineKind::IoUring {
         match IoUringEngine::new(file.clone(), queue_size) {
             Ok(e) => return Ok(Box::new(e)),
             Err(e) if engine == BlockEngine::IoUring => {
@@ -350,11 +350,12 @@ pub fn create_backend(
     Ok(Box::new(SyncEngine::new(file)))
 }
 
-/// The engine `engine` resolves to on this host.
-pub fn resolve_engine(engine: BlockEngine) -> EngineKind {
+/// The engine `engine` resolves to on this host for `file`.
+pub fn resolve_engine(engine: BlockEngine, file: &RawFile) -> EngineKind {
     match engine {
         BlockEngine::Sync => EngineKind::Sync,
         BlockEngine::IoUring => EngineKind::IoUring,
+        BlockEngine::Auto if file.is_memory_backed() => EngineKind::Sync,
         BlockEngine::Auto if io_uring_available() => EngineKind::IoUring,
         BlockEngine::Auto => EngineKind::Sync,
     }

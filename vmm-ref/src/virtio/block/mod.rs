@@ -11,10 +11,12 @@
 //! - this module: the [`Block`] device (features, configuration space,
 //!   activation on IOThreads, reset, shutdown) and its [`BlockHandle`].
 //!
-//! Holders: on activation the device acquires every IOThread that serves
-//! at least one enabled queue **once** (as QEMU does), as
-//! `qom-object /machine/peripheral/<id>/virtio-backend`, and releases all of
-//! them on reset and shutdown.
+//! Holders ([`HolderPolicy`]): by default, on activation the device
+//! acquires every IOThread that serves at least one enabled queue **once**
+//! (as QEMU does), as `qom-object /machine/peripheral/<id>/virtio-backend`,
+//! and releases all of them on reset and shutdown. A block export holds
+//! the IOThreads itself (as `block-node`) for its whole life, so the device
+//! it drives takes no holder of its own ([`HolderPolicy::External`]).
 
 pub mod backend;
 pub mod handler;
@@ -80,6 +82,22 @@ pub struct BlockConfig {
     pub engine: BlockEngine,
     /// `GET_ID` string (at most 20 bytes used); the drive id when `None`.
     pub serial: Option<String>,
+    /// Who holds the IOThreads while the queues run.
+    pub holders: HolderPolicy,
+}
+
+/// Who holds the IOThreads that serve a [`Block`]'s queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HolderPolicy {
+    /// The device, as `qom-object /machine/peripheral/<id>/virtio-backend`,
+    /// from activation to reset (a guest-facing device: `vmm-ref run`).
+    #[default]
+    Device,
+    /// The owner of the device holds them for longer than the device runs
+    /// (a block export holds `block-node <drive>` from its start to its
+    /// deletion); the device takes no holder and reaches the IOThreads
+    /// through the registry. If one is deleted anyway, activation fails.
+    External,
 }
 
 /// Errors creating a block device.
@@ -287,8 +305,25 @@ struct ActiveQueue {
 }
 
 struct Active {
+    /// Held IOThreads ([`HolderPolicy::Device`]; empty for `External`).
     guards: BTreeMap<String, HolderGuard>,
     queues: Vec<ActiveQueue>,
+}
+
+impl Active {
+    /// Runs `f` in IOThread `id`'s loop: through this device's guard when
+    /// it holds one, else through the registry.
+    fn call<R: Send + 'static>(
+        &self,
+        registry: &IoThreadRegistry,
+        id: &str,
+        f: impl FnOnce(&mut aio_poll::AioContext) -> R + Send + 'static,
+    ) -> Result<R, iothread_registry::Error> {
+        match self.guards.get(id) {
+            Some(g) => g.call(f),
+            None => registry.call(id, f),
+        }
+    }
 }
 
 /// The virtio-blk device.
@@ -335,7 +370,6 @@ impl Block {
                 iothread: missing.clone(),
             });
         }
-        let engine = resolve_engine(cfg.engine);
         if cfg.engine == BlockEngine::IoUring {
             uring::IoUringEngine::probe().map_err(|source| BlockError::Engine {
                 id: id.clone(),
@@ -348,6 +382,7 @@ impl Block {
             source,
         };
         let file = RawFile::open(&cfg.path, cfg.readonly, cfg.direct).map_err(open_err)?;
+        let engine = resolve_engine(cfg.engine, &file);
         let size = file.size().map_err(open_err)?;
         let capacity_sectors = size >> SECTOR_SHIFT;
         if capacity_sectors == 0 {
@@ -471,15 +506,25 @@ impl Block {
                 iothread: iothread.clone(),
                 source,
             };
-            if !active.guards.contains_key(&iothread) {
-                let g = self
+            let max_batch = if self.cfg.holders == HolderPolicy::Device {
+                if !active.guards.contains_key(&iothread) {
+                    let g = self
+                        .registry
+                        .acquire(&iothread, holder.clone())
+                        .map_err(io_err)?;
+                    active.guards.insert(iothread.clone(), g);
+                }
+                match active.guards.get(&iothread) {
+                    Some(g) => g.context().aio_max_batch(),
+                    None => continue,
+                }
+            } else {
+                let batch = self
                     .registry
-                    .acquire(&iothread, holder.clone())
-                    .map_err(io_err)?;
-                active.guards.insert(iothread.clone(), g);
-            }
-            let Some(guard) = active.guards.get(&iothread) else {
-                continue;
+                    .params(&iothread)
+                    .map_err(io_err)?
+                    .aio_max_batch;
+                u64::try_from(batch).unwrap_or(0)
             };
             let size = virtio_queue::QueueT::size(&queue);
             let backend =
@@ -503,29 +548,33 @@ impl Block {
                 self.id_bytes,
                 counters.clone(),
             );
-            w.set_max_batch(guard.context().aio_max_batch());
+            w.set_max_batch(max_batch);
             let completion_fd = w.completion_fd();
             let worker = Arc::new(Mutex::new(w));
             let qh = QueueHandler::new(worker.clone(), kick, counters);
             let ch = completion_fd.map(|fd| (fd, CompletionHandler::new(worker.clone())));
-            let registered = guard
-                .call(move |aio| -> Result<Vec<HandlerId>, aio_poll::Error> {
-                    let mut ids = Vec::new();
-                    if let Some((fd, ch)) = ch {
-                        ids.push(aio.add_fd_handler(fd, Interest::READABLE, Box::new(ch))?);
-                    }
-                    let kick_fd = qh.kick_fd();
-                    match aio.add_fd_handler(kick_fd, Interest::READABLE, Box::new(qh)) {
-                        Ok(id) => ids.push(id),
-                        Err(e) => {
-                            for id in ids {
-                                let _ = aio.remove_fd_handler(id);
-                            }
-                            return Err(e);
+            let registered = active
+                .call(
+                    &self.registry,
+                    &iothread,
+                    move |aio| -> Result<Vec<HandlerId>, aio_poll::Error> {
+                        let mut ids = Vec::new();
+                        if let Some((fd, ch)) = ch {
+                            ids.push(aio.add_fd_handler(fd, Interest::READABLE, Box::new(ch))?);
                         }
-                    }
-                    Ok(ids)
-                })
+                        let kick_fd = qh.kick_fd();
+                        match aio.add_fd_handler(kick_fd, Interest::READABLE, Box::new(qh)) {
+                            Ok(id) => ids.push(id),
+                            Err(e) => {
+                                for id in ids {
+                                    let _ = aio.remove_fd_handler(id);
+                                }
+                                return Err(e);
+                            }
+                        }
+                        Ok(ids)
+                    },
+                )
                 .map_err(io_err)?;
             let handlers = registered.map_err(|source| BlockError::Handler {
                 id: self.cfg.id.clone(),
@@ -554,23 +603,21 @@ impl Block {
         };
         self.shared.activated.store(false, Ordering::SeqCst);
         for q in &active.queues {
-            if let Some(g) = active.guards.get(&q.iothread) {
-                let ids = q.handlers.clone();
-                let removed = g.call(move |aio| {
-                    for id in ids {
-                        if let Err(e) = aio.remove_fd_handler(id) {
-                            log::error!("removing virtio-blk handler: {e}");
-                        }
+            let ids = q.handlers.clone();
+            let removed = active.call(&self.registry, &q.iothread, move |aio| {
+                for id in ids {
+                    if let Err(e) = aio.remove_fd_handler(id) {
+                        log::error!("removing virtio-blk handler: {e}");
                     }
-                });
-                if let Err(e) = removed {
-                    log::error!(
-                        "drive '{}' queue {}: cannot remove handlers: {}",
-                        self.cfg.id,
-                        q.index,
-                        error_chain(&e)
-                    );
                 }
+            });
+            if let Err(e) = removed {
+                log::error!(
+                    "drive '{}' queue {}: cannot remove handlers: {}",
+                    self.cfg.id,
+                    q.index,
+                    error_chain(&e)
+                );
             }
             let drained = q.worker.lock().unwrap_or_else(|e| e.into_inner()).drain();
             if drained > 0 {
@@ -724,6 +771,7 @@ mod tests {
             queue_iothreads: ["io0", "io1", "io0", "io1"].map(String::from).to_vec(),
             engine,
             serial: Some("serial-0".into()),
+            holders: HolderPolicy::Device,
         }
     }
 
@@ -922,7 +970,10 @@ mod tests {
         assert!(q.iter().all(|t| t.holders == vec![holder()]));
         let info = v.handle.info();
         assert!(info.activated);
-        assert_eq!(info.engine, resolve_engine(engine));
+        assert_eq!(
+            info.engine,
+            resolve_engine(engine, &RawFile::open(disk.as_path(), true, false).unwrap())
+        );
 
         run_workload(&mut v);
         let img = std::fs::read(disk.as_path()).unwrap();
@@ -1012,6 +1063,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn external_holder_policy_serves_without_holders() {
+        let reg = registry();
+        let disk = temp_disk(DISK, 0);
+        let mut c = cfg(disk.as_path(), BlockEngine::Auto);
+        c.holders = HolderPolicy::External;
+        let mut v = vm(Block::new(c, reg.clone()).unwrap());
+        let gm = v.mem.memory();
+        bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
+        assert!(v.handle.info().activated);
+        // Someone else holds the IOThreads: the device adds nobody...
+        assert!(reg.holders("io0").unwrap().is_empty());
+        assert!(reg.holders("io1").unwrap().is_empty());
+        // ...and still serves every queue through the registry.
+        run_workload(&mut v);
+        assert!(v.handle.info().queues.iter().all(|q| q.requests > 0));
+        // Reset removes its handlers; the IOThreads stay (nobody held them).
+        wr(&mut v.t, regs::STATUS, 0);
+        assert!(!v.handle.info().activated);
+        assert!(reg.contains("io0") && reg.contains("io1"));
+        // Activation fails cleanly when an IOThread is gone.
+        reg.delete("io1").unwrap();
+        bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
+        assert!(!v.handle.info().activated);
     }
 
     #[test]

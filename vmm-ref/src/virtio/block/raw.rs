@@ -93,6 +93,7 @@ pub struct RawFile {
     buffered: File,
     direct: Option<File>,
     read_only: bool,
+    memory_backed: bool,
     mem_align: usize,
     offset_align: u64,
     punch_hole: AtomicBool,
@@ -123,6 +124,26 @@ fn dio_alignment(file: &File) -> (usize, u64) {
     }
 }
 
+/// Whether `file` is on tmpfs, ramfs or hugetlbfs (`false` when `fstatfs`
+/// fails: the caller then treats it as an ordinary file).
+fn memory_backed(file: &File) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `file` is an open descriptor and `st` is a writable `statfs`;
+    // the kernel fills it in or fails without touching other memory.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so `st` is initialised (it also started zeroed).
+    let st = unsafe { st.assume_init() };
+    /// `RAMFS_MAGIC` from `<linux/magic.h>` (not in the libc crate).
+    const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6;
+    matches!(
+        st.f_type,
+        libc::TMPFS_MAGIC | RAMFS_MAGIC | libc::HUGETLBFS_MAGIC
+    )
+}
+
 impl RawFile {
     /// Opens `path` read-only or read-write; with `direct`, also with
     /// `O_DIRECT` (used for every request whose offsets and lengths fit the
@@ -142,11 +163,13 @@ impl RawFile {
             None
         };
         let (mem_align, offset_align) = direct.as_ref().map_or((1, 1), dio_alignment);
+        let memory_backed = memory_backed(&buffered);
         Ok(RawFile {
             path: path.to_path_buf(),
             buffered,
             direct,
             read_only,
+            memory_backed,
             mem_align,
             offset_align,
             punch_hole: AtomicBool::new(true),
@@ -162,6 +185,12 @@ impl RawFile {
     /// Opened read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// The image lives on a file system that keeps its data in memory
+    /// (tmpfs, ramfs, hugetlbfs): every read and write is a memory copy.
+    pub fn is_memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     /// Opened with `O_DIRECT`.
@@ -508,6 +537,38 @@ mod tests {
             })
             .collect();
         GuestBuffers::new(mem.clone(), &segs).unwrap()
+    }
+
+    #[test]
+    fn memory_backed_file_systems_are_recognised() {
+        use crate::virtio::block::backend::{
+            io_uring_available, resolve_engine, BlockEngine, EngineKind,
+        };
+        // procfs is not one of them: `auto` keeps its usual choice.
+        let proc_file = RawFile::open(Path::new("/proc/self/stat"), true, false).unwrap();
+        assert!(!proc_file.is_memory_backed());
+        let usual = if io_uring_available() {
+            EngineKind::IoUring
+        } else {
+            EngineKind::Sync
+        };
+        assert_eq!(resolve_engine(BlockEngine::Auto, &proc_file), usual);
+        // /dev/shm is tmpfs on every Linux system with POSIX shared memory.
+        let shm = PathBuf::from(format!("/dev/shm/vmm-ref-shm-{}", std::process::id()));
+        if std::fs::write(&shm, [0u8; 512]).is_err() {
+            eprintln!("no writable /dev/shm: skipping the tmpfs half");
+            return;
+        }
+        let f = RawFile::open(&shm, false, false);
+        std::fs::remove_file(&shm).unwrap();
+        let f = f.unwrap();
+        assert!(f.is_memory_backed());
+        // `auto` serves in-memory images synchronously; explicit choices stand.
+        assert_eq!(resolve_engine(BlockEngine::Auto, &f), EngineKind::Sync);
+        assert_eq!(
+            resolve_engine(BlockEngine::IoUring, &f),
+            EngineKind::IoUring
+        );
     }
 
     #[test]
