@@ -5,8 +5,11 @@
 # vhost-guest.sh) runs the same fio job against:
 #   qsd            qemu-storage-daemon, vhost-user-blk export on an IOThread
 #                  (QEMU's default adaptive polling), aio=io_uring
-#   ours:weight=N  our export (2 queues on 1 IOThread), poll-weight N
+#   qsd:aio=threads  the same with QEMU's default engine (thread pool)
+#   ours:weight=N  our export (2 queues on 1 IOThread, default engine:
+#                  synchronous for this tmpfs image), poll-weight N
 #   ours:classic   our export with the classic polling algorithm
+#   ours:OPTS      e.g. ours:aio=threads,poll-max-ns=0 (see start_backend)
 # with the image on tmpfs. Runs are interleaved (round-robin over the
 # configurations, ROUNDS times) so that host noise hits all of them alike.
 #
@@ -17,8 +20,16 @@
 # Printed: every run, then per configuration the medians and the ratios to
 # qemu-storage-daemon (CPU ratio < 1 = cheaper per I/O than QEMU).
 #
+# The front-end (QEMU, all its threads) is pinned to host CPU $GUEST_CPU and
+# the back-end to CPU $BACKEND_CPU, so that a polling back-end does not
+# steal time from the TCG guest (the bottleneck) and host scheduling noise
+# hits every configuration alike. Ratios are computed per round (each
+# configuration against the qemu-storage-daemon run of the same round) and
+# their median printed beside the ratio of the medians.
+#
 # Environment: ROUNDS (3), FIO_TIME (10 s), QD (16 per job, 2 jobs pinned to
 # the 2 vCPUs => both queues), RW (randread), CONFIGS (default: all below),
+# GUEST_CPU (0), BACKEND_CPU (1), PIN (1; 0 = no pinning),
 # EXPORT_CMD (default: `vmm-ref export`, release build), OUT (result file).
 set -euo pipefail
 
@@ -28,9 +39,19 @@ ROUNDS=${ROUNDS:-3}
 FIO_TIME=${FIO_TIME:-10}
 QD=${QD:-16}
 RW=${RW:-randread}
-CONFIGS=${CONFIGS:-"qsd ours:weight=3 ours:weight=1 ours:weight=2 ours:weight=4 ours:weight=5 ours:classic"}
+CONFIGS=${CONFIGS:-"qsd qsd:aio=threads ours:weight=3 ours:weight=1 ours:weight=2 ours:weight=4 ours:weight=5 ours:classic"}
 OUT=${OUT:-/tmp/bench-export.txt}
 GUEST_TIMEOUT=${GUEST_TIMEOUT:-900}
+GUEST_CPU=${GUEST_CPU:-0}
+BACKEND_CPU=${BACKEND_CPU:-1}
+PIN=${PIN:-1}
+if [ "$PIN" = 1 ]; then
+    ON_GUEST_CPU=(taskset -c "$GUEST_CPU")
+    ON_BACKEND_CPU=(taskset -c "$BACKEND_CPU")
+else
+    ON_GUEST_CPU=()
+    ON_BACKEND_CPU=()
+fi
 DISK_MIB=256
 
 log() { printf '[bench-export] %s\n' "$*" >&2; }
@@ -89,24 +110,36 @@ dd if=/dev/urandom of="$IMG" bs=1M count=$DISK_MIB status=none
 
 start_backend() { # config socket log
     case "$1" in
-        qsd)
-            qemu-storage-daemon \
-                --blockdev driver=file,node-name=f0,filename="$IMG",aio=io_uring \
+        qsd | qsd:aio=*)
+            # qsd: aio=io_uring; qsd:aio=threads: QEMU's default thread pool.
+            local aio=io_uring
+            [ "$1" = qsd ] || aio=${1#qsd:aio=}
+            "${ON_BACKEND_CPU[@]}" qemu-storage-daemon \
+                --blockdev driver=file,node-name=f0,filename="$IMG",aio="$aio" \
                 --object iothread,id=io0 \
                 --export type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path="$2",writable=on,num-queues=2,iothread=io0 \
                 >"$3" 2>&1 &
             ;;
-        ours:weight=*)
+        ours | ours:*)
+            # ours:OPT,OPT...: weight=N (poll-weight), classic (poll-algorithm),
+            # aio=... (the drive's engine), any other KEY=VALUE goes to the IOThread.
+            local drive="id=d0,file=$IMG" iothread="iothread,id=io0" o opts
+            IFS=, read -r -a opts <<<"${1#ours}"
+            for o in "${opts[@]}"; do
+                o=${o#:}
+                case "$o" in
+                    "") ;;
+                    weight=*) iothread+=",poll-weight=${o#weight=}" ;;
+                    classic) iothread+=",poll-algorithm=classic" ;;
+                    aio=*) drive+=",$o" ;;
+                    *=*) iothread+=",$o" ;;
+                    *) die "unknown option '$o' in configuration $1" ;;
+                esac
+            done
             # shellcheck disable=SC2086
-            $EXPORT_CMD --drive id=d0,file="$IMG" --object iothread,id=io0,poll-weight=${1#ours:weight=} \
+            "${ON_BACKEND_CPU[@]}" $EXPORT_CMD --drive "$drive" --object "$iothread" \
                 --export vhost-user-blk,id=e0,node-name=d0,addr=unix:"$2",num-queues=2,iothread=io0 \
-                >"$3" 2>&1 &
-            ;;
-        ours:classic)
-            # shellcheck disable=SC2086
-            $EXPORT_CMD --drive id=d0,file="$IMG" --object iothread,id=io0,poll-algorithm=classic \
-                --export vhost-user-blk,id=e0,node-name=d0,addr=unix:"$2",num-queues=2,iothread=io0 \
-                >"$3" 2>&1 &
+                --qmp unix:"$2.qmp" >"$3" 2>&1 &
             ;;
         *) die "unknown configuration $1" ;;
     esac
@@ -125,7 +158,7 @@ wait_serial() { # file marker pid -> 0 when seen, 1 if qemu ended
 run_one() {
     local cfg=$1 n=$2 sock=$WORK/s$n.sock serial=$WORK/serial.$n blog=$WORK/backend.$n
     start_backend "$cfg" "$sock" "$blog"
-    timeout "$GUEST_TIMEOUT" qemu-system-x86_64 \
+    "${ON_GUEST_CPU[@]}" timeout "$GUEST_TIMEOUT" qemu-system-x86_64 \
         -M q35,accel=tcg,memory-backend=mem \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
         -cpu max -smp 2 -m 512 -nodefaults -display none -serial stdio -no-reboot \
@@ -138,10 +171,16 @@ run_one() {
     wait_serial "$serial" BENCH-START "$QEMU_PID" || { tail -20 "$serial" >&2; die "$cfg: guest did not start the benchmark"; }
     local t0 t1
     t0=$(proc_cpu_ticks "$BACKEND_PID")
+    queue_counters "$sock.qmp" >"$WORK/q0.$n"
     thread_ticks "$BACKEND_PID" >"$WORK/threads0.$n"
     wait_serial "$serial" BENCH-END "$QEMU_PID" || { tail -20 "$serial" >&2; die "$cfg: guest did not finish"; }
     t1=$(proc_cpu_ticks "$BACKEND_PID")
     thread_ticks "$BACKEND_PID" >"$WORK/threads1.$n"
+    queue_counters "$sock.qmp" >"$WORK/q1.$n"
+    # Ours only: guest notifications (kicks) and interrupts per request.
+    paste "$WORK/q0.$n" "$WORK/q1.$n" | awk -v cfg="$cfg" '
+        NF == 6 { r += $4 - $1; k += $5 - $2; i += $6 - $3 }
+        END { if (r > 0) printf "[bench-export]   %s per request: %.3f kick wake-ups, %.3f interrupts\n", cfg, k / r, i / r > "/dev/stderr" }'
     # Per-thread CPU during the window (threads grouped by name), to stderr.
     awk -v cfg="$cfg" 'NR == FNR { a[$1] = $3; next } { d[$2] += $3 - a[$1] }
         END { s = ""; for (k in d) if (d[k] > 0) s = s " " k "=" d[k]; print "[bench-export]   " cfg " thread ticks:" s > "/dev/stderr" }' \
@@ -160,6 +199,31 @@ run_one() {
         printf "%s %.0f %.6f %.0f\n", cfg, iops, (ios > 0 ? cpu / (ios / 1000) : 0), ios }'
 }
 
+# queue_counters QMP_SOCKET: "requests notifications interrupts" summed over
+# the queues of our export (nothing for back-ends without that socket).
+queue_counters() {
+    [ -S "$1" ] || return 0
+    python3 - "$1" <<'PY' || true
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+f.readline()
+for cmd in ("qmp_capabilities", "query-block"):
+    f.write(json.dumps({"execute": cmd}) + "\n")
+    f.flush()
+    while True:
+        msg = json.loads(f.readline())
+        if "return" in msg or "error" in msg:
+            break
+t = [0, 0, 0]
+for b in msg.get("return", []):
+    for q in b.get("queues", []):
+        t = [t[0] + q.get("requests", 0), t[1] + q.get("notifications", 0), t[2] + q.get("interrupts", 0)]
+print(*t)
+PY
+}
+
 # thread_ticks PID: "tid comm ticks" for every thread.
 thread_ticks() {
     local t
@@ -169,7 +233,7 @@ thread_ticks() {
     done
 }
 
-log "configs: $CONFIGS; $ROUNDS rounds of $FIO_TIME s ($RW 4k, 2 jobs x QD $QD); backend: $EXPORT_CMD"
+log "configs: $CONFIGS; $ROUNDS rounds of $FIO_TIME s ($RW 4k, 2 jobs x QD $QD); backend: $EXPORT_CMD; pinning: $([ "$PIN" = 1 ] && echo "guest CPU $GUEST_CPU, back-end CPU $BACKEND_CPU" || echo off)"
 : >"$WORK/runs"
 n=0
 for r in $(seq 1 "$ROUNDS"); do
@@ -177,28 +241,34 @@ for r in $(seq 1 "$ROUNDS"); do
         n=$((n + 1))
         line=$(run_one "$cfg" "$n")
         log "round $r: $line"
-        echo "$line" >>"$WORK/runs"
+        echo "$r $line" >>"$WORK/runs"
     done
 done
 
 {
-    echo "# bench-export: $RW 4k, 2 jobs x QD $QD, $FIO_TIME s, $ROUNDS interleaved rounds, image on tmpfs, QEMU TCG guest ($(date -u +%F))"
-    echo "# per run: config IOPS cpu-ms-per-1000-IOs"
-    awk '{printf "#   %-14s %8s %8.2f\n", $1, $2, $3 * 1000}' "$WORK/runs"
-    printf "%-14s %10s %16s %12s %12s\n" config IOPS "CPU-ms/1000IO" "IOPS/qsd" "CPU/qsd"
+    echo "# bench-export: $RW 4k, 2 jobs x QD $QD, $FIO_TIME s, $ROUNDS interleaved rounds, image on tmpfs, QEMU TCG guest$([ "$PIN" = 1 ] && echo ", guest on CPU $GUEST_CPU, back-end on CPU $BACKEND_CPU") ($(date -u +%F))"
+    echo "# per run: round config IOPS cpu-ms-per-1000-IOs"
+    awk '{printf "#   %2s %-14s %8s %8.2f\n", $1, $2, $3, $4 * 1000}' "$WORK/runs"
+    echo "# IOPS/qsd and CPU/qsd: ratio of the medians; paired: median over rounds of (run / qsd run of the same round)"
+    printf "%-14s %10s %16s %10s %10s %14s %14s\n" config IOPS "CPU-ms/1000IO" "IOPS/qsd" "CPU/qsd" "IOPS/qsd pair" "CPU/qsd pair"
     awk '
-        { iops[$1] = iops[$1] " " $2; cpu[$1] = cpu[$1] " " $3; if (!($1 in seen)) { order[++k] = $1; seen[$1] = 1 } }
+        { r = $1; c = $2; iops[c] = iops[c] " " $3; cpu[c] = cpu[c] " " $4; I[r, c] = $3; C[r, c] = $4; R[r] = 1
+          if (!(c in seen)) { order[++k] = c; seen[c] = 1 } }
         function median(s,   a, n, i, j, t) {
             n = split(s, a, " ");
+            if (n == 0) return 0;
             for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
         }
         END {
-            qi = ("qsd" in seen) ? median(iops["qsd"]) : 0; qc = ("qsd" in seen) ? median(cpu["qsd"]) : 0;
+            q = ("qsd" in seen); qi = q ? median(iops["qsd"]) : 0; qc = q ? median(cpu["qsd"]) : 0;
             for (x = 1; x <= k; x++) {
-                c = order[x]; mi = median(iops[c]); mc = median(cpu[c]);
-                printf "%-14s %10.0f %16.2f %12s %12s\n", c, mi, mc * 1000,
-                    (qi > 0 ? sprintf("%.2f", mi / qi) : "-"), (qc > 0 ? sprintf("%.2f", mc / qc) : "-")
+                c = order[x]; mi = median(iops[c]); mc = median(cpu[c]); pi = ""; pc = "";
+                for (r in R) if (((r, c) in I) && ((r, "qsd") in I) && I[r, "qsd"] > 0 && C[r, "qsd"] > 0) {
+                    pi = pi " " I[r, c] / I[r, "qsd"]; pc = pc " " C[r, c] / C[r, "qsd"] }
+                printf "%-14s %10.0f %16.2f %10s %10s %14s %14s\n", c, mi, mc * 1000,
+                    (qi > 0 ? sprintf("%.2f", mi / qi) : "-"), (qc > 0 ? sprintf("%.2f", mc / qc) : "-"),
+                    (pi != "" ? sprintf("%.2f", median(pi)) : "-"), (pc != "" ? sprintf("%.2f", median(pc)) : "-")
             }
         }' "$WORK/runs"
 } | tee "$OUT"
