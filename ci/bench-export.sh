@@ -82,13 +82,18 @@ job() { # name runtime
         --iodepth=$(arg b.qd) --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
         --runtime=$2 --time_based --group_reporting --output-format=terse --terse-version=3
 }
+# Interrupts the guest took from the disk's request queues (all CPUs).
+irqs() { grep 'virtio[0-9]*-req' /proc/interrupts | awk '{for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i} END {print s + 0}'; }
 job warm 2 >/dev/null 2>&1 || fail "warm-up"
+i0=$(irqs)
 echo "BENCH-START"
 job bench $(arg b.time) >/tmp/b 2>&1 || { cat /tmp/b; fail "fio"; }
 echo "BENCH-END"
+i1=$(irqs)
 l=$(grep '^3;' /tmp/b) || fail "no result"
 # terse v3: 6 read KiB, 8 read IOPS, 47 write KiB, 49 write IOPS
 echo "BENCH-RESULT $(echo "$l" | cut -d';' -f6,8,47,49)"
+echo "BENCH-IRQS $((i1 - i0))"
 poweroff -f
 EOF
 INITRD=$(build_initramfs "$INIT" /nonexistent bench)
@@ -192,6 +197,10 @@ run_one() {
     BACKEND_PID=
     local res
     res=$(grep -a 'BENCH-RESULT' "$serial" | tr -d '\r' | awk '{print $2}') || die "$cfg: no result"
+    # Interrupts per I/O as the guest counted them (any back-end), to stderr.
+    grep -a 'BENCH-IRQS' "$serial" | tr -d '\r' | awk -v r="$res" -v cfg="$cfg" '{
+        split(r, f, ";"); ios = (f[1] + f[3]) / 4;
+        if (ios > 0) printf "[bench-export]   %s guest interrupts per I/O: %.3f\n", cfg, $2 / ios > "/dev/stderr" }'
     # read KiB; read IOPS; write KiB; write IOPS
     awk -v r="$res" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" -v cfg="$cfg" 'BEGIN {
         split(r, f, ";"); ios = (f[1] + f[3]) / 4; iops = f[2] + f[4];
