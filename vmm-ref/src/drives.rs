@@ -13,8 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::config::{AioMode, ValidDrive};
-use crate::qmp::{BlockInfo, BlockQueueInfo};
-use crate::virtio::block::backend::{BlockEngine, EngineKind};
+use crate::qmp::BlockInfo;
+use crate::virtio::block::backend::BlockEngine;
 use crate::virtio::block::{Block, BlockConfig, BlockError, BlockHandle, HolderPolicy};
 use crate::virtio::mmio::{MmioError, MmioTransport};
 use crate::vm::iobus::{IoBus, IoBusError};
@@ -153,23 +153,9 @@ impl Drive {
     /// `query-block` information.
     pub fn info(&self) -> BlockInfo {
         let b = self.handle.info();
-        BlockInfo {
-            qdev: format!("/machine/peripheral/{}/virtio-backend", b.id),
-            device: b.id,
-            file: b.file,
-            read_only: b.read_only,
-            direct: b.direct,
-            format: "raw".to_owned(),
-            engine: match b.engine {
-                EngineKind::IoUring => "io-uring",
-                EngineKind::Sync => "sync",
-            }
-            .to_owned(),
-            num_queues: b.num_queues,
-            queue_size: self.config.config.queue_size,
-            activated: b.activated,
-            queues: b.queues.iter().map(BlockQueueInfo::from).collect(),
-        }
+        let qdev = format!("/machine/peripheral/{}/virtio-backend", b.id);
+        let device = b.id.clone();
+        BlockInfo::from_device(b, device, qdev, self.config.config.queue_size)
     }
 
     /// Device reset, as if the driver wrote 0 to the status register: the queues

@@ -22,8 +22,7 @@ use crate::export::{
     BlockExportAddArgs, BlockExportDelArgs, BlockExportRemoveMode, DriveSpec, Export, ExportConfig,
     ExportError, OptionsError,
 };
-use crate::qmp::{BlockExportInfo, BlockInfo, BlockQueueInfo};
-use crate::virtio::block::backend::EngineKind;
+use crate::qmp::{BlockExportInfo, BlockInfo};
 use crate::vm::stop::{StopReason, StopSignal};
 
 /// Errors starting or running the daemon.
@@ -270,23 +269,12 @@ impl ExportDaemon {
             .filter_map(|e| {
                 let cfg = e.config();
                 let b = e.block_info()?;
-                Some(BlockInfo {
-                    device: cfg.node_name.clone(),
-                    qdev: format!("export:{}", cfg.id),
-                    file: b.file,
-                    read_only: b.read_only,
-                    direct: b.direct,
-                    format: "raw".to_owned(),
-                    engine: match b.engine {
-                        EngineKind::IoUring => "io-uring",
-                        EngineKind::Sync => "sync",
-                    }
-                    .to_owned(),
-                    num_queues: b.num_queues,
-                    queue_size: crate::export::MAX_QUEUE_SIZE,
-                    activated: b.activated,
-                    queues: b.queues.iter().map(BlockQueueInfo::from).collect(),
-                })
+                Some(BlockInfo::from_device(
+                    b,
+                    cfg.node_name.clone(),
+                    format!("export:{}", cfg.id),
+                    crate::export::MAX_QUEUE_SIZE,
+                ))
             })
             .collect()
     }

@@ -191,6 +191,37 @@ pub struct BlockQueueInfo {
     pub errors: u64,
 }
 
+impl BlockInfo {
+    /// The `query-block` element for a device's status `b`, shown as drive
+    /// `device` at QOM path (or `export:<id>`) `qdev`, with queues of at most
+    /// `queue_size` entries.
+    pub fn from_device(
+        b: crate::virtio::block::BlockInfo,
+        device: String,
+        qdev: String,
+        queue_size: u16,
+    ) -> BlockInfo {
+        use crate::virtio::block::backend::EngineKind;
+        BlockInfo {
+            device,
+            qdev,
+            file: b.file,
+            read_only: b.read_only,
+            direct: b.direct,
+            format: "raw".to_owned(),
+            engine: match b.engine {
+                EngineKind::IoUring => "io-uring",
+                EngineKind::Sync => "sync",
+            }
+            .to_owned(),
+            num_queues: b.num_queues,
+            queue_size,
+            activated: b.activated,
+            queues: b.queues.iter().map(BlockQueueInfo::from).collect(),
+        }
+    }
+}
+
 impl From<&crate::virtio::block::QueueInfo> for BlockQueueInfo {
     fn from(q: &crate::virtio::block::QueueInfo) -> Self {
         BlockQueueInfo {

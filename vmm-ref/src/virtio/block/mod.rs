@@ -29,6 +29,7 @@ pub mod uring;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
@@ -507,17 +508,15 @@ impl Block {
                 source,
             };
             let max_batch = if self.cfg.holders == HolderPolicy::Device {
-                if !active.guards.contains_key(&iothread) {
-                    let g = self
-                        .registry
-                        .acquire(&iothread, holder.clone())
-                        .map_err(io_err)?;
-                    active.guards.insert(iothread.clone(), g);
-                }
-                match active.guards.get(&iothread) {
-                    Some(g) => g.context().aio_max_batch(),
-                    None => continue,
-                }
+                let guard = match active.guards.entry(iothread.clone()) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => e.insert(
+                        self.registry
+                            .acquire(&iothread, holder.clone())
+                            .map_err(io_err)?,
+                    ),
+                };
+                guard.context().aio_max_batch()
             } else {
                 let batch = self
                     .registry
