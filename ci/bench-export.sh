@@ -11,7 +11,10 @@
 #   ours:classic   our export with the classic polling algorithm
 #   ours:OPTS      e.g. ours:aio=threads,poll-max-ns=0 (see start_backend)
 # with the image on tmpfs. Runs are interleaved (round-robin over the
-# configurations, ROUNDS times) so that host noise hits all of them alike.
+# configurations, ROUNDS times) so that host noise hits all of them alike;
+# even rounds run the configurations in reverse order, because a run's
+# position in its round measurably shifts the TCG guest's IOPS (one day's
+# 6 rounds: ours 0.84x qsd's IOPS when it ran second, 1.09x when first).
 #
 # Per run: guest-reported IOPS of the measured fio window, and the back-end
 # process's CPU time (utime + stime from /proc/<pid>/stat, all threads)
@@ -30,7 +33,11 @@
 # Environment: ROUNDS (3), FIO_TIME (10 s), QD (16 per job, 2 jobs pinned to
 # the 2 vCPUs => both queues), RW (randread), CONFIGS (default: all below),
 # GUEST_CPU (0), BACKEND_CPU (1), PIN (1; 0 = no pinning),
-# EXPORT_CMD (default: `vmm-ref export`, release build), OUT (result file).
+# EXPORT_CMD (default: `vmm-ref export`, release build), OUT (result file),
+# SYSCALLS (0; 1 = count the back-end's and the front-end's system calls
+# during the window with `perf stat` and print them per I/O: the guest's
+# kicks and the back-end's interrupts are eventfd writes, the same for
+# every back-end).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,6 +52,8 @@ GUEST_TIMEOUT=${GUEST_TIMEOUT:-900}
 GUEST_CPU=${GUEST_CPU:-0}
 BACKEND_CPU=${BACKEND_CPU:-1}
 PIN=${PIN:-1}
+SYSCALLS=${SYSCALLS:-0}
+SYSCALL_EVENTS=syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_ppoll,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_pread64,syscalls:sys_enter_preadv2,syscalls:sys_enter_futex
 if [ "$PIN" = 1 ]; then
     ON_GUEST_CPU=(taskset -c "$GUEST_CPU")
     ON_BACKEND_CPU=(taskset -c "$BACKEND_CPU")
@@ -178,9 +187,30 @@ run_one() {
     t0=$(proc_cpu_ticks "$BACKEND_PID")
     queue_counters "$sock.qmp" >"$WORK/q0.$n"
     thread_ticks "$BACKEND_PID" >"$WORK/threads0.$n"
+    # QEMU itself (the child of `timeout`), for the front-end's counts.
+    local front
+    front=$(pgrep -P "$QEMU_PID" | head -1)
+    front=${front:-$QEMU_PID}
+    thread_ticks "$front" >"$WORK/fthreads0.$n"
+    local idle0
+    idle0=$(cpu_idle_ticks "$GUEST_CPU")
+    local perf_pids=()
+    if [ "$SYSCALLS" = 1 ]; then
+        perf stat -x, -e "$SYSCALL_EVENTS" -p "$BACKEND_PID" -o "$WORK/sys-backend.$n" &
+        perf_pids+=($!)
+        perf stat -x, -e "$SYSCALL_EVENTS" -p "$front" -o "$WORK/sys-frontend.$n" &
+        perf_pids+=($!)
+    fi
     wait_serial "$serial" BENCH-END "$QEMU_PID" || { tail -20 "$serial" >&2; die "$cfg: guest did not finish"; }
     t1=$(proc_cpu_ticks "$BACKEND_PID")
     thread_ticks "$BACKEND_PID" >"$WORK/threads1.$n"
+    thread_ticks "$front" >"$WORK/fthreads1.$n"
+    local idle1
+    idle1=$(cpu_idle_ticks "$GUEST_CPU")
+    if [ ${#perf_pids[@]} -gt 0 ]; then
+        kill -INT "${perf_pids[@]}" 2>/dev/null || true
+        wait "${perf_pids[@]}" 2>/dev/null || true
+    fi
     queue_counters "$sock.qmp" >"$WORK/q1.$n"
     # Ours only: guest notifications (kicks) and interrupts per request.
     paste "$WORK/q0.$n" "$WORK/q1.$n" | awk -v cfg="$cfg" '
@@ -190,6 +220,9 @@ run_one() {
     awk -v cfg="$cfg" 'NR == FNR { a[$1] = $3; next } { d[$2] += $3 - a[$1] }
         END { s = ""; for (k in d) if (d[k] > 0) s = s " " k "=" d[k]; print "[bench-export]   " cfg " thread ticks:" s > "/dev/stderr" }' \
         "$WORK/threads0.$n" "$WORK/threads1.$n"
+    awk -v cfg="$cfg" -v idle=$((idle1 - idle0)) 'NR == FNR { a[$1] = $3; next } { d[$2] += $3 - a[$1] }
+        END { s = ""; for (k in d) if (d[k] > 0) s = s " " k "=" d[k]; print "[bench-export]   " cfg " front-end thread ticks:" s "; guest CPU idle ticks: " idle > "/dev/stderr" }' \
+        "$WORK/fthreads0.$n" "$WORK/fthreads1.$n"
     wait "$QEMU_PID" || true
     QEMU_PID=
     kill "$BACKEND_PID"
@@ -201,6 +234,17 @@ run_one() {
     grep -a 'BENCH-IRQS' "$serial" | tr -d '\r' | awk -v r="$res" -v cfg="$cfg" '{
         split(r, f, ";"); ios = (f[1] + f[3]) / 4;
         if (ios > 0) printf "[bench-export]   %s guest interrupts per I/O: %.3f\n", cfg, $2 / ios > "/dev/stderr" }'
+    if [ "$SYSCALLS" = 1 ]; then
+        local side
+        for side in backend frontend; do
+            awk -F, -v r="$res" -v cfg="$cfg" -v side="$side" '
+                BEGIN { split(r, f, ";"); ios = (f[1] + f[3]) / 4 }
+                $3 ~ /^syscalls:sys_enter_/ && $1 ~ /^[0-9]+$/ && $1 > 0 {
+                    name = $3; sub(/^syscalls:sys_enter_/, "", name); s = s sprintf(" %s=%.3f", name, $1 / ios) }
+                END { if (ios > 0) print "[bench-export]   " cfg " " side " syscalls per I/O:" s > "/dev/stderr" }' \
+                "$WORK/sys-$side.$n"
+        done
+    fi
     # read KiB; read IOPS; write KiB; write IOPS
     awk -v r="$res" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" -v cfg="$cfg" 'BEGIN {
         split(r, f, ";"); ios = (f[1] + f[3]) / 4; iops = f[2] + f[4];
@@ -233,6 +277,11 @@ print(*t)
 PY
 }
 
+# cpu_idle_ticks CPU: idle + iowait ticks of one host CPU.
+cpu_idle_ticks() {
+    awk -v c="cpu$1" '$1 == c { print $5 + $6 }' /proc/stat
+}
+
 # thread_ticks PID: "tid comm ticks" for every thread.
 thread_ticks() {
     local t
@@ -245,8 +294,14 @@ thread_ticks() {
 log "configs: $CONFIGS; $ROUNDS rounds of $FIO_TIME s ($RW 4k, 2 jobs x QD $QD); backend: $EXPORT_CMD; pinning: $([ "$PIN" = 1 ] && echo "guest CPU $GUEST_CPU, back-end CPU $BACKEND_CPU" || echo off)"
 : >"$WORK/runs"
 n=0
+# shellcheck disable=SC2086
+read -r -a FORWARD <<<"$(echo $CONFIGS)"
+REVERSE=()
+for ((i = ${#FORWARD[@]} - 1; i >= 0; i--)); do REVERSE+=("${FORWARD[i]}"); done
 for r in $(seq 1 "$ROUNDS"); do
-    for cfg in $CONFIGS; do
+    order=("${FORWARD[@]}")
+    [ $((r % 2)) = 0 ] && order=("${REVERSE[@]}")
+    for cfg in "${order[@]}"; do
         n=$((n + 1))
         line=$(run_one "$cfg" "$n")
         log "round $r: $line"

@@ -13,6 +13,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::backend::{DiskOp, DiskOpKind, GuestBuffers};
+use super::mapped::MappedImage;
 
 /// Most iovecs one `preadv`/`pwritev`/io_uring vectored op accepts.
 pub const IOV_MAX: usize = 1024;
@@ -94,6 +95,8 @@ pub struct RawFile {
     direct: Option<File>,
     read_only: bool,
     memory_backed: bool,
+    /// Tmpfs and ramfs images: reads are copies out of this mapping.
+    mapped: Option<MappedImage>,
     mem_align: usize,
     offset_align: u64,
     punch_hole: AtomicBool,
@@ -124,24 +127,22 @@ fn dio_alignment(file: &File) -> (usize, u64) {
     }
 }
 
-/// Whether `file` is on tmpfs, ramfs or hugetlbfs (`false` when `fstatfs`
-/// fails: the caller then treats it as an ordinary file).
-fn memory_backed(file: &File) -> bool {
+/// `RAMFS_MAGIC` from `<linux/magic.h>` (not in the libc crate).
+const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6;
+
+/// The file system type of `file` (`f_type` of `fstatfs`), `None` when
+/// `fstatfs` fails: the caller then treats it as an ordinary file.
+fn fs_type(file: &File) -> Option<libc::__fsword_t> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: `file` is an open descriptor and `st` is a writable `statfs`;
     // the kernel fills it in or fails without touching other memory.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
     if rc != 0 {
-        return false;
+        return None;
     }
     // SAFETY: fstatfs succeeded, so `st` is initialised (it also started zeroed).
     let st = unsafe { st.assume_init() };
-    /// `RAMFS_MAGIC` from `<linux/magic.h>` (not in the libc crate).
-    const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6;
-    matches!(
-        st.f_type,
-        libc::TMPFS_MAGIC | RAMFS_MAGIC | libc::HUGETLBFS_MAGIC
-    )
+    Some(st.f_type)
 }
 
 impl RawFile {
@@ -163,13 +164,29 @@ impl RawFile {
             None
         };
         let (mem_align, offset_align) = direct.as_ref().map_or((1, 1), dio_alignment);
-        let memory_backed = memory_backed(&buffered);
+        let fs = fs_type(&buffered);
+        let memory_backed = matches!(
+            fs,
+            Some(libc::TMPFS_MAGIC | RAMFS_MAGIC | libc::HUGETLBFS_MAGIC)
+        );
+        // Reads from tmpfs and ramfs go through a mapping (see `mapped`);
+        // hugetlbfs is left to preadv, its pages are too large to patch.
+        let mapped = if matches!(fs, Some(libc::TMPFS_MAGIC | RAMFS_MAGIC)) {
+            MappedImage::new(&buffered)
+                .inspect_err(|e| {
+                    log::debug!("{}: not mapped ({e}); reading with preadv", path.display())
+                })
+                .ok()
+        } else {
+            None
+        };
         Ok(RawFile {
             path: path.to_path_buf(),
             buffered,
             direct,
             read_only,
             memory_backed,
+            mapped,
             mem_align,
             offset_align,
             punch_hole: AtomicBool::new(true),
@@ -191,6 +208,12 @@ impl RawFile {
     /// (tmpfs, ramfs, hugetlbfs): every read and write is a memory copy.
     pub fn is_memory_backed(&self) -> bool {
         self.memory_backed
+    }
+
+    /// Reads are served from a mapping of the file (tmpfs and ramfs images,
+    /// until the file shrinks under it).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.as_ref().is_some_and(|m| !m.is_poisoned())
     }
 
     /// Opened with `O_DIRECT`.
@@ -404,6 +427,16 @@ impl RawFile {
                     .bufs
                     .as_ref()
                     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no buffers"))?;
+                if !is_write {
+                    if let Some(m) = &self.mapped {
+                        // SAFETY: `bufs` resolved its iovecs in guest memory,
+                        // which it keeps mapped; guest memory is only ever
+                        // accessed volatile-style.
+                        if let Some(n) = unsafe { m.read(offset, bufs.iovecs()) } {
+                            return Ok(n);
+                        }
+                    }
+                }
                 let plan = self.plan(offset, bufs, is_write)?;
                 let n = rw_all(plan.fd, plan.offset, &plan.iovecs, is_write)?;
                 RawFile::finish_plan(&plan, bufs, is_write, n)?;
@@ -569,6 +602,58 @@ mod tests {
             resolve_engine(BlockEngine::IoUring, &f),
             EngineKind::IoUring
         );
+    }
+
+    #[test]
+    fn tmpfs_reads_use_the_mapping_and_survive_truncation() {
+        let shm = PathBuf::from(format!("/dev/shm/vmm-ref-map-{}", std::process::id()));
+        let data: Vec<u8> = (0..16 * 4096u32).map(|i| (i % 253) as u8).collect();
+        if std::fs::write(&shm, &data).is_err() {
+            eprintln!("no writable /dev/shm: skipped");
+            return;
+        }
+        let raw = RawFile::open(&shm, false, false);
+        std::fs::remove_file(&shm).unwrap();
+        let raw = raw.unwrap();
+        assert!(raw.is_mapped());
+        let mem = guest_mem();
+        let read = |offset: u64| {
+            let op = DiskOp {
+                kind: DiskOpKind::Read { offset },
+                bufs: Some(bufs(&mem, &[(0x3_0000, 512), (0x5_0000, 3584)])),
+            };
+            let n = raw.run_sync(&op).unwrap();
+            let mut got = vec![0u8; 4096];
+            mem.read_slice(&mut got[..512], GuestAddress(0x3_0000))
+                .unwrap();
+            mem.read_slice(&mut got[512..], GuestAddress(0x5_0000))
+                .unwrap();
+            (n, got)
+        };
+        let (n, got) = read(8192);
+        assert_eq!((n, &got[..]), (4096, &data[8192..12288]));
+        // A write (pwritev) is seen by the next mapped read.
+        mem.write_slice(&[0xabu8; 512], GuestAddress(0x3_0000))
+            .unwrap();
+        let op = DiskOp {
+            kind: DiskOpKind::Write { offset: 4096 },
+            bufs: Some(bufs(&mem, &[(0x3_0000, 512)])),
+        };
+        raw.run_sync(&op).unwrap();
+        let (_, got) = read(4096);
+        assert!(got[..512].iter().all(|&b| b == 0xab));
+        assert!(raw.is_mapped());
+        // Another process shrinks the image to 8 KiB: a read of the lost
+        // range takes a SIGBUS inside the mapping, which is poisoned; the
+        // read is redone with preadv and returns zeros (past end of file).
+        raw.buffered.set_len(8192).unwrap();
+        let (n, got) = read(8192);
+        assert_eq!(n, 4096);
+        assert!(got.iter().all(|&b| b == 0));
+        assert!(!raw.is_mapped());
+        let (_, got) = read(4096);
+        assert!(got[..512].iter().all(|&b| b == 0xab));
+        assert_eq!(got[512..], data[4096 + 512..8192]);
     }
 
     #[test]
