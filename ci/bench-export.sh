@@ -220,8 +220,9 @@ run_one() {
     awk -v cfg="$cfg" 'NR == FNR { a[$1] = $3; next } { d[$2] += $3 - a[$1] }
         END { s = ""; for (k in d) if (d[k] > 0) s = s " " k "=" d[k]; print "[bench-export]   " cfg " thread ticks:" s > "/dev/stderr" }' \
         "$WORK/threads0.$n" "$WORK/threads1.$n"
-    awk -v cfg="$cfg" -v idle=$((idle1 - idle0)) 'NR == FNR { a[$1] = $3; next } { d[$2] += $3 - a[$1] }
-        END { s = ""; for (k in d) if (d[k] > 0) s = s " " k "=" d[k]; print "[bench-export]   " cfg " front-end thread ticks:" s "; guest CPU idle ticks: " idle > "/dev/stderr" }' \
+    awk -v cfg="$cfg" -v idle="${idle1% *} ${idle0% *}" -v steal="${idle1#* } ${idle0#* }" 'NR == FNR { a[$1] = $3; next } { d[$2] += $3 - a[$1] }
+        END { s = ""; for (k in d) if (d[k] > 0) s = s " " k "=" d[k]; split(idle, ia, " "); split(steal, sa, " ")
+            print "[bench-export]   " cfg " front-end thread ticks:" s "; guest CPU idle ticks: " ia[1] - ia[2] ", steal ticks: " sa[1] - sa[2] > "/dev/stderr" }' \
         "$WORK/fthreads0.$n" "$WORK/fthreads1.$n"
     wait "$QEMU_PID" || true
     QEMU_PID=
@@ -277,9 +278,10 @@ print(*t)
 PY
 }
 
-# cpu_idle_ticks CPU: idle + iowait ticks of one host CPU.
+# cpu_idle_ticks CPU: "idle+iowait steal" ticks of one host CPU (steal: time
+# the hypervisor below this machine gave to someone else).
 cpu_idle_ticks() {
-    awk -v c="cpu$1" '$1 == c { print $5 + $6 }' /proc/stat
+    awk -v c="cpu$1" '$1 == c { print $5 + $6, $9 }' /proc/stat
 }
 
 # thread_ticks PID: "tid comm ticks" for every thread.

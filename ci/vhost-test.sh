@@ -17,7 +17,9 @@
 #   qsd    qemu-storage-daemon with an IOThread (proves the harness; QEMU's own export)
 #   ours1  our export: 2 queues on 1 IOThread; the guest is booted TWICE against the
 #          same daemon process (front-end reconnect, state reset between sessions)
-#   ours2  our export: 2 queues on 2 IOThreads (iothread-vq-mapping=io0:io1)
+#   ours2  our export: 2 queues on 2 IOThreads (iothread-vq-mapping=io0:io1), the
+#          image on tmpfs (/dev/shm when writable): the synchronous engine, with
+#          reads copied out of a mapping of the image that both IOThreads share
 #   ro     our export of a read-only drive: the guest sees it read-only, its
 #          write fails, the image is unchanged
 #
@@ -174,6 +176,7 @@ cleanup() {
         kill "$BACKEND_PID" 2>/dev/null || true
         wait "$BACKEND_PID" 2>/dev/null || true
     fi
+    [ -z "${SHM_IMG:-}" ] || rm -f "$SHM_IMG"
     [ "$KEEP" = 1 ] && log "kept $WORK" || rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -241,8 +244,9 @@ run_qsd() {
     log "PASS qsd"
 }
 
-run_ours() { # name iothread-option boots
-    local name=$1 opt=$2 boots=$3 img=$WORK/$1.img sock=$WORK/$1.sock
+run_ours() { # name iothread-option boots [image-directory]
+    local name=$1 opt=$2 boots=$3 img=${4:-$WORK}/vhost-test-$$-$1.img sock=$WORK/$1.sock
+    SHM_IMG=$img
     ensure_export_cmd
     new_image "$img"
     # shellcheck disable=SC2086
@@ -269,6 +273,8 @@ run_ours() { # name iothread-option boots
     for r in $reqs; do [ "$r" -gt 0 ] || die "$name: a queue carried no requests ($reqs)"; done
     echo "$status" | grep -q '"protocol-errors":0' || die "$name: protocol errors: $status"
     check_image "$img"
+    [ "${img%/*}" = "$WORK" ] || rm -f "$img"
+    SHM_IMG=
     log "PASS $name"
 }
 
@@ -293,7 +299,11 @@ for what in "${ONLY[@]}"; do
     case "$what" in
         qsd) run_qsd ;;
         ours1) run_ours ours1 iothread=io0 2 ;;
-        ours2) run_ours ours2 iothread-vq-mapping=io0:io1 1 ;;
+        ours2)
+            shm=$WORK
+            [ -d /dev/shm ] && [ -w /dev/shm ] && shm=/dev/shm
+            run_ours ours2 iothread-vq-mapping=io0:io1 1 "$shm"
+            ;;
         ro) run_ro ;;
         *) die "unknown run $what" ;;
     esac

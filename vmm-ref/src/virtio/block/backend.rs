@@ -217,9 +217,11 @@ pub enum BlockEngine {
     /// file systems cannot serve io_uring inline (no `RWF_NOWAIT`), so
     /// every request would go through an io-wq worker thread and an
     /// eventfd wake-up only to copy memory that `preadv`/`pwritev` on the
-    /// IOThread copies at once. (If the host swapped those pages out, the
-    /// IOThread waits for them to come back: pick `io_uring` for a tmpfs
-    /// image on a host that swaps.)
+    /// IOThread copies at once. On tmpfs and ramfs the sync engine reads
+    /// by copying out of a mapping of the image, guarded against the file
+    /// shrinking under it (see [`mapped`](super::mapped)). (If the host
+    /// swapped those pages out, the IOThread waits for them to come back:
+    /// pick `io_uring` for a tmpfs image on a host that swaps.)
     #[default]
     Auto,
     /// io_uring; fails if unavailable.
