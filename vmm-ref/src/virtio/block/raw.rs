@@ -572,6 +572,20 @@ mod tests {
         GuestBuffers::new(mem.clone(), &segs).unwrap()
     }
 
+    /// A read-write RawFile on tmpfs holding `data` (its name already
+    /// unlinked), or `None` without a writable /dev/shm (tmpfs on every
+    /// Linux system with POSIX shared memory).
+    fn shm_raw(name: &str, data: &[u8]) -> Option<RawFile> {
+        let path = PathBuf::from(format!("/dev/shm/vmm-ref-{name}-{}", std::process::id()));
+        if std::fs::write(&path, data).is_err() {
+            eprintln!("no writable /dev/shm: skipping the tmpfs part");
+            return None;
+        }
+        let raw = RawFile::open(&path, false, false);
+        std::fs::remove_file(&path).unwrap();
+        Some(raw.unwrap())
+    }
+
     #[test]
     fn memory_backed_file_systems_are_recognised() {
         use crate::virtio::block::backend::{
@@ -586,15 +600,9 @@ mod tests {
             EngineKind::Sync
         };
         assert_eq!(resolve_engine(BlockEngine::Auto, &proc_file), usual);
-        // /dev/shm is tmpfs on every Linux system with POSIX shared memory.
-        let shm = PathBuf::from(format!("/dev/shm/vmm-ref-shm-{}", std::process::id()));
-        if std::fs::write(&shm, [0u8; 512]).is_err() {
-            eprintln!("no writable /dev/shm: skipping the tmpfs half");
+        let Some(f) = shm_raw("shm", &[0u8; 512]) else {
             return;
-        }
-        let f = RawFile::open(&shm, false, false);
-        std::fs::remove_file(&shm).unwrap();
-        let f = f.unwrap();
+        };
         assert!(f.is_memory_backed());
         // `auto` serves in-memory images synchronously; explicit choices stand.
         assert_eq!(resolve_engine(BlockEngine::Auto, &f), EngineKind::Sync);
@@ -606,15 +614,10 @@ mod tests {
 
     #[test]
     fn tmpfs_reads_use_the_mapping_and_survive_truncation() {
-        let shm = PathBuf::from(format!("/dev/shm/vmm-ref-map-{}", std::process::id()));
         let data: Vec<u8> = (0..16 * 4096u32).map(|i| (i % 253) as u8).collect();
-        if std::fs::write(&shm, &data).is_err() {
-            eprintln!("no writable /dev/shm: skipped");
+        let Some(raw) = shm_raw("map", &data) else {
             return;
-        }
-        let raw = RawFile::open(&shm, false, false);
-        std::fs::remove_file(&shm).unwrap();
-        let raw = raw.unwrap();
+        };
         assert!(raw.is_mapped());
         let mem = guest_mem();
         let read = |offset: u64| {
