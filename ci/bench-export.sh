@@ -193,7 +193,7 @@ run_one() {
     front=${front:-$QEMU_PID}
     thread_ticks "$front" >"$WORK/fthreads0.$n"
     local idle0
-    idle0=$(cpu_idle_ticks "$GUEST_CPU")
+    idle0=$(cpu_idle_steal_ticks "$GUEST_CPU")
     local perf_pids=()
     if [ "$SYSCALLS" = 1 ]; then
         perf stat -x, -e "$SYSCALL_EVENTS" -p "$BACKEND_PID" -o "$WORK/sys-backend.$n" &
@@ -206,7 +206,7 @@ run_one() {
     thread_ticks "$BACKEND_PID" >"$WORK/threads1.$n"
     thread_ticks "$front" >"$WORK/fthreads1.$n"
     local idle1
-    idle1=$(cpu_idle_ticks "$GUEST_CPU")
+    idle1=$(cpu_idle_steal_ticks "$GUEST_CPU")
     if [ ${#perf_pids[@]} -gt 0 ]; then
         kill -INT "${perf_pids[@]}" 2>/dev/null || true
         wait "${perf_pids[@]}" 2>/dev/null || true
@@ -278,9 +278,9 @@ print(*t)
 PY
 }
 
-# cpu_idle_ticks CPU: "idle+iowait steal" ticks of one host CPU (steal: time
+# cpu_idle_steal_ticks CPU: "idle+iowait steal" ticks of one host CPU (steal: time
 # the hypervisor below this machine gave to someone else).
-cpu_idle_ticks() {
+cpu_idle_steal_ticks() {
     awk -v c="cpu$1" '$1 == c { print $5 + $6, $9 }' /proc/stat
 }
 

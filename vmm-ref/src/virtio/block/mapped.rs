@@ -34,6 +34,7 @@ use vm_memory::VolatileSlice;
 const SLOTS: usize = 64;
 
 /// One registered mapping. `len == 0` means free (or being set up).
+#[derive(Debug)]
 struct Slot {
     claimed: AtomicBool,
     start: AtomicUsize,
@@ -165,7 +166,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
 pub struct MappedImage {
     base: *mut u8,
     len: usize,
-    slot: usize,
+    slot: &'static Slot,
 }
 
 // SAFETY: the mapping is read-only shared memory owned by this struct; the
@@ -188,7 +189,7 @@ impl MappedImage {
         install_guard()?;
         let slot = REGISTRY
             .iter()
-            .position(|s| {
+            .find(|s| {
                 s.claimed
                     .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
@@ -206,17 +207,14 @@ impl MappedImage {
                 0,
             )
         };
-        let Some(s) = REGISTRY.get(slot) else {
-            return Err(io::Error::other("guard slot out of range"));
-        };
         if base == libc::MAP_FAILED {
             let e = io::Error::last_os_error();
-            s.claimed.store(false, Ordering::Release);
+            slot.claimed.store(false, Ordering::Release);
             return Err(e);
         }
-        s.poisoned.store(false, Ordering::Relaxed);
-        s.start.store(base as usize, Ordering::Release);
-        s.len.store(len, Ordering::Release);
+        slot.poisoned.store(false, Ordering::Relaxed);
+        slot.start.store(base as usize, Ordering::Release);
+        slot.len.store(len, Ordering::Release);
         Ok(MappedImage {
             base: base.cast(),
             len,
@@ -224,15 +222,10 @@ impl MappedImage {
         })
     }
 
-    fn slot(&self) -> Option<&'static Slot> {
-        REGISTRY.get(self.slot)
-    }
-
     /// Whether a SIGBUS (the file shrank under the mapping) replaced some of
     /// its pages. A poisoned mapping serves no more reads.
     pub fn is_poisoned(&self) -> bool {
-        self.slot()
-            .is_none_or(|s| s.poisoned.load(Ordering::SeqCst))
+        self.slot.poisoned.load(Ordering::SeqCst)
     }
 
     /// The mapped length (the file's length when it was mapped).
@@ -286,18 +279,14 @@ impl MappedImage {
 
 impl Drop for MappedImage {
     fn drop(&mut self) {
-        if let Some(s) = self.slot() {
-            // Leave the registry before unmapping: the handler must never
-            // patch an address range that may have been reused.
-            s.len.store(0, Ordering::Release);
-            s.start.store(0, Ordering::Release);
-        }
+        // Leave the registry before unmapping: the handler must never
+        // patch an address range that may have been reused.
+        self.slot.len.store(0, Ordering::Release);
+        self.slot.start.store(0, Ordering::Release);
         // SAFETY: `base`/`len` are our own mapping, unmapped exactly once; no
         // reference into it outlives `&self` borrows, which have ended.
         unsafe { libc::munmap(self.base.cast(), self.len) };
-        if let Some(s) = self.slot() {
-            s.claimed.store(false, Ordering::Release);
-        }
+        self.slot.claimed.store(false, Ordering::Release);
     }
 }
 
