@@ -195,7 +195,6 @@ fn sim(valid: bool, iterations: u32) -> f64 {
     let start = Instant::now();
     for _ in 0..iterations {
         handler(&mut regs);
-        regs.run_done();
     }
     let elapsed = start.elapsed();
     let s = regs.stats();

@@ -1,16 +1,19 @@
 //! [`VcpuRegisters`]: the page when it is usable, hypercalls otherwise.
 
+use std::borrow::Borrow;
+
 use mshv_bindings as hv;
 use mshv_bindings::{hv_register_assoc, hv_register_value, hv_u128};
 
 use crate::dirty::RegisterClass;
 use crate::error::{Error, Result, WritePath};
-use crate::fallback::RegisterHypercalls;
+use crate::fallback::{mshv_io_error, RegisterHypercalls};
 use crate::page::RegisterPage;
 use crate::regs::{Gpr, ReadOnlyRegister, Segment, SegmentRegister, Xmm};
 
 /// Counters of how register accesses were served.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AccessStats {
     /// Register reads served from the page (or KVM sync-regs area).
     pub page_reads: u64,
@@ -39,6 +42,11 @@ impl AccessStats {
 /// Implemented by [`VcpuRegisters`] (MSHV register page + hypercalls) and, with feature
 /// `kvm`, by `kvm::KvmVcpuRegisters` (KVM sync-regs area + ioctls). Write exit handlers
 /// against this trait and test them on `sim::SimHypervisor`.
+///
+/// The methods take `&mut self`: one vCPU's registers are used by one thread at a time.
+/// To call them behind a `&self`, `Send + Sync` vCPU type, put the facade in a
+/// [`crate::RegisterCell`] and run the vCPU and its exit handler inside one
+/// [`crate::RegisterCell::with`] call.
 pub trait ExitRegisters {
     /// Reads a general purpose register.
     fn gpr(&mut self, reg: Gpr) -> Result<u64>;
@@ -63,9 +71,6 @@ pub trait ExitRegisters {
     /// Reads a register that is read-only on the page (CR0, CR3, CR4, CR8, EFER, DR7,
     /// pending interruption, interrupt state).
     fn read_only(&mut self, reg: ReadOnlyRegister) -> Result<u64>;
-    /// Tells the accessor that the vCPU ran (call after every run returns): resets the
-    /// write-path tracking and lets the next accesses see the fresh exit state.
-    fn run_done(&mut self);
     /// How accesses were served so far.
     fn stats(&self) -> AccessStats;
 }
@@ -188,7 +193,21 @@ fn named(name: hv::hv_register_name) -> hv_register_assoc {
 ///   (the page copy is stale). A hypercall write of a class already written on the page
 ///   (or vice versa, e.g. after the page became invalid) is refused with
 ///   [`Error::MixedWrite`]: the hypervisor would apply one and silently drop the other.
-/// * Call [`ExitRegisters::run_done`] after every run; it resets that tracking.
+/// * Run the vCPU with [`VcpuRegisters::run`] (or, on the simulator, `sim::SimHypervisor::run`):
+///   it resets that tracking once the run returned. There is no other way to reset it, and
+///   no safe way to write the page past the guard: the page is only lent out as `&`
+///   ([`VcpuRegisters::page`]) or given up whole ([`VcpuRegisters::into_parts`]).
+///
+/// The guard covers every write made through this facade. Writes the VMM makes on the vCPU
+/// fd directly (e.g. `VcpuFd::set_reg`/`set_regs` on a clone of the `Arc` it gave the
+/// facade, or through mshv-ioctls' own mapping of the page) bypass the facade entirely:
+/// route every register write of a vCPU through its facade.
+///
+/// Ownership: the backend `B` is the vCPU fd itself (`VcpuRegisters<VcpuFd>`), an
+/// `Arc<VcpuFd>` shared with the VMM, or a borrow (`&VcpuFd`); see
+/// [`VcpuRegisters::for_vcpu`]. The facade is `Send` when `B` is, so it can move to the
+/// vCPU thread; for `&self` access from a `Send + Sync` vCPU object, wrap it in a
+/// [`crate::RegisterCell`].
 #[derive(Debug)]
 pub struct VcpuRegisters<B> {
     page: Option<RegisterPage>,
@@ -199,12 +218,31 @@ pub struct VcpuRegisters<B> {
     stats: AccessStats,
 }
 
-impl<'a> VcpuRegisters<&'a mshv_ioctls::VcpuFd> {
+impl<V> VcpuRegisters<V>
+where
+    V: Borrow<mshv_ioctls::VcpuFd> + RegisterHypercalls,
+{
     /// Maps the register page of `vcpu` (falling back to hypercalls only if the partition
     /// has none) and uses `vcpu`'s hypercalls as the fallback.
-    pub fn for_vcpu(vcpu: &'a mshv_ioctls::VcpuFd) -> Result<Self> {
-        let page = RegisterPage::map_vcpu(vcpu)?;
+    ///
+    /// `vcpu` is the fd itself (the facade owns it), an `Arc<VcpuFd>` (the facade and the
+    /// VMM share it), a `Box<VcpuFd>` or a `&VcpuFd`.
+    pub fn for_vcpu(vcpu: V) -> Result<Self> {
+        let page = RegisterPage::map_vcpu(vcpu.borrow())?;
         Ok(VcpuRegisters::new(page, vcpu))
+    }
+
+    /// Runs the vCPU (`MSHV_RUN_VP`) until its next intercept and returns the intercept
+    /// message; the write-path tracking is reset as the run returns, so the exit handler
+    /// starts from the fresh page.
+    ///
+    /// Dirty classes the hypervisor did not consume (the ioctl failed before dispatching the
+    /// vCPU, e.g. `EINTR`) stay guarded. A failed run is `Error::Backend` with the errno
+    /// ([`Error::errno`]).
+    pub fn run(&mut self) -> Result<hv::hv_message> {
+        let result = self.backend.borrow().run();
+        self.run_done();
+        result.map_err(|e| Error::backend("MSHV_RUN_VP", mshv_io_error(e)))
     }
 }
 
@@ -220,13 +258,15 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
         }
     }
 
-    /// The page, if one is mapped (valid or not).
+    /// The page, if one is mapped (valid or not), for reading. There is deliberately no
+    /// `page_mut`: writes go through the facade's setters, which keep the mixing guard.
     pub fn page(&self) -> Option<&RegisterPage> {
         self.page.as_ref()
     }
 
-    /// The page, if one is mapped. Writes through it bypass the mixing guard.
-    pub fn page_mut(&mut self) -> Option<&mut RegisterPage> {
+    /// The page for the simulated hypervisor (crate-internal: it bypasses the guard).
+    #[cfg(feature = "sim")]
+    pub(crate) fn page_mut(&mut self) -> Option<&mut RegisterPage> {
         self.page.as_mut()
     }
 
@@ -235,7 +275,7 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
         &self.backend
     }
 
-    /// Splits the facade into its parts.
+    /// Splits the facade into its parts (the write-path tracking is dropped with it).
     pub fn into_parts(self) -> (Option<RegisterPage>, B) {
         (self.page, self.backend)
     }
@@ -314,14 +354,14 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
         self.stats.hypercall_gets += 1;
         self.backend
             .get_registers(assocs)
-            .map_err(|source| Error::Backend { op, source })
+            .map_err(|source| Error::backend(op, source))
     }
 
     fn hypercall_set(&mut self, op: &'static str, assocs: &[hv_register_assoc]) -> Result<()> {
         self.stats.hypercall_sets += 1;
         self.backend
             .set_registers(assocs)
-            .map_err(|source| Error::Backend { op, source })
+            .map_err(|source| Error::backend(op, source))
     }
 
     #[cold]
@@ -428,6 +468,31 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
             None => self.hypercall_set("set vp registers", &[assoc(name, value)]),
         }
     }
+
+    /// The vCPU ran: resets the write-path tracking from the page's dirty bits.
+    ///
+    /// Crate-internal on purpose: called without a run, it would let a later write mix
+    /// paths. Runs go through [`VcpuRegisters::run`] or the simulator.
+    pub(crate) fn run_done(&mut self) {
+        // Classes whose dirty bits the run did not consume (e.g. the run ioctl failed before
+        // dispatching) are still pending on the page: keep guarding them.
+        let pending = self
+            .page
+            .as_ref()
+            .filter(|p| p.is_usable())
+            .map(RegisterPage::dirty)
+            .unwrap_or_default();
+        for class in RegisterClass::ALL {
+            let slot = &mut self.written[class.bit() as usize];
+            *slot = if pending.contains(class) {
+                Some(WritePath::Page)
+            } else {
+                None
+            };
+        }
+        self.stale_read_only = 0;
+    }
+
 
     /// Writes a register that is read-only on the page (always a hypercall). Later reads
     /// of it use the hypercall until the next run.
@@ -749,26 +814,6 @@ impl<B: RegisterHypercalls> ExitRegisters for VcpuRegisters<B> {
         }
         self.get_one(PageReg::ReadOnly(reg), reg.hv_name())
             .map(reg64)
-    }
-
-    fn run_done(&mut self) {
-        // Classes whose dirty bits the run did not consume (e.g. the run ioctl failed before
-        // dispatching) are still pending on the page: keep guarding them.
-        let pending = self
-            .page
-            .as_ref()
-            .filter(|p| p.is_usable())
-            .map(RegisterPage::dirty)
-            .unwrap_or_default();
-        for class in RegisterClass::ALL {
-            let slot = &mut self.written[class.bit() as usize];
-            *slot = if pending.contains(class) {
-                Some(WritePath::Page)
-            } else {
-                None
-            };
-        }
-        self.stale_read_only = 0;
     }
 
     fn stats(&self) -> AccessStats {

@@ -1,9 +1,8 @@
 //! Error type of the crate.
 
-use crate::dirty::RegisterClass;
+use std::io;
 
-/// Boxed error returned by a register backend (hypercall or ioctl).
-pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use crate::dirty::RegisterClass;
 
 /// How a register write reached the vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -24,11 +23,15 @@ impl std::fmt::Display for WritePath {
 }
 
 /// Errors of this crate.
+///
+/// `#[non_exhaustive]`: match the variants you handle and keep a `_` arm. The errno of a
+/// failed system call is kept: [`Error::errno`], or the [`io::Error`] in the source chain.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// `mmap` of the vCPU fd failed with something other than `ENODEV`.
     #[error("cannot map the vCPU register page")]
-    Map(#[source] std::io::Error),
+    Map(#[source] io::Error),
     /// A raw page pointer given to [`crate::RegisterPage::from_raw`] is not 8-byte aligned.
     #[error("register page pointer {addr:#x} is not {align}-byte aligned")]
     Misaligned {
@@ -37,14 +40,16 @@ pub enum Error {
         /// The required alignment.
         align: usize,
     },
-    /// A get/set-registers hypercall (or KVM ioctl) failed.
+    /// A get/set-registers hypercall, the run ioctl (or a KVM ioctl) failed.
     #[error("{op} failed")]
     Backend {
-        /// Which operation.
+        /// Which operation (e.g. `"set vp registers"`, `"MSHV_RUN_VP"`, `"KVM_SET_REGS"`).
         op: &'static str,
-        /// The backend's error.
+        /// The backend's error: an OS error (`raw_os_error()` is the errno) or, for a
+        /// hypercall that failed with a hypervisor status, an `io::Error` wrapping
+        /// `mshv_ioctls::MshvError::Hypercall`.
         #[source]
-        source: BackendError,
+        source: io::Error,
     },
     /// The backend cannot provide this register at all.
     #[error("{what} is not available through this backend")]
@@ -67,17 +72,27 @@ pub enum Error {
         /// The path of the refused write.
         attempted: WritePath,
     },
+    /// A [`crate::RegisterCell`] was already claimed: the vCPU is running, or another
+    /// thread (or an enclosing call on this thread) is using its registers.
+    #[error(
+        "the vCPU's registers are in use (the vCPU is running or another access is in \
+         progress)"
+    )]
+    Busy,
 }
 
 impl Error {
     /// Wraps a backend error.
-    pub fn backend<E>(op: &'static str, source: E) -> Self
-    where
-        E: std::error::Error + Send + Sync + 'static,
-    {
-        Error::Backend {
-            op,
-            source: Box::new(source),
+    pub(crate) fn backend(op: &'static str, source: io::Error) -> Self {
+        Error::Backend { op, source }
+    }
+
+    /// The errno of the failed system call, if this error comes from one (`Map`, and
+    /// `Backend` errors whose source is an OS error).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Map(e) | Error::Backend { source: e, .. } => e.raw_os_error(),
+            _ => None,
         }
     }
 }

@@ -20,6 +20,11 @@ use crate::dirty::RegisterClass;
 use crate::error::{Error, Result, WritePath};
 use crate::regs::{Gpr, ReadOnlyRegister, Segment, SegmentAttributes, SegmentRegister, Xmm};
 
+/// Keeps the errno of a failed KVM ioctl.
+fn kvm_error(op: &'static str, e: kvm_ioctls::Error) -> Error {
+    Error::backend(op, std::io::Error::from_raw_os_error(e.errno()))
+}
+
 /// A KVM sync-regs class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KvmClass {
@@ -160,10 +165,11 @@ pub fn segment_to_kvm(s: &SegmentRegister) -> kvm_segment {
 
 /// A KVM vCPU's registers through the `kvm_run` sync-regs area, with ioctl fallback.
 ///
-/// Owns the [`VcpuFd`]. Run the vCPU with [`KvmVcpuRegisters::run`] (or call
-/// [`ExitRegisters::run_done`] after running it yourself through
-/// [`KvmVcpuRegisters::vcpu_mut`]); handle the exit's data (e.g. fill an `IoIn` buffer),
-/// drop the exit, then access registers.
+/// Owns the [`VcpuFd`]. Run the vCPU with [`KvmVcpuRegisters::run`] (the only way to run
+/// it while wrapped: there is no `&mut VcpuFd` accessor, which would reach the sync area
+/// past the mixing guard); handle the exit's data (e.g. fill an `IoIn` buffer), drop the
+/// exit, then access registers. For `&self` access from a `Send + Sync` vCPU type, wrap it
+/// in a [`crate::RegisterCell`].
 ///
 /// The kernel writes the sync area only inside `KVM_RUN`, a system call, so plain accesses
 /// through kvm-ioctls' `sync_regs_mut` cannot be reordered across it; the borrow checker
@@ -211,21 +217,10 @@ impl KvmVcpuRegisters {
         }
     }
 
-    /// The vCPU.
+    /// The vCPU (for the ioctls that take `&self`; register writes made directly on it
+    /// bypass the facade and its mixing guard).
     pub fn vcpu(&self) -> &VcpuFd {
         &self.vcpu
-    }
-
-    /// The vCPU, mutably (to run it yourself: call [`ExitRegisters::run_done`] afterwards).
-    ///
-    /// The caller may change registers behind the facade's back, so until the next run
-    /// reads use the ioctls (the sync-area copy and the caches may be stale), and a class
-    /// already written in the sync area can no longer be written by ioctl.
-    pub fn vcpu_mut(&mut self) -> &mut VcpuFd {
-        self.regs_cache = None;
-        self.sregs_cache = None;
-        self.synced = false;
-        &mut self.vcpu
     }
 
     /// Gives the vCPU back.
@@ -241,30 +236,16 @@ impl KvmVcpuRegisters {
     /// Runs the vCPU (`KVM_RUN`).
     ///
     /// The kernel stores the valid classes in the sync area on every return from `KVM_RUN`
-    /// and loads (and clears) the dirty classes at its very beginning, so the tracking is
-    /// reset as for [`ExitRegisters::run_done`]. If the run returns an error, call
-    /// [`ExitRegisters::run_done`] once more: it re-derives the tracking from the dirty flags
-    /// the kernel may have left set.
+    /// and loads (and clears) the dirty classes at its very beginning, so the write-path
+    /// tracking is reset here. If the run fails before the kernel loaded the dirty classes,
+    /// their flags stay set in `kvm_run.kvm_dirty_regs`, and an ioctl write of such a class
+    /// is still refused (the guard consults those flags).
     pub fn run(&mut self) -> std::result::Result<VcpuExit<'_>, kvm_ioctls::Error> {
         self.synced = self.sync_enabled;
         self.written = [None; 2];
         self.regs_cache = None;
         self.sregs_cache = None;
         self.vcpu.run()
-    }
-
-    fn after_run(&mut self) {
-        self.synced = self.sync_enabled;
-        self.regs_cache = None;
-        self.sregs_cache = None;
-        let dirty = self.vcpu.get_kvm_run().kvm_dirty_regs;
-        for class in [KvmClass::Regs, KvmClass::Sregs] {
-            self.written[class as usize] = if dirty & class.flag() != 0 {
-                Some(WritePath::Page)
-            } else {
-                None
-            };
-        }
     }
 
     #[inline]
@@ -275,8 +256,10 @@ impl KvmVcpuRegisters {
     /// Records an ioctl write of `class`, refusing it if the class was written in the sync
     /// area since the last run (the kernel would load that copy over the ioctl's write).
     fn claim_ioctl_write(&mut self, class: KvmClass) -> Result<()> {
+        // Still pending in the sync area (e.g. a failed KVM_RUN did not load it)?
+        let pending = self.vcpu.get_kvm_run().kvm_dirty_regs & class.flag() != 0;
         let slot = &mut self.written[class as usize];
-        if *slot == Some(WritePath::Page) {
+        if *slot == Some(WritePath::Page) || pending {
             return Err(Error::MixedWrite {
                 class: class.reported_class(),
                 earlier: WritePath::Page,
@@ -291,14 +274,14 @@ impl KvmVcpuRegisters {
         self.stats.hypercall_gets += 1;
         self.vcpu
             .get_regs()
-            .map_err(|e| Error::backend("KVM_GET_REGS", e))
+            .map_err(|e| kvm_error("KVM_GET_REGS", e))
     }
 
     fn sregs_ioctl(&mut self) -> Result<kvm_sregs> {
         self.stats.hypercall_gets += 1;
         self.vcpu
             .get_sregs()
-            .map_err(|e| Error::backend("KVM_GET_SREGS", e))
+            .map_err(|e| kvm_error("KVM_GET_SREGS", e))
     }
 
     fn regs_cached(&mut self) -> Result<kvm_regs> {
@@ -395,7 +378,7 @@ impl KvmVcpuRegisters {
         self.sregs_cache = None;
         self.vcpu
             .set_sregs(&sregs)
-            .map_err(|e| Error::backend("KVM_SET_SREGS", e))?;
+            .map_err(|e| kvm_error("KVM_SET_SREGS", e))?;
         self.sregs_cache = Some(sregs);
         Ok(())
     }
@@ -414,7 +397,7 @@ impl KvmVcpuRegisters {
         self.regs_cache = None;
         self.vcpu
             .set_regs(regs)
-            .map_err(|e| Error::backend("KVM_SET_REGS", e))?;
+            .map_err(|e| kvm_error("KVM_SET_REGS", e))?;
         self.regs_cache = Some(*regs);
         Ok(())
     }
@@ -495,7 +478,7 @@ impl ExitRegisters for KvmVcpuRegisters {
         let fpu = self
             .vcpu
             .get_fpu()
-            .map_err(|e| Error::backend("KVM_GET_FPU", e))?;
+            .map_err(|e| kvm_error("KVM_GET_FPU", e))?;
         let bytes = fpu.xmm.get(reg.index()).copied().unwrap_or_default();
         Ok(u128::from_le_bytes(bytes))
     }
@@ -505,14 +488,14 @@ impl ExitRegisters for KvmVcpuRegisters {
         let mut fpu = self
             .vcpu
             .get_fpu()
-            .map_err(|e| Error::backend("KVM_GET_FPU", e))?;
+            .map_err(|e| kvm_error("KVM_GET_FPU", e))?;
         if let Some(slot) = fpu.xmm.get_mut(reg.index()) {
             *slot = value.to_le_bytes();
         }
         self.stats.hypercall_sets += 1;
         self.vcpu
             .set_fpu(&fpu)
-            .map_err(|e| Error::backend("KVM_SET_FPU", e))
+            .map_err(|e| kvm_error("KVM_SET_FPU", e))
     }
 
     fn read_only(&mut self, reg: ReadOnlyRegister) -> Result<u64> {
@@ -527,7 +510,7 @@ impl ExitRegisters for KvmVcpuRegisters {
                 self.vcpu
                     .get_debug_regs()
                     .map(|d| d.dr7)
-                    .map_err(|e| Error::backend("KVM_GET_DEBUGREGS", e))
+                    .map_err(|e| kvm_error("KVM_GET_DEBUGREGS", e))
             }
             ReadOnlyRegister::PendingInterruption => Err(Error::Unsupported {
                 what: "the MSHV pending interruption register on KVM",
@@ -536,10 +519,6 @@ impl ExitRegisters for KvmVcpuRegisters {
                 what: "the MSHV interrupt state register on KVM",
             }),
         }
-    }
-
-    fn run_done(&mut self) {
-        self.after_run();
     }
 
     fn stats(&self) -> AccessStats {

@@ -11,7 +11,11 @@
 //!   class's dirty bit ([`RegisterClass`]), read-only registers have no setter.
 //! * [`VcpuRegisters`] is the facade a VMM's exit handler uses: the page when it is mapped
 //!   and valid, the get/set-registers hypercalls ([`RegisterHypercalls`]) otherwise, and a
-//!   guard against mixing both paths for one register class before the next run.
+//!   guard against mixing both paths for one register class before the next run. It owns,
+//!   shares (`Arc`) or borrows the vCPU fd, and [`VcpuRegisters::run`] runs the vCPU.
+//! * [`RegisterCell`] puts a facade behind `&self` for a `Send + Sync` vCPU type (the
+//!   shape of cloud-hypervisor's `trait Vcpu`): one claim per exit, plain register accesses
+//!   inside; see `examples/vcpu_trait.rs`.
 //! * [`ExitRegisters`] is the trait exit handlers can be written against; it is implemented
 //!   by [`VcpuRegisters`] and, with feature `kvm`, by `kvm::KvmVcpuRegisters` (the same idea
 //!   on KVM's `kvm_run` sync-regs area).
@@ -20,6 +24,9 @@
 //!   for property tests and fuzzing.
 //!
 //! See `docs/DESIGN.md` for the aliasing model and the dirty-bit discipline.
+//!
+//! The crate is x86_64-only (the page layout is the x86_64 one): on any other target it
+//! compiles to an empty crate.
 #![cfg_attr(
     feature = "sim",
     doc = r##"
@@ -50,28 +57,34 @@ assert_eq!(hv.state().rip, 0x1002);
 ```
 "##
 )]
+#![cfg(target_arch = "x86_64")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 
 pub(crate) mod access;
+mod cell;
 mod dirty;
 mod error;
 mod fallback;
 #[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
 pub mod kvm;
 pub mod layout;
 mod page;
 mod regs;
 #[cfg(feature = "sim")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;
 
 pub use access::{AccessStats, ExitRegisters, VcpuRegisters};
+pub use cell::RegisterCell;
 
 /// Compiles and runs the README's example as a doctest.
 #[cfg(all(doctest, feature = "sim"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 pub use dirty::{DirtyClasses, RegisterClass};
-pub use error::{BackendError, Error, Result, WritePath};
+pub use error::{Error, Result, WritePath};
 pub use fallback::RegisterHypercalls;
 pub use page::RegisterPage;
 pub use regs::{

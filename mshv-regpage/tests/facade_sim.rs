@@ -120,12 +120,12 @@ fn mixing_a_page_write_and_a_hypercall_write_is_refused() {
 }
 
 #[test]
-fn run_done_keeps_guarding_unconsumed_dirty_classes() {
-    let (hv, page) = SimHypervisor::new();
+fn a_failed_run_keeps_guarding_unconsumed_dirty_classes() {
+    let (mut hv, page) = SimHypervisor::new();
     let mut regs = VcpuRegisters::new(Some(page), hv.hypercalls());
     regs.set_rip(0x10).unwrap();
     // The run ioctl failed before the vCPU was dispatched: dirty is still set.
-    regs.run_done();
+    hv.run_failed(&mut regs).unwrap();
     assert_eq!(regs.written_by(RegisterClass::Ip), Some(WritePath::Page));
     assert!(regs
         .set_hv_registers(&[assoc(hv::hv_register_name_HV_X64_REGISTER_RIP, 0x20)])

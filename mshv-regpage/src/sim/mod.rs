@@ -14,31 +14,33 @@
 //! [`SimHypercalls`] is the matching fake get/set-registers backend: it reads and writes the
 //! same state directly (the page is only refreshed at the next exit, as on the real
 //! hypervisor). Downstream VMMs use both to test their exit handlers without `/dev/mshv`.
+//! Both are `Send + Sync`, so a simulated vCPU can sit behind the same `Send + Sync` vCPU
+//! type as a real one (see `examples/vcpu_trait.rs`).
 //!
 //! [`model`] holds a plain reference model and an operation language ([`Op`]) for property
 //! tests and fuzzing.
 
 pub mod model;
 
-use std::cell::{RefCell, RefMut};
 use std::collections::BTreeMap;
-use std::rc::Rc;
+use std::io;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use mshv_bindings as hv;
 use mshv_bindings::{hv_register_assoc, hv_register_value, hv_u128};
 
 use crate::access::{PageReg, VcpuRegisters};
 use crate::dirty::DirtyClasses;
-use crate::error::BackendError;
 use crate::fallback::RegisterHypercalls;
 use crate::page::RegisterPage;
 use crate::regs::PageRegisters;
-use crate::ExitRegisters;
 
 pub use model::{Divergence, Harness, Model, Op};
 
 /// Errors of the simulated hypervisor.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SimError {
     /// The target has no register page.
     #[error("the target has no register page")]
@@ -63,20 +65,35 @@ pub enum SimError {
 
 /// Something that holds the VMM side of a simulated page: a bare [`RegisterPage`] or a
 /// [`VcpuRegisters`] facade (which is also told that the vCPU ran).
-pub trait SimTarget {
-    /// The page, if any.
-    fn sim_page(&mut self) -> Option<&mut RegisterPage>;
-    /// Called after [`SimHypervisor::exit`] filled the page (a run completed).
-    fn sim_run_done(&mut self) {}
+///
+/// Sealed: its methods are crate-internal, because they reach the facade's page past its
+/// mixing guard, as only the (simulated) hypervisor may.
+pub trait SimTarget: sealed::SimTargetInner {}
+
+mod sealed {
+    use crate::page::RegisterPage;
+
+    /// The crate-internal half of [`super::SimTarget`] (not nameable outside the crate).
+    pub trait SimTargetInner {
+        /// The page, if any.
+        fn sim_page(&mut self) -> Option<&mut RegisterPage>;
+        /// Called when a run returned (after [`super::SimHypervisor::exit`] filled the
+        /// page, or after a failed run).
+        fn sim_run_done(&mut self) {}
+    }
 }
 
-impl SimTarget for RegisterPage {
+impl SimTarget for RegisterPage {}
+
+impl sealed::SimTargetInner for RegisterPage {
     fn sim_page(&mut self) -> Option<&mut RegisterPage> {
         Some(self)
     }
 }
 
-impl<B: RegisterHypercalls> SimTarget for VcpuRegisters<B> {
+impl<B: RegisterHypercalls> SimTarget for VcpuRegisters<B> {}
+
+impl<B: RegisterHypercalls> sealed::SimTargetInner for VcpuRegisters<B> {
     fn sim_page(&mut self) -> Option<&mut RegisterPage> {
         self.page_mut()
     }
@@ -88,6 +105,7 @@ impl<B: RegisterHypercalls> SimTarget for VcpuRegisters<B> {
 
 /// What a dispatch did with the page's dirty classes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DispatchReport {
     /// Classes copied from the page into the vCPU state.
     pub applied: DirtyClasses,
@@ -191,10 +209,35 @@ impl SimVcpu {
     }
 }
 
+/// Locks the simulated vCPU state; a panic while it was held cannot leave it torn (every
+/// update is a plain field store), so poisoning is ignored.
+fn lock(vcpu: &Mutex<SimVcpu>) -> MutexGuard<'_, SimVcpu> {
+    vcpu.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Mutable access to the simulated vCPU's page registers (from
+/// [`SimHypervisor::state_mut`]); holds the simulator's lock until dropped.
+#[derive(Debug)]
+pub struct SimStateGuard<'a>(MutexGuard<'a, SimVcpu>);
+
+impl Deref for SimStateGuard<'_> {
+    type Target = PageRegisters;
+
+    fn deref(&self) -> &PageRegisters {
+        &self.0.regs
+    }
+}
+
+impl DerefMut for SimStateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut PageRegisters {
+        &mut self.0.regs
+    }
+}
+
 /// The simulated hypervisor of one vCPU.
 #[derive(Debug)]
 pub struct SimHypervisor {
-    vcpu: Rc<RefCell<SimVcpu>>,
+    vcpu: Arc<Mutex<SimVcpu>>,
     page_addr: usize,
     valid: bool,
     dispatches: u64,
@@ -212,7 +255,7 @@ impl SimHypervisor {
         let mut page = RegisterPage::new_heap();
         page.hv_fill(&regs, true);
         let hv = SimHypervisor {
-            vcpu: Rc::new(RefCell::new(SimVcpu {
+            vcpu: Arc::new(Mutex::new(SimVcpu {
                 regs,
                 ..SimVcpu::default()
             })),
@@ -227,24 +270,25 @@ impl SimHypervisor {
     /// The fake hypercall backend operating on this vCPU.
     pub fn hypercalls(&self) -> SimHypercalls {
         SimHypercalls {
-            vcpu: Rc::clone(&self.vcpu),
+            vcpu: Arc::clone(&self.vcpu),
         }
     }
 
     /// A copy of the vCPU's page registers as the hypervisor sees them.
     pub fn state(&self) -> PageRegisters {
-        self.vcpu.borrow().regs
+        lock(&self.vcpu).regs
     }
 
     /// Mutable access to the vCPU state (to play the guest: changes become visible on the
-    /// page at the next [`SimHypervisor::exit`]).
-    pub fn state_mut(&self) -> RefMut<'_, PageRegisters> {
-        RefMut::map(self.vcpu.borrow_mut(), |v| &mut v.regs)
+    /// page at the next [`SimHypervisor::exit`]). Drop the guard before the next call that
+    /// needs the state (fake hypercalls, `dispatch`, `exit`): it holds the simulator's lock.
+    pub fn state_mut(&self) -> SimStateGuard<'_> {
+        SimStateGuard(lock(&self.vcpu))
     }
 
     /// Number of fake get- and set-registers hypercalls served so far.
     pub fn hypercall_counts(&self) -> (u64, u64) {
-        let v = self.vcpu.borrow();
+        let v = lock(&self.vcpu);
         (v.gets, v.sets)
     }
 
@@ -308,7 +352,7 @@ impl SimHypervisor {
         let mut report = DispatchReport::default();
         if page.is_valid() {
             let on_page = page.registers();
-            let mut vcpu = self.vcpu.borrow_mut();
+            let mut vcpu = lock(&self.vcpu);
             for class in dirty.iter() {
                 vcpu.regs.copy_class_from(&on_page, class);
             }
@@ -325,9 +369,18 @@ impl SimHypervisor {
     /// `isvalid` as configured) and tells the target that a run completed.
     pub fn exit<T: SimTarget + ?Sized>(&mut self, target: &mut T) -> Result<(), SimError> {
         let page = self.page_of(target)?;
-        let regs = self.vcpu.borrow().regs;
+        let regs = lock(&self.vcpu).regs;
         page.hv_fill(&regs, self.valid);
         self.exits += 1;
+        target.sim_run_done();
+        Ok(())
+    }
+
+    /// A run that fails before the vCPU is dispatched (the run ioctl returned an error such
+    /// as `EINTR`): nothing is consumed, the page keeps its contents and dirty bits, and the
+    /// target is told that the run returned.
+    pub fn run_failed<T: SimTarget + ?Sized>(&mut self, target: &mut T) -> Result<(), SimError> {
+        self.page_of(target)?;
         target.sim_run_done();
         Ok(())
     }
@@ -347,33 +400,40 @@ impl SimHypervisor {
 }
 
 /// The fake get/set-registers hypercall backend of a [`SimHypervisor`].
+///
+/// An unknown register name fails like the real hypercall's invalid-parameter status: an
+/// `io::Error` of kind `InvalidInput` wrapping [`SimError::UnknownRegister`].
 #[derive(Debug, Clone)]
 pub struct SimHypercalls {
-    vcpu: Rc<RefCell<SimVcpu>>,
+    vcpu: Arc<Mutex<SimVcpu>>,
+}
+
+fn invalid(e: SimError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
 }
 
 impl RegisterHypercalls for SimHypercalls {
-    fn get_registers(&self, assocs: &mut [hv_register_assoc]) -> Result<(), BackendError> {
-        let mut vcpu = self.vcpu.borrow_mut();
+    fn get_registers(&self, assocs: &mut [hv_register_assoc]) -> io::Result<()> {
+        let mut vcpu = lock(&self.vcpu);
         vcpu.gets += 1;
         for a in assocs.iter_mut() {
-            a.value = vcpu.get(a.name)?;
+            a.value = vcpu.get(a.name).map_err(invalid)?;
         }
         Ok(())
     }
 
-    fn set_registers(&self, assocs: &[hv_register_assoc]) -> Result<(), BackendError> {
-        let mut vcpu = self.vcpu.borrow_mut();
+    fn set_registers(&self, assocs: &[hv_register_assoc]) -> io::Result<()> {
+        let mut vcpu = lock(&self.vcpu);
         vcpu.sets += 1;
         // Validate first so that a bad name leaves the state untouched, like the hypercall.
         if let Some(bad) = assocs
             .iter()
             .find(|a| PageReg::from_name(a.name).is_none() && !off_page_known(a.name))
         {
-            return Err(Box::new(SimError::UnknownRegister { name: bad.name }));
+            return Err(invalid(SimError::UnknownRegister { name: bad.name }));
         }
         for a in assocs {
-            vcpu.set(a.name, a.value)?;
+            vcpu.set(a.name, a.value).map_err(invalid)?;
         }
         Ok(())
     }
