@@ -260,6 +260,37 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
 
     /// The page, if one is mapped (valid or not), for reading. There is deliberately no
     /// `page_mut`: writes go through the facade's setters, which keep the mixing guard.
+    ///
+    /// Neither the page nor the tracking can be reached past the guard from safe code:
+    ///
+    /// ```compile_fail,E0599
+    /// fn bypass(regs: &mut mshv_regpage::VcpuRegisters<mshv_ioctls::VcpuFd>) {
+    ///     let _ = regs.page_mut(); // no such method
+    /// }
+    /// ```
+    ///
+    /// ```compile_fail,E0596
+    /// use mshv_regpage::Gpr;
+    /// fn bypass(regs: &mut mshv_regpage::VcpuRegisters<mshv_ioctls::VcpuFd>) {
+    ///     if let Some(page) = regs.page() {
+    ///         page.set_gpr(Gpr::Rax, 1); // `page()` lends `&RegisterPage` only
+    ///     }
+    /// }
+    /// ```
+    ///
+    /// ```compile_fail,E0624
+    /// fn bypass(regs: &mut mshv_regpage::VcpuRegisters<mshv_ioctls::VcpuFd>) {
+    ///     regs.run_done(); // resetting the tracking without a run is crate-internal
+    /// }
+    /// ```
+    ///
+    /// ```
+    /// use mshv_regpage::Gpr;
+    /// // What is allowed: reading the page.
+    /// fn read(regs: &mshv_regpage::VcpuRegisters<mshv_ioctls::VcpuFd>) -> Option<u64> {
+    ///     regs.page().map(|page| page.gpr(Gpr::Rax))
+    /// }
+    /// ```
     pub fn page(&self) -> Option<&RegisterPage> {
         self.page.as_ref()
     }
@@ -492,7 +523,6 @@ impl<B: RegisterHypercalls> VcpuRegisters<B> {
         }
         self.stale_read_only = 0;
     }
-
 
     /// Writes a register that is read-only on the page (always a hypercall). Later reads
     /// of it use the hypercall until the next run.

@@ -223,6 +223,12 @@ impl KvmVcpuRegisters {
         &self.vcpu
     }
 
+    /// Sets `kvm_run.immediate_exit`: while set, [`KvmVcpuRegisters::run`] returns `EINTR`
+    /// at once (how a VMM kicks a vCPU thread out of its run loop).
+    pub fn set_immediate_exit(&mut self, exit: bool) {
+        self.vcpu.set_kvm_immediate_exit(u8::from(exit));
+    }
+
     /// Gives the vCPU back.
     pub fn into_inner(self) -> VcpuFd {
         self.vcpu

@@ -177,3 +177,40 @@ fn mixing_sync_area_and_ioctl_writes_is_refused() {
     drop(regs);
     drop(g.vm);
 }
+
+#[test]
+fn a_run_failing_with_eintr_guards_by_what_the_kernel_loaded() {
+    let Some(kvm) = guest::open_kvm("a_run_failing_with_eintr_guards_by_what_the_kernel_loaded")
+    else {
+        return;
+    };
+    let g = guest::build(&kvm, ECHO_LOOP, |_| {});
+    let mut regs = KvmVcpuRegisters::new(&kvm, g.vcpu);
+    let (port, is_in, _) = next_pio(&mut regs, 1);
+    assert_eq!((port, is_in), (0x10, true));
+    let before = regs.get_regs_ioctl().unwrap().rax;
+    let written = before ^ 0x5a5a_0000;
+    regs.set_gpr(Gpr::Rax, written).unwrap();
+    // A run that fails with EINTR (the VMM kicked the vCPU).
+    regs.set_immediate_exit(true);
+    let err = regs.run().map(|_| ()).unwrap_err();
+    assert_eq!(err.errno(), libc::EINTR);
+    regs.set_immediate_exit(false);
+    // Whether the kernel loaded the sync-area write before failing decides what is safe:
+    // loaded -> an ioctl write is fine; still pending -> it must be refused (the pending
+    // sync copy would overwrite it at the next run).
+    let loaded = regs.get_regs_ioctl().unwrap().rax == written;
+    let mut r = regs.get_regs_ioctl().unwrap();
+    r.rdx = 0x99;
+    let result = regs.set_regs_ioctl(&r);
+    assert_eq!(
+        result.is_ok(),
+        loaded,
+        "loaded by the failed run: {loaded}, ioctl write: {result:?}"
+    );
+    if let Err(e) = result {
+        assert!(matches!(e, Error::MixedWrite { .. }), "{e}");
+    }
+    drop(regs);
+    drop(g.vm);
+}

@@ -66,27 +66,40 @@ pub enum SimError {
 /// Something that holds the VMM side of a simulated page: a bare [`RegisterPage`] or a
 /// [`VcpuRegisters`] facade (which is also told that the vCPU ran).
 ///
-/// Sealed: its methods are crate-internal, because they reach the facade's page past its
-/// mixing guard, as only the (simulated) hypervisor may.
+/// Sealed: its methods cannot be called outside this crate (they take a token only the
+/// crate can create), because they reach the facade's page past its mixing guard, as only
+/// the (simulated) hypervisor may.
 pub trait SimTarget: sealed::SimTargetInner {}
 
 mod sealed {
     use crate::page::RegisterPage;
 
-    /// The crate-internal half of [`super::SimTarget`] (not nameable outside the crate).
+    /// Proof that the caller is this crate (no public constructor, not nameable outside).
+    #[derive(Debug)]
+    pub struct Token(());
+
+    impl Token {
+        pub(crate) fn new() -> Self {
+            Token(())
+        }
+    }
+
+    /// The crate-internal half of [`super::SimTarget`].
     pub trait SimTargetInner {
         /// The page, if any.
-        fn sim_page(&mut self) -> Option<&mut RegisterPage>;
+        fn sim_page(&mut self, token: Token) -> Option<&mut RegisterPage>;
         /// Called when a run returned (after [`super::SimHypervisor::exit`] filled the
         /// page, or after a failed run).
-        fn sim_run_done(&mut self) {}
+        fn sim_run_done(&mut self, _token: Token) {}
     }
 }
+
+use sealed::Token;
 
 impl SimTarget for RegisterPage {}
 
 impl sealed::SimTargetInner for RegisterPage {
-    fn sim_page(&mut self) -> Option<&mut RegisterPage> {
+    fn sim_page(&mut self, _: Token) -> Option<&mut RegisterPage> {
         Some(self)
     }
 }
@@ -94,11 +107,11 @@ impl sealed::SimTargetInner for RegisterPage {
 impl<B: RegisterHypercalls> SimTarget for VcpuRegisters<B> {}
 
 impl<B: RegisterHypercalls> sealed::SimTargetInner for VcpuRegisters<B> {
-    fn sim_page(&mut self) -> Option<&mut RegisterPage> {
+    fn sim_page(&mut self, _: Token) -> Option<&mut RegisterPage> {
         self.page_mut()
     }
 
-    fn sim_run_done(&mut self) {
+    fn sim_run_done(&mut self, _: Token) {
         self.run_done();
     }
 }
@@ -306,7 +319,7 @@ impl SimHypervisor {
         &self,
         target: &'t mut T,
     ) -> Result<&'t mut RegisterPage, SimError> {
-        let page = target.sim_page().ok_or(SimError::NoPage)?;
+        let page = target.sim_page(Token::new()).ok_or(SimError::NoPage)?;
         let found = page.as_ptr() as usize;
         if found != self.page_addr {
             return Err(SimError::ForeignPage {
@@ -372,7 +385,7 @@ impl SimHypervisor {
         let regs = lock(&self.vcpu).regs;
         page.hv_fill(&regs, self.valid);
         self.exits += 1;
-        target.sim_run_done();
+        target.sim_run_done(Token::new());
         Ok(())
     }
 
@@ -381,7 +394,7 @@ impl SimHypervisor {
     /// target is told that the run returned.
     pub fn run_failed<T: SimTarget + ?Sized>(&mut self, target: &mut T) -> Result<(), SimError> {
         self.page_of(target)?;
-        target.sim_run_done();
+        target.sim_run_done(Token::new());
         Ok(())
     }
 
