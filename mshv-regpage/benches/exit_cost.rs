@@ -3,7 +3,9 @@
 //! area) versus the slow path (hypercalls / KVM_GET_REGS + KVM_SET_REGS).
 //!
 //! Part 1 runs on this machine's real KVM: a CPL3 guest doing `out` in a loop, one exit per
-//! `out`. Part 2 runs the same handler on the simulated MSHV page.
+//! `out`. Part 2 runs the same handler on the simulated MSHV page. Both also measure the
+//! facade inside a `RegisterCell` (the `&self`, `Send + Sync` vCPU pattern) with the
+//! handler taking its own claim, i.e. including the claim's compare-exchange and release.
 //!
 //! Run: `cargo bench -p mshv-regpage --features sim,kvm --bench exit_cost`
 //! (`EXITS=<n>` changes the number of KVM exits per variant).
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
 use mshv_regpage::kvm::KvmVcpuRegisters;
 use mshv_regpage::sim::SimHypervisor;
-use mshv_regpage::{ExitRegisters, Gpr, VcpuRegisters};
+use mshv_regpage::{Error, ExitRegisters, Gpr, RegisterCell, VcpuRegisters};
 
 /// The handler under test, written once against the trait.
 #[inline(never)]
@@ -87,33 +89,82 @@ fn new_guest(kvm: &Kvm) -> cpl3_guest::Guest {
     cpl3_guest::build(kvm, cpl3_guest::OUT_LOOP, |r| r.rdx = 0x12)
 }
 
-/// The facade on a vCPU (sync area on or off).
-fn kvm_facade(kvm: &Kvm, name: &'static str, sync: bool, exits: u32) -> Sample {
+/// The handler through a `RegisterCell`, taking its own claim (as a `get_regs(&self)`-style
+/// call does), for the simulated page.
+#[inline(never)]
+fn cell_handler<R: ExitRegisters>(cell: &RegisterCell<R>) {
+    cell.with(|regs| {
+        handler(regs);
+        Ok::<_, Error>(())
+    })
+    .expect("cell claim");
+}
+
+/// An empty claim and release of a `RegisterCell`: what `run(&self)` adds per exit.
+#[inline(never)]
+fn empty_claim<R>(cell: &RegisterCell<R>) {
+    cell.with(|_| Ok::<_, Error>(())).expect("cell claim");
+}
+
+/// The facade on a vCPU (sync area on or off). With `in_cell`, the vCPU sits in a
+/// `RegisterCell` and each exit is one claim around the run and the handler (the
+/// `run(&self)` pattern); the handler is timed inside the claim, and the claim itself is
+/// timed once per exit as well (returned second).
+fn kvm_facade(
+    kvm: &Kvm,
+    name: &'static str,
+    sync: bool,
+    in_cell: bool,
+    exits: u32,
+) -> (Sample, u64) {
     let g = new_guest(kvm);
-    let mut regs = if sync {
+    let regs = if sync {
         KvmVcpuRegisters::new(kvm, g.vcpu)
     } else {
         KvmVcpuRegisters::with_sync_regs(g.vcpu, false)
     };
-    // Warm up (first run has no sync data yet).
-    for _ in 0..10 {
-        expect_out(regs.run());
-        handler(&mut regs);
-    }
+    let cell = RegisterCell::new(regs);
     let mut handler_ticks = Vec::with_capacity(exits as usize);
     let mut empty_ticks = Vec::with_capacity(exits as usize);
+    let mut claim_ticks = Vec::with_capacity(exits as usize);
+    let mut exit_and_handle = |timed: bool| {
+        // One claim per exit: the run and the handler inside it.
+        let (empty, ticks) = cell
+            .with(|regs| {
+                expect_out(regs.run());
+                // An empty timer pair measured in the same state (right after the exit),
+                // then the handler; medians keep preemptions and interrupts of this busy
+                // host out.
+                let e0 = tsc();
+                let empty = tsc() - e0;
+                let t0 = tsc();
+                handler(regs);
+                Ok::<_, Error>((empty, tsc() - t0))
+            })
+            .expect("cell claim");
+        let claim = if in_cell {
+            let c0 = tsc();
+            empty_claim(&cell);
+            tsc() - c0
+        } else {
+            0
+        };
+        if timed {
+            empty_ticks.push(empty);
+            handler_ticks.push(ticks);
+            claim_ticks.push(claim);
+        }
+    };
+    // Warm up (first run has no sync data yet).
+    for _ in 0..10 {
+        exit_and_handle(false);
+    }
     let start = Instant::now();
     for _ in 0..exits {
-        expect_out(regs.run());
-        // An empty timer pair measured in the same state (right after the exit), then the
-        // handler; medians keep preemptions and interrupts of this busy host out.
-        let e0 = tsc();
-        empty_ticks.push(tsc() - e0);
-        let t0 = tsc();
-        handler(&mut regs);
-        handler_ticks.push(tsc() - t0);
+        exit_and_handle(true);
     }
     let round = start.elapsed();
+    let regs = cell.into_inner();
     let s = regs.stats();
     if sync {
         assert_eq!(s.hypercalls(), 0, "sync path must not issue ioctls");
@@ -126,12 +177,16 @@ fn kvm_facade(kvm: &Kvm, name: &'static str, sync: bool, exits: u32) -> Sample {
     }
     drop(regs);
     drop(g.vm);
-    Sample {
-        name,
-        handler: median(&mut handler_ticks).saturating_sub(median(&mut empty_ticks)),
-        round,
-        exits,
-    }
+    let empty = median(&mut empty_ticks);
+    (
+        Sample {
+            name,
+            handler: median(&mut handler_ticks).saturating_sub(empty),
+            round,
+            exits,
+        },
+        median(&mut claim_ticks).saturating_sub(empty),
+    )
 }
 
 /// Raw kvm-ioctls without this crate: the baseline the facade must stay close to.
@@ -187,16 +242,25 @@ fn kvm_raw(kvm: &Kvm, name: &'static str, sync: bool, exits: u32) -> Sample {
 }
 
 /// The handler on the simulated MSHV page (valid page vs. fake hypercalls), batch-timed.
-fn sim(valid: bool, iterations: u32) -> f64 {
+fn sim(valid: bool, in_cell: bool, iterations: u32) -> f64 {
     let (mut hv, page) = SimHypervisor::new();
     let mut regs = VcpuRegisters::new(Some(page), hv.hypercalls());
     hv.exit(&mut regs).expect("sim exit");
     hv.set_page_valid(&mut regs, valid).expect("sim valid");
+    let mut cell = RegisterCell::new(regs);
     let start = Instant::now();
-    for _ in 0..iterations {
-        handler(&mut regs);
+    if in_cell {
+        for _ in 0..iterations {
+            cell_handler(&cell);
+        }
+    } else {
+        let regs = cell.get_mut();
+        for _ in 0..iterations {
+            handler(regs);
+        }
     }
     let elapsed = start.elapsed();
+    let regs = cell.into_inner();
     let s = regs.stats();
     if valid {
         assert_eq!(s.hypercalls(), 0);
@@ -224,11 +288,33 @@ fn main() {
                  empty-timer cost measured in place; whole exit: mean)"
             );
             let _ = kvm_raw(&kvm, "warm-up", true, exits / 10);
+            let (cell_sample, claim_ticks) = kvm_facade(
+                &kvm,
+                "fast path in RegisterCell (claim/exit)",
+                true,
+                true,
+                exits,
+            );
             let samples = [
-                kvm_facade(&kvm, "facade, sync-regs area (fast path)", true, exits),
-                kvm_facade(&kvm, "facade, KVM_GET/SET_REGS (fallback)", false, exits),
+                kvm_facade(
+                    &kvm,
+                    "facade, sync-regs area (fast path)",
+                    true,
+                    false,
+                    exits,
+                )
+                .0,
+                kvm_facade(
+                    &kvm,
+                    "facade, KVM_GET/SET_REGS (fallback)",
+                    false,
+                    false,
+                    exits,
+                )
+                .0,
                 kvm_raw(&kvm, "raw kvm-ioctls sync_regs_mut", true, exits),
                 kvm_raw(&kvm, "raw kvm-ioctls get_regs+set_regs", false, exits),
+                cell_sample,
             ];
             println!(
                 "  {:<40} {:>16} {:>14}",
@@ -252,17 +338,32 @@ fn main() {
                 "  facade fast path / raw sync-regs: {:.2}x (target <= 2x)",
                 ns(0) / ns(2).max(0.1)
             );
+            let claim_ns = claim_ticks as f64 / ticks_per_ns;
+            println!(
+                "  fast path inside a RegisterCell claim / raw sync-regs: {:.2}x (target <= 2x)",
+                ns(4) / ns(2).max(0.1)
+            );
+            println!(
+                "  RegisterCell claim + release, once per exit: {claim_ns:.1} ns = {:.3} % of \
+                 that variant's whole exit",
+                claim_ns / 10.0 / samples.get(4).map_or(1.0, |s| s.round_us()).max(0.001)
+            );
         }
     }
 
     let iterations = 2_000_000;
-    let page = sim(true, iterations);
-    let fake = sim(false, iterations / 10);
-    println!("simulated MSHV page, {iterations} handler calls (batch-timed)");
+    let page = sim(true, false, iterations);
+    let fake = sim(false, false, iterations / 10);
+    let cell = sim(true, true, iterations);
+    println!("simulated MSHV page, {iterations} handler calls (batch-timed, ns per call)");
     println!("  {:<40} {:>14.1}", "facade, valid page", page);
     println!(
         "  {:<40} {:>14.1}",
         "facade, invalid page -> fake hypercalls", fake
+    );
+    println!(
+        "  {:<40} {:>14.1}",
+        "RegisterCell claim + facade, valid page", cell
     );
     println!(
         "  ratio fake hypercalls/page: {:.1}x (the fake backend is an in-process call; real \

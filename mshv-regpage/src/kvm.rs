@@ -180,6 +180,9 @@ pub struct KvmVcpuRegisters {
     sync_enabled: bool,
     synced: bool,
     written: [Option<WritePath>; 2],
+    /// Per class: the sync area may serve this class now (`synced` and not written by
+    /// ioctl since the last run) — the one byte the fast path tests.
+    fast: [bool; 2],
     /// Copies fetched by ioctl since the last run (the vCPU does not change in between
     /// except through this object), so the fallback costs one get per class per exit.
     regs_cache: Option<kvm_regs>,
@@ -211,6 +214,7 @@ impl KvmVcpuRegisters {
             sync_enabled: enabled,
             synced: false,
             written: [None; 2],
+            fast: [false; 2],
             regs_cache: None,
             sregs_cache: None,
             stats: AccessStats::default(),
@@ -249,6 +253,7 @@ impl KvmVcpuRegisters {
     pub fn run(&mut self) -> std::result::Result<VcpuExit<'_>, kvm_ioctls::Error> {
         self.synced = self.sync_enabled;
         self.written = [None; 2];
+        self.fast = [self.sync_enabled; 2];
         self.regs_cache = None;
         self.sregs_cache = None;
         self.vcpu.run()
@@ -256,7 +261,7 @@ impl KvmVcpuRegisters {
 
     #[inline]
     fn read_sync(&self, class: KvmClass) -> bool {
-        self.synced && self.written[class as usize] != Some(WritePath::Hypercall)
+        self.fast[class as usize]
     }
 
     /// Records an ioctl write of `class`, refusing it if the class was written in the sync
@@ -273,6 +278,7 @@ impl KvmVcpuRegisters {
             });
         }
         *slot = Some(WritePath::Hypercall);
+        self.fast[class as usize] = false;
         Ok(())
     }
 
@@ -338,14 +344,18 @@ impl KvmVcpuRegisters {
         self.sregs_cached()
     }
 
-    /// Whether a write of `class` may go to the sync area now (recorded if so).
+    /// Whether a write of `class` may go to the sync area now; if so, records it and sets
+    /// the class's dirty flag (once per run).
     #[inline]
     fn fast_write(&mut self, class: KvmClass) -> bool {
-        let slot = &mut self.written[class as usize];
-        if !self.synced || *slot == Some(WritePath::Hypercall) {
+        if !self.fast[class as usize] {
             return false;
         }
-        *slot = Some(WritePath::Page);
+        let slot = &mut self.written[class as usize];
+        if *slot != Some(WritePath::Page) {
+            *slot = Some(WritePath::Page);
+            self.vcpu.set_sync_dirty_reg(class.sync_reg());
+        }
         self.stats.page_writes += 1;
         true
     }
@@ -354,7 +364,6 @@ impl KvmVcpuRegisters {
     fn write_regs(&mut self, f: impl FnOnce(&mut kvm_regs)) -> Result<()> {
         if self.fast_write(KvmClass::Regs) {
             f(&mut self.vcpu.sync_regs_mut().regs);
-            self.vcpu.set_sync_dirty_reg(KvmClass::Regs.sync_reg());
             return Ok(());
         }
         let mut regs = self.regs_for_slow_write()?;
@@ -375,7 +384,6 @@ impl KvmVcpuRegisters {
     fn write_sregs(&mut self, f: impl FnOnce(&mut kvm_sregs)) -> Result<()> {
         if self.fast_write(KvmClass::Sregs) {
             f(&mut self.vcpu.sync_regs_mut().sregs);
-            self.vcpu.set_sync_dirty_reg(KvmClass::Sregs.sync_reg());
             return Ok(());
         }
         let mut sregs = self.sregs_for_slow_write()?;

@@ -97,7 +97,11 @@ fn the_facade_can_own_or_share_its_backend() {
     hv.exit(&mut regs).unwrap();
     hv.set_page_valid(&mut regs, false).unwrap();
     regs.set_rip(0x102).unwrap();
-    assert_eq!(hv.state().rip, 0x102, "written by hypercall through the Arc");
+    assert_eq!(
+        hv.state().rip,
+        0x102,
+        "written by hypercall through the Arc"
+    );
     assert_eq!(regs.stats().hypercall_sets, 1);
     assert_eq!(Arc::strong_count(&shared), 2);
     let (page, backend) = regs.into_parts();
