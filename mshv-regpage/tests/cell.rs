@@ -1,5 +1,6 @@
 //! `RegisterCell` (the facade behind `&self`), owned and shared backends, errno-keeping
 //! errors.
+#![cfg(target_arch = "x86_64")]
 
 use std::io;
 use std::sync::mpsc;

@@ -1,4 +1,5 @@
 //! `VcpuRegisters` over the simulated hypervisor: fast path, fallback, mixing guard, counters.
+#![cfg(target_arch = "x86_64")]
 
 use mshv_bindings as hv;
 use mshv_regpage::sim::SimHypervisor;

@@ -1,5 +1,6 @@
 //! The facade on this machine's real KVM: a CPL3 guest doing `in`/`out` in a loop.
 //! Skipped (with a clear message) where `/dev/kvm` is missing.
+#![cfg(target_arch = "x86_64")]
 
 mod common;
 

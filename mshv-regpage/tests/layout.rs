@@ -4,6 +4,7 @@
 //! (Linux commit 48fcc895403c), so the two layouts are identical field for field. Older
 //! bindings (without `reserved[8]`) would fail `rip_rflags_reserved_and_xmm` and
 //! `total_size` here; our own struct follows the design note either way.
+#![cfg(target_arch = "x86_64")]
 
 use core::mem::{offset_of, size_of};
 

@@ -1,6 +1,7 @@
 //! Arbitrary op sequences against the plain model (dirty bits, lost non-dirty writes,
 //! read-only registers, mixing guard, page validity). The future `regpage` fuzz target
 //! drives the same `Harness` with `Op::decode`.
+#![cfg(target_arch = "x86_64")]
 
 use mshv_regpage::sim::{Harness, Op};
 use mshv_regpage::{Gpr, ReadOnlyRegister, Segment, SegmentAttributes, SegmentRegister, Xmm};

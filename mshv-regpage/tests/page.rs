@@ -1,4 +1,5 @@
 //! `RegisterPage` on ordinary memory: mapping, raw wrapping, typed accessors, dirty bits.
+#![cfg(target_arch = "x86_64")]
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
