@@ -30,6 +30,9 @@ bash ci/vhost-test.sh
 step "cargo package (library crates)"
 bash ci/package.sh
 
+step "downstream consumer check (builds against the packaged crates)"
+bash ci/downstream.sh
+
 step "fuzz"
 bash ci/fuzz.sh
 
