@@ -102,6 +102,9 @@ missing=$(comm -23 <(grep '^example' <<<"$root_list" | awk '{print $2 "/" $3}' |
 grep '^example' <<<"$pkg_list" | awk '{print "    " $2 "/" $3 " (required-features: " $4 ")"}'
 
 step "build and test the consumer crate (ci/downstream) against the packages"
+cargo fmt -p downstream-check --check || fail "ci/downstream is not formatted (cargo fmt)"
+cargo clippy --locked --quiet -p downstream-check --all-targets -- -D warnings ||
+    fail "the consumer crate has clippy findings"
 cargo test --locked || fail "the consumer crate does not build or pass its tests against the packages"
 
 step "build and run every packaged example with its own required-features only"

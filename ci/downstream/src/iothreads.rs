@@ -6,9 +6,7 @@ use iothread_registry::{IoThreadParams, IoThreadRegistry};
 pub fn iothread_thread_name(id: &str) -> Result<Option<String>, iothread_registry::Error> {
     let registry = IoThreadRegistry::new();
     registry.create(id, IoThreadParams::default())?;
-    let name = registry.call(id, |_ctx| {
-        std::thread::current().name().map(str::to_owned)
-    })?;
+    let name = registry.call(id, |_ctx| std::thread::current().name().map(str::to_owned))?;
     registry.delete(id)?;
     Ok(name)
 }

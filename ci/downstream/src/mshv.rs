@@ -94,7 +94,10 @@ mod tests {
     #[test]
     fn pio_fast_path_through_a_shared_vcpu() -> Result<(), BoxError> {
         let (mut hv, page) = SimHypervisor::new();
-        let vcpu = Arc::new(RegpageVcpu::new(VcpuRegisters::new(Some(page), hv.hypercalls())));
+        let vcpu = Arc::new(RegpageVcpu::new(VcpuRegisters::new(
+            Some(page),
+            hv.hypercalls(),
+        )));
         let shared: Arc<dyn Vcpu> = vcpu.clone();
         shared.set_regs(&StandardRegisters {
             rip: 0x1000,
@@ -113,9 +116,8 @@ mod tests {
             .join()
             .map_err(|_| "vCPU thread panicked")??;
 
-        let applied = vcpu.with_registers(|regs| -> Result<_, BoxError> {
-            Ok(hv.dispatch(regs)?.applied)
-        })?;
+        let applied =
+            vcpu.with_registers(|regs| -> Result<_, BoxError> { Ok(hv.dispatch(regs)?.applied) })?;
         assert!(applied.contains(RegisterClass::General) && applied.contains(RegisterClass::Ip));
         assert_eq!(hv.state().gpr(Gpr::Rax), 0xffff_0000_0000_115a);
         assert_eq!(hv.state().rip, 0x1001);
