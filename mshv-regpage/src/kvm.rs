@@ -15,7 +15,7 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd};
 
-use crate::access::{AccessStats, ExitRegisters};
+use crate::access::{AccessStats, ExitRegisters, PageCounters};
 use crate::dirty::RegisterClass;
 use crate::error::{Error, Result, WritePath};
 use crate::regs::{Gpr, ReadOnlyRegister, Segment, SegmentAttributes, SegmentRegister, Xmm};
@@ -187,7 +187,18 @@ pub struct KvmVcpuRegisters {
     /// except through this object), so the fallback costs one get per class per exit.
     regs_cache: Option<kvm_regs>,
     sregs_cache: Option<kvm_sregs>,
+    /// Ioctl counters (the page counters come from `page_counters`).
     stats: AccessStats,
+    page_counters: PageCounters,
+}
+
+/// Page counter slots of the sync-area accessors (one per kind, so that a handler's
+/// increments do not chain on one memory word).
+mod slot {
+    pub(super) const GPR: usize = 0;
+    pub(super) const RIP: usize = 1;
+    pub(super) const RFLAGS: usize = 2;
+    pub(super) const SREGS: usize = 3;
 }
 
 impl KvmVcpuRegisters {
@@ -218,6 +229,7 @@ impl KvmVcpuRegisters {
             regs_cache: None,
             sregs_cache: None,
             stats: AccessStats::default(),
+            page_counters: PageCounters::default(),
         }
     }
 
@@ -315,9 +327,9 @@ impl KvmVcpuRegisters {
     }
 
     #[inline]
-    fn read_regs<T>(&mut self, f: impl FnOnce(&kvm_regs) -> T) -> Result<T> {
+    fn read_regs<T>(&mut self, slot: usize, f: impl FnOnce(&kvm_regs) -> T) -> Result<T> {
         if self.read_sync(KvmClass::Regs) {
-            self.stats.page_reads += 1;
+            self.page_counters.read(slot);
             return Ok(f(&self.vcpu.sync_regs_mut().regs));
         }
         self.regs_slow().map(|r| f(&r))
@@ -332,7 +344,7 @@ impl KvmVcpuRegisters {
     #[inline]
     fn read_sregs<T>(&mut self, f: impl FnOnce(&kvm_sregs) -> T) -> Result<T> {
         if self.read_sync(KvmClass::Sregs) {
-            self.stats.page_reads += 1;
+            self.page_counters.read(slot::SREGS);
             return Ok(f(&self.vcpu.sync_regs_mut().sregs));
         }
         self.sregs_slow().map(|s| f(&s))
@@ -347,7 +359,7 @@ impl KvmVcpuRegisters {
     /// Whether a write of `class` may go to the sync area now; if so, records it and sets
     /// the class's dirty flag (once per run).
     #[inline]
-    fn fast_write(&mut self, class: KvmClass) -> bool {
+    fn fast_write(&mut self, class: KvmClass, counter: usize) -> bool {
         if !self.fast[class as usize] {
             return false;
         }
@@ -356,13 +368,13 @@ impl KvmVcpuRegisters {
             *slot = Some(WritePath::Page);
             self.vcpu.set_sync_dirty_reg(class.sync_reg());
         }
-        self.stats.page_writes += 1;
+        self.page_counters.write(counter);
         true
     }
 
     #[inline]
-    fn write_regs(&mut self, f: impl FnOnce(&mut kvm_regs)) -> Result<()> {
-        if self.fast_write(KvmClass::Regs) {
+    fn write_regs(&mut self, slot: usize, f: impl FnOnce(&mut kvm_regs)) -> Result<()> {
+        if self.fast_write(KvmClass::Regs, slot) {
             f(&mut self.vcpu.sync_regs_mut().regs);
             return Ok(());
         }
@@ -382,7 +394,7 @@ impl KvmVcpuRegisters {
 
     #[inline]
     fn write_sregs(&mut self, f: impl FnOnce(&mut kvm_sregs)) -> Result<()> {
-        if self.fast_write(KvmClass::Sregs) {
+        if self.fast_write(KvmClass::Sregs, slot::SREGS) {
             f(&mut self.vcpu.sync_regs_mut().sregs);
             return Ok(());
         }
@@ -437,7 +449,7 @@ impl KvmVcpuRegisters {
 
     /// The general purpose registers, RIP and RFLAGS.
     pub fn regs(&mut self) -> Result<kvm_regs> {
-        self.read_regs(|r| *r)
+        self.read_regs(slot::GPR, |r| *r)
     }
 
     /// The special registers.
@@ -449,32 +461,32 @@ impl KvmVcpuRegisters {
 impl ExitRegisters for KvmVcpuRegisters {
     #[inline]
     fn gpr(&mut self, reg: Gpr) -> Result<u64> {
-        self.read_regs(|r| kvm_gpr(r, reg))
+        self.read_regs(slot::GPR, |r| kvm_gpr(r, reg))
     }
 
     #[inline]
     fn set_gpr(&mut self, reg: Gpr, value: u64) -> Result<()> {
-        self.write_regs(|r| *kvm_gpr_mut(r, reg) = value)
+        self.write_regs(slot::GPR, |r| *kvm_gpr_mut(r, reg) = value)
     }
 
     #[inline]
     fn rip(&mut self) -> Result<u64> {
-        self.read_regs(|r| r.rip)
+        self.read_regs(slot::RIP, |r| r.rip)
     }
 
     #[inline]
     fn set_rip(&mut self, value: u64) -> Result<()> {
-        self.write_regs(|r| r.rip = value)
+        self.write_regs(slot::RIP, |r| r.rip = value)
     }
 
     #[inline]
     fn rflags(&mut self) -> Result<u64> {
-        self.read_regs(|r| r.rflags)
+        self.read_regs(slot::RFLAGS, |r| r.rflags)
     }
 
     #[inline]
     fn set_rflags(&mut self, value: u64) -> Result<()> {
-        self.write_regs(|r| r.rflags = value)
+        self.write_regs(slot::RFLAGS, |r| r.rflags = value)
     }
 
     #[inline]
@@ -536,7 +548,7 @@ impl ExitRegisters for KvmVcpuRegisters {
     }
 
     fn stats(&self) -> AccessStats {
-        self.stats
+        self.page_counters.into_stats(self.stats)
     }
 }
 
