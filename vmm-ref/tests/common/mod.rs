@@ -1,6 +1,8 @@
 //! Shared helpers for the black-box tests: they run the built `vmm-ref` binary.
 #![allow(dead_code)]
 
+pub mod powercut;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
