@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod powercut;
+pub mod vhost_user;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
