@@ -565,8 +565,11 @@ fn export_flushed_writes_survive_power_cut_io_uring() {
 
 #[test]
 fn export_flushed_writes_survive_power_cut_threads_direct() {
-    let Some(out) = run_export_case("export-threads-direct", "aio=threads,cache.direct=on", false)
-    else {
+    let Some(out) = run_export_case(
+        "export-threads-direct",
+        "aio=threads,cache.direct=on",
+        false,
+    ) else {
         return;
     };
     assert!(out.bad.is_empty(), "{:?}\n{}", out.bad, out.context);

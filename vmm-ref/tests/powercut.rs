@@ -48,7 +48,7 @@ fn unsynced_writes_are_lost_and_synced_ones_survive() {
     f.sync_data().unwrap(); // fdatasync
     f.write_all_at(&[2u8; 4096], 4096).unwrap();
     f.sync_all().unwrap(); // fsync
-    // A partial-page write over committed data, then never synced.
+                           // A partial-page write over committed data, then never synced.
     f.write_all_at(&[3u8; 100], 10).unwrap();
     f.write_all_at(&[4u8; 4096], 8192).unwrap();
     // The process sees its own writes ...

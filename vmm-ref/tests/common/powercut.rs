@@ -427,7 +427,10 @@ impl PowerCutDisk {
     pub fn durable(&self, offset: u64, len: usize) -> Vec<u8> {
         let s = lock(&self.state);
         let mut buf = vec![0u8; len];
-        let n = s.durable.read_at(&mut buf, offset).expect("read durable store");
+        let n = s
+            .durable
+            .read_at(&mut buf, offset)
+            .expect("read durable store");
         buf.truncate(n);
         buf
     }
@@ -439,7 +442,9 @@ impl Drop for PowerCutDisk {
             if let Err(e) = session.umount_and_join() {
                 eprintln!("unmounting {}: {e}", self.mountpoint.display());
                 // Lazy unmount so that the temporary directory can go.
-                if let Ok(c) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()) {
+                if let Ok(c) =
+                    std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes())
+                {
                     // SAFETY: a valid NUL-terminated path; no memory is shared.
                     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
                 }

@@ -91,10 +91,7 @@ fn memfd(size: u64) -> Result<File, String> {
     // SAFETY: a valid NUL-terminated name and valid flags.
     let fd = unsafe { libc::memfd_create(c"vu-blk-test".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
-        return Err(format!(
-            "memfd_create: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: the fd was just created and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
@@ -164,7 +161,8 @@ impl VuBlk {
                 published: 0,
             };
             let d = desc_table(q);
-            fe.set_vring_num(q, RING_SIZE).map_err(err("SET_VRING_NUM"))?;
+            fe.set_vring_num(q, RING_SIZE)
+                .map_err(err("SET_VRING_NUM"))?;
             fe.set_vring_base(q, 0).map_err(err("SET_VRING_BASE"))?;
             fe.set_vring_addr(
                 q,
@@ -179,8 +177,10 @@ impl VuBlk {
                 },
             )
             .map_err(err("SET_VRING_ADDR"))?;
-            fe.set_vring_kick(q, &vq.kick).map_err(err("SET_VRING_KICK"))?;
-            fe.set_vring_call(q, &vq.call).map_err(err("SET_VRING_CALL"))?;
+            fe.set_vring_kick(q, &vq.kick)
+                .map_err(err("SET_VRING_KICK"))?;
+            fe.set_vring_call(q, &vq.call)
+                .map_err(err("SET_VRING_CALL"))?;
             fe.set_vring_err(q, &vq.err).map_err(err("SET_VRING_ERR"))?;
             vqs.push(vq);
         }
@@ -264,7 +264,8 @@ impl VuBlk {
             let next = if i + 1 < n { VRING_DESC_F_NEXT } else { 0 };
             let base = table + 16 * i as u64;
             m.write_obj(addr.to_le(), GuestAddress(base)).map_err(e)?;
-            m.write_obj(len.to_le(), GuestAddress(base + 8)).map_err(e)?;
+            m.write_obj(len.to_le(), GuestAddress(base + 8))
+                .map_err(e)?;
             m.write_obj((flags | next).to_le(), GuestAddress(base + 12))
                 .map_err(e)?;
             m.write_obj((i as u16 + 1).to_le(), GuestAddress(base + 14))
@@ -324,7 +325,14 @@ impl VuBlk {
 
     /// One request on queue `q` with its default buffers, waited for;
     /// returns the status byte.
-    fn run(&mut self, q: usize, t: u32, sector: u64, data: &[u8], in_len: u32) -> Result<u8, String> {
+    fn run(
+        &mut self,
+        q: usize,
+        t: u32,
+        sector: u64,
+        data: &[u8],
+        in_len: u32,
+    ) -> Result<u8, String> {
         let at = Placement::of_queue(q);
         self.prepare(q, t, sector, data, in_len, at)?;
         self.publish(q)?;
