@@ -145,10 +145,8 @@ fn a_front_end_shrinking_guest_memory_stops_its_ring_not_the_daemon() {
     serves(&mut vu, 32, 7);
     drop(vu);
     drop(other);
+    let pid = daemon.child.id() as libc::pid_t;
     // SAFETY: plain kill(2) on our own child's pid.
-    assert_eq!(
-        unsafe { libc::kill(daemon.child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     assert_eq!(daemon.wait(T), Some(0), "clean stop after the faults");
 }
