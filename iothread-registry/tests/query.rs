@@ -147,9 +147,9 @@ fn properties_report_values_in_use() {
                 .with_shrink(5),
         )
         .with_aio_max_batch(9);
-    r.set_params("io0", p.clone()).unwrap();
+    r.set_params("io0", p).unwrap();
     assert_eq!(r.params("io0").unwrap(), p);
-    let bad = p.clone().with_poll(p.clone().poll.with_grow(-3));
+    let bad = p.with_poll(p.poll.with_grow(-3));
     assert!(r.set_params("io0", bad).is_err());
     assert_eq!(r.params("io0").unwrap(), p);
 }
@@ -178,7 +178,7 @@ proptest! {
                     prop_assert!(refused);
                 }
                 Ok(p) => {
-                    let mut next = model.clone();
+                    let mut next = model;
                     match next.set(p, value) {
                         Ok(()) => {
                             prop_assert!(res.is_ok());
