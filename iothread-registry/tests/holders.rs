@@ -102,7 +102,7 @@ fn remap_moves_the_holder_atomically() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(watcher.join().unwrap() > 0);
     // Even number of rounds: back on io0/io1; the other holder was never touched.
-    assert_eq!(r.holders("io0").unwrap(), [d0.clone()]);
+    assert_eq!(r.holders("io0").unwrap(), vec![d0.clone()]);
     assert!(r.holders("io2").unwrap().is_empty());
     assert_eq!(r.holders("other").unwrap(), [dev(1)]);
     // Released IOThreads can go; held ones cannot.
@@ -151,16 +151,16 @@ fn failed_remap_keeps_the_old_mapping() {
         let err = a.remap(&mapping).unwrap_err();
         assert_eq!(err.to_string(), msg);
         assert_eq!(a.mapping(), old);
-        assert_eq!(r.holders("io0").unwrap(), [d0.clone()]);
-        assert_eq!(r.holders("io1").unwrap(), [d0.clone()]);
+        assert_eq!(r.holders("io0").unwrap(), vec![d0.clone()]);
+        assert_eq!(r.holders("io1").unwrap(), vec![d0.clone()]);
         assert!(r.holders("io2").unwrap().is_empty());
     }
     // Overlapping mappings keep one registration per IOThread.
     a.remap(&[IoThreadVqMapping::new("io1"), IoThreadVqMapping::new("io2")])
         .unwrap();
     assert!(r.holders("io0").unwrap().is_empty());
-    assert_eq!(r.holders("io1").unwrap(), [d0.clone()]);
-    assert_eq!(r.holders("io2").unwrap(), [d0.clone()]);
+    assert_eq!(r.holders("io1").unwrap(), vec![d0.clone()]);
+    assert_eq!(r.holders("io2").unwrap(), vec![d0.clone()]);
     // The guards of the new mapping reach the new IOThreads.
     let tid = r.thread_id("io2").unwrap();
     let inside = a
