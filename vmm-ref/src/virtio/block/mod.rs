@@ -1384,6 +1384,22 @@ mod tests {
                     "round {round}"
                 );
                 assert_eq!(held_by_d0(&reg), side_ids[to]);
+                // Handlers left the old IOThreads and run on the new ones (each
+                // serves two queues: two kick handlers, plus two completion
+                // handlers with io_uring).
+                for (side, ids) in side_ids.iter().enumerate() {
+                    for id in ids {
+                        let probe = reg
+                            .acquire(id, IoThreadHolder::block_node("probe"))
+                            .unwrap();
+                        let n = probe.call(|ctx| ctx.handler_count()).unwrap();
+                        if side == to {
+                            assert!(n >= 2, "round {round}: {n} handlers on {id}");
+                        } else {
+                            assert_eq!(n, 0, "round {round}: handlers left on {id}");
+                        }
+                    }
+                }
             }
             // No request was completed twice.
             std::thread::sleep(std::time::Duration::from_millis(20));
