@@ -127,11 +127,11 @@ fn guest_that_never_touches_the_device_still_holds_and_object_del_is_refused() {
         "human-monitor-command",
         json!({"command-line": "info iothreads"}),
     );
-    assert!(
-        hmp.as_str().unwrap().contains(&format!("io1:\n")),
-        "{hmp}"
-    );
-    assert!(hmp.as_str().unwrap().contains(&format!("    qom-object {D0}\n")));
+    assert!(hmp.as_str().unwrap().contains(&format!("io1:\n")), "{hmp}");
+    assert!(hmp
+        .as_str()
+        .unwrap()
+        .contains(&format!("    qom-object {D0}\n")));
     // An IOThread nobody holds can go.
     qmp.execute("object-del", json!({"id": "io3"}));
 
@@ -162,13 +162,19 @@ fn guest_that_never_touches_the_device_still_holds_and_object_del_is_refused() {
         assert_eq!(held(&mut qmp), ["io0", "io1", "io2"]);
     }
     let err = qmp
-        .execute_result("x-drive-set-iothreads", json!({"id": "d9", "iothread": "io0"}))
+        .execute_result(
+            "x-drive-set-iothreads",
+            json!({"id": "d9", "iothread": "io0"}),
+        )
         .unwrap_err();
     assert_eq!(
         err,
         json!({"class": "DeviceNotFound", "desc": "Device 'd9' not found"})
     );
-    qmp.execute("x-drive-set-iothreads", json!({"id": "d0", "iothread": "io2"}));
+    qmp.execute(
+        "x-drive-set-iothreads",
+        json!({"id": "d0", "iothread": "io2"}),
+    );
     assert_eq!(held(&mut qmp), ["io2"]);
     assert_eq!(queue_iothreads(&mut qmp), ["io2", "io2"]);
     qmp.execute("object-del", json!({"id": "io0"}));
@@ -207,13 +213,17 @@ fn holders_unchanged_across_activation_reset_and_reactivation() {
     // holders never change meanwhile.
     let mut seen: Vec<bool> = Vec::new();
     let deadline = Instant::now() + T;
-    while seen != [false, true, false, true] {
-        assert!(Instant::now() < deadline, "activation states seen: {seen:?}");
+    // (The driver may have activated the device before we connected.)
+    while !seen.ends_with(&[true, false, true]) {
+        assert!(
+            Instant::now() < deadline,
+            "activation states seen: {seen:?}"
+        );
         let a = activated(&mut qmp);
         assert_eq!(held(&mut qmp), ["io0", "io1"], "activated={a}");
         if seen.last() != Some(&a) {
             seen.push(a);
-            if seen.len() == 3 {
+            if seen.ends_with(&[true, false]) {
                 let q = qmp.execute("query-iothreads", json!(null));
                 println!("query-iothreads after the guest reset its device: {q}");
             }

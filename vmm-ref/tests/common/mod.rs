@@ -206,7 +206,11 @@ impl Running {
     /// Writes `bytes` to vmm-ref's stdin (the guest's serial console).
     pub fn send_input(&mut self, bytes: &[u8]) {
         use std::io::Write;
-        let stdin = self.child.stdin.as_mut().expect("spawned with spawn_interactive");
+        let stdin = self
+            .child
+            .stdin
+            .as_mut()
+            .expect("spawned with spawn_interactive");
         stdin.write_all(bytes).unwrap();
         stdin.flush().unwrap();
     }
