@@ -191,7 +191,7 @@ impl Vmm {
         let registry = IoThreadRegistry::new();
         for (id, params) in &config.iothreads {
             registry
-                .create(id, params.clone())
+                .create(id, *params)
                 .map_err(|source| VmmError::IoThread {
                     id: id.clone(),
                     source,

@@ -127,7 +127,7 @@ fn guest_that_never_touches_the_device_still_holds_and_object_del_is_refused() {
         "human-monitor-command",
         json!({"command-line": "info iothreads"}),
     );
-    assert!(hmp.as_str().unwrap().contains(&format!("io1:\n")), "{hmp}");
+    assert!(hmp.as_str().unwrap().contains("io1:\n"), "{hmp}");
     assert!(hmp
         .as_str()
         .unwrap()
