@@ -280,20 +280,22 @@ mod tests {
 
     #[test]
     fn negatives_rejected() {
-        for (p, name) in [
-            (PollParams::default().with_max_ns(-1), "poll-max-ns"),
-            (PollParams::default().with_grow_shrink(-2, 2), "poll-grow"),
+        for (p, name, max) in [
+            (PollParams::default().with_max_ns(-1), "poll-max-ns", i64::MAX),
+            (
+                PollParams::default().with_grow_shrink(-2, 2),
+                "poll-grow",
+                i64::MAX,
+            ),
             (
                 PollParams::default().with_grow_shrink(2, i64::MIN),
                 "poll-shrink",
+                i64::MAX,
             ),
-            (PollParams::default().with_weight(-3), "poll-weight"),
+            (PollParams::default().with_weight(-3), "poll-weight", 63),
         ] {
             let msg = p.validate().unwrap_err().to_string();
-            assert_eq!(
-                msg,
-                format!("{name} value must be in range [0, 9223372036854775807]")
-            );
+            assert_eq!(msg, format!("{name} value must be in range [0, {max}]"));
         }
     }
 
