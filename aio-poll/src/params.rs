@@ -281,7 +281,11 @@ mod tests {
     #[test]
     fn negatives_rejected() {
         for (p, name, max) in [
-            (PollParams::default().with_max_ns(-1), "poll-max-ns", i64::MAX),
+            (
+                PollParams::default().with_max_ns(-1),
+                "poll-max-ns",
+                i64::MAX,
+            ),
             (
                 PollParams::default().with_grow_shrink(-2, 2),
                 "poll-grow",
