@@ -90,8 +90,10 @@ if [ "$update_lock" = 1 ]; then
     cp "$root/Cargo.lock" Cargo.lock
     cargo update --workspace
 fi
-ds_meta=$(cargo metadata --locked --format-version 1 --no-deps) ||
+# A full (resolving) metadata call checks the lock; the listing needs no dependencies.
+cargo metadata --locked --format-version 1 >/dev/null ||
     fail "ci/downstream/Cargo.lock is out of date: run 'bash ci/downstream.sh --update-lock' and commit it"
+ds_meta=$(cargo metadata --locked --format-version 1 --no-deps)
 pkg_list=$(metadata_examples "${crates[@]}" <<<"$ds_meta")
 
 step "every example of the workspace crates is in its package"
