@@ -313,7 +313,7 @@ report += ["", "Medians:", "",
            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for u in units:
     kind, profile, storage, q, poll = u
-    report.append(f"| {kind} | {profile} | {storage} | {q} | {poll} | {fmt(med(u, 'iops'))} | "
+    report.append(f"| {kind} | {profile} | {storage} | {q} | {poll} | {fmt(med(u, 'iops'), 0)} | "
                   f"{fmt(med(u, 'ios_per_kick'))} | {fmt(med(u, 'dev_us'), 2)} | "
                   f"{fmt(med(u, 'cpu_us'), 2)} | {fmt(med(u, 'iothread_us'), 2)} | "
                   f"{fmt(med(u, 'workers_us'), 2)} | {fmt(med(u, 'vcpu_share'), 0)} |")
