@@ -10,6 +10,9 @@ command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 [ -x /usr/lib/llvm-19/bin/llvm-profdata ] || need_apt+=(llvm-19)
 # ci/bench-poll.sh measures the host disk with fio to choose the guest iodepth.
 command -v fio >/dev/null || need_apt+=(fio)
+# The power-cut durability tests mount a FUSE file system: as root the fuser
+# crate calls mount(2) itself, otherwise it needs fusermount3.
+command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "ci/setup: apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -1,6 +1,9 @@
 //! Shared helpers for the black-box tests: they run the built `vmm-ref` binary.
 #![allow(dead_code)]
 
+pub mod powercut;
+pub mod vhost_user;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
