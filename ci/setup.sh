@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test command needs on a fresh machine (idempotent).
-# Debian packages (QEMU, LLVM 19, fio), Python's qemu.qmp (brings qmp-shell), and cargo-fuzz.
+# Debian packages (QEMU, LLVM 19, fio, fuse3), Python's qemu.qmp (brings qmp-shell), and cargo-fuzz.
 set -euo pipefail
 
 need_apt=()
