@@ -37,7 +37,7 @@ pub enum Command {
 /// Options of `run`.
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
-    /// Kernel image: ELF (64-bit entry, or PVH entry with `--boot pvh`) or bzImage.
+    /// Kernel image: ELF64 x86-64 (PVH entry if it has the note, else its 64-bit entry) or bzImage.
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
@@ -46,8 +46,8 @@ pub struct RunArgs {
     /// Kernel command line (virtio_mmio.device= and tsc_khz= are appended).
     #[arg(long, value_name = "STRING")]
     pub cmdline: Option<String>,
-    /// Boot protocol: `linux64` (64-bit entry, the default) or `pvh` (the ELF's PVH note).
-    #[arg(long, value_name = "linux64|pvh")]
+    /// Boot protocol: `auto` (the default: PVH if the ELF has the PVH note, else the 64-bit entry), `linux64` or `pvh`.
+    #[arg(long, value_name = "auto|linux64|pvh")]
     pub boot: Option<crate::vm::boot::BootProtocol>,
     /// Guest RAM, e.g. 256M or 1G.
     #[arg(long, value_name = "SIZE")]

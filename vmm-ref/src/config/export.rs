@@ -9,15 +9,14 @@
 //! with QMP `block-export-add`.
 
 use std::collections::HashSet;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use iothread_registry::IoThreadParams;
 
 use super::cli::{parse_object, ExportArgs};
 use super::{
-    check_image_file, check_qmp, validate_objects, ConfigError, InvalidOption, Origin, QmpAddr,
+    check_image_file, check_qmp, check_socket_path, validate_objects, ConfigError, InvalidOption,
+    Origin, QmpAddr, SocketPathError,
 };
 use crate::export::{DriveSpec, ExportConfig, ExportSpec};
 use crate::virtio::block::backend::BlockEngine;
@@ -65,15 +64,9 @@ pub enum ExportConflict {
         /// The export of it.
         other: String,
     },
-    /// Something other than a socket is at the path.
-    #[error("'{0}' exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    /// A live server accepts connections on the path.
-    #[error("socket '{0}' is in use by a running server")]
-    InUse(PathBuf),
-    /// The socket's directory does not exist.
-    #[error("directory '{0}' does not exist")]
-    NoDirectory(PathBuf),
+    /// The socket path is unusable (no directory, not a socket, in use).
+    #[error(transparent)]
+    SocketPath(SocketPathError),
 }
 
 /// The path with its directory resolved (symlinks, `..`), for comparing
@@ -119,19 +112,7 @@ pub fn check_export(
     if qmp.is_some_and(|q| canonical_socket(q) == socket) {
         return Err(ExportConflict::SocketOfQmp(new.socket.clone()));
     }
-    if let Some(dir) = new.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(ExportConflict::NoDirectory(dir.to_owned()));
-        }
-    }
-    match std::fs::symlink_metadata(&new.socket) {
-        Ok(m) if !m.file_type().is_socket() => Err(ExportConflict::NotASocket(new.socket.clone())),
-        // A stale socket is replaced (as QEMU does); a live one is not.
-        Ok(_) if UnixStream::connect(&new.socket).is_ok() => {
-            Err(ExportConflict::InUse(new.socket.clone()))
-        }
-        _ => Ok(()),
-    }
+    check_socket_path(&new.socket).map_err(ExportConflict::SocketPath)
 }
 
 /// `--flag id=X` when the option string has an `id=`, else `--flag <s>`.
