@@ -240,9 +240,15 @@ pub struct Running {
 
 impl Running {
     pub fn spawn(args: &[&str]) -> Running {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// [`Running::spawn`] with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Running {
         use std::io::BufRead;
         let mut child = Command::new(VMM_REF)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -369,6 +375,19 @@ impl Qmp {
                 return r.clone();
             }
             panic!("{cmd} failed: {msg}");
+        }
+    }
+
+    /// Sends a request; returns the reply as it is (`return` or `error`),
+    /// skipping events.
+    pub fn request(&mut self, req: &serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        writeln!(self.writer, "{req}").unwrap();
+        loop {
+            let msg = self.read();
+            if msg.get("event").is_none() {
+                return msg;
+            }
         }
     }
 
