@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// `iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N][,poll-weight=N][,aio-max-batch=N][,poll-algorithm=weighted|classic]` (repeatable).
     #[arg(long = "object", value_name = "iothread,id=ID,...")]
     pub objects: Vec<String>,
-    /// `id=ID,file=PATH[,num-queues=N][,queue-size=N][,iothread=ID | iothread-vq-mapping=ID:ID...][,readonly=on][,direct=on][,aio=io_uring|threads|auto][,serial=S]` (repeatable).
+    /// `id=ID,file=PATH[,num-queues=N][,queue-size=N][,iothread=ID | iothread-vq-mapping=ID:ID...][,readonly=on][,direct=on][,aio=io_uring|threads|auto][,serial=S][,locking=auto|on|off]` (repeatable).
     #[arg(long = "drive", value_name = "id=ID,file=PATH,...")]
     pub drives: Vec<String>,
     /// QMP monitor socket: `unix:/path`.
@@ -72,7 +72,7 @@ pub struct RunArgs {
 /// Options of `export` (QEMU's `qemu-storage-daemon` vocabulary).
 #[derive(Debug, Default, Args)]
 pub struct ExportArgs {
-    /// `id=ID,file=PATH[,readonly=on][,cache.direct=on][,aio=auto|io_uring|threads]` (repeatable): a drive (block node) exports refer to by `node-name`.
+    /// `id=ID,file=PATH[,readonly=on][,cache.direct=on][,aio=auto|io_uring|threads][,locking=auto|on|off]` (repeatable): a drive (block node) exports refer to by `node-name`.
     #[arg(long = "drive", value_name = "id=ID,file=PATH,...")]
     pub drives: Vec<String>,
     /// `iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N][,poll-weight=N][,aio-max-batch=N][,poll-algorithm=weighted|classic]` (repeatable).
@@ -172,6 +172,9 @@ pub fn parse_drive(s: &str) -> Result<DriveConfig, ConfigError> {
                 .take_with("aio", "io_uring, threads or auto", AioMode::parse)?
                 .unwrap_or_default(),
             serial: kv.take("serial"),
+            locking: kv
+                .take_with("locking", "on, off or auto", |v| v.parse().ok())?
+                .unwrap_or_default(),
         };
         kv.finish()?;
         Ok(d)

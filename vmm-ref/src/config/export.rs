@@ -15,14 +15,16 @@ use iothread_registry::IoThreadParams;
 
 use super::cli::{parse_object, ExportArgs};
 use super::{
-    check_image_file, check_qmp, check_socket_path, validate_objects, ConfigError, InvalidOption,
-    Origin, QmpAddr, SocketPathError,
+    check_image_file, check_qmp, check_socket_path, lock_image, validate_objects, ConfigError,
+    InvalidOption, Origin, QmpAddr, SocketPathError,
 };
 use crate::export::{DriveSpec, ExportConfig, ExportSpec};
 use crate::virtio::block::backend::BlockEngine;
+use crate::virtio::block::lock::ImageLock;
 
-/// A configuration of `vmm-ref export` that passed [`validate`].
-#[derive(Clone, Debug, PartialEq)]
+/// A configuration of `vmm-ref export` that passed [`validate`]. It holds
+/// the image locks of the exports to start.
+#[derive(Debug)]
 pub struct ValidExportConfig {
     /// IOThreads to create, in order, with their parameters.
     pub iothreads: Vec<(String, IoThreadParams)>,
@@ -30,6 +32,10 @@ pub struct ValidExportConfig {
     pub drives: Vec<DriveSpec>,
     /// The exports to start, in order.
     pub exports: Vec<ExportConfig>,
+    /// `image_locks[i]`: the lock on the image of `exports[i]`, taken during
+    /// validation so that a conflict is a configuration error; handed to the
+    /// export when it starts ([`crate::export::Export::start_locked`]).
+    pub image_locks: Vec<Option<ImageLock>>,
     /// `--qmp unix:/path`.
     pub qmp: Option<QmpAddr>,
 }
@@ -179,6 +185,7 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
 
     let ids: HashSet<&str> = object_ids.iter().map(String::as_str).collect();
     let mut exports: Vec<ExportConfig> = Vec::new();
+    let mut image_locks = Vec::new();
     for raw in &args.exports {
         let spec = ExportSpec::parse_cli(raw)
             .map_err(|e| ConfigError::option(label("--export", raw), InvalidOption::Export(e)))?;
@@ -196,7 +203,8 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
             .map_err(|e| ConfigError::option(lbl.clone(), InvalidOption::ExportConfig(e)))?;
         let existing: Vec<&ExportConfig> = exports.iter().collect();
         check_export(&cfg, &existing, qmp_path)
-            .map_err(|e| ConfigError::option(lbl, InvalidOption::ExportConflict(e)))?;
+            .map_err(|e| ConfigError::option(lbl.clone(), InvalidOption::ExportConflict(e)))?;
+        image_locks.push(lock_image(&lbl, &cfg.file, cfg.readonly, cfg.locking)?);
         exports.push(cfg);
     }
     if exports.is_empty() && qmp.is_none() {
@@ -209,6 +217,7 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
         iothreads,
         drives,
         exports,
+        image_locks,
         qmp,
     })
 }

@@ -13,10 +13,12 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use iothread_registry::{IoThreadParams, IoThreadVqMapping, Property};
 use serde::{Deserialize, Serialize};
 
+use crate::virtio::block::lock::{ImageLock, LockError, LockMode};
 use crate::vm::boot::{BootError, BootProtocol};
 use crate::vm::kernel::KernelInfo;
 use crate::vm::layout::{MAX_VCPUS, MAX_VIRTIO_DEVICES};
@@ -246,6 +248,9 @@ pub struct DriveConfig {
     /// GET_ID serial (at most 20 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Image locking, compatible with QEMU's (`on`, `off`, `auto`).
+    #[serde(default)]
+    pub locking: LockMode,
 }
 
 /// Where the QMP monitor listens.
@@ -326,6 +331,9 @@ pub enum InvalidOption {
     /// A socket cannot be created at the path.
     #[error(transparent)]
     Socket(SocketPathError),
+    /// The image is locked by another user (or cannot be locked).
+    #[error(transparent)]
+    Lock(LockError),
     /// A file cannot be opened.
     #[error("cannot open '{path}'{how}")]
     File {
@@ -387,17 +395,20 @@ impl ConfigError {
     }
 }
 
-/// A drive after validation: its configuration and, per queue, its IOThread.
-#[derive(Clone, Debug, PartialEq)]
+/// A drive after validation: its configuration, per queue its IOThread,
+/// and the lock on its image (held as long as any clone of this lives).
+#[derive(Clone, Debug)]
 pub struct ValidDrive {
     /// The drive.
     pub config: DriveConfig,
     /// `queue_iothreads[q]` serves queue `q`.
     pub queue_iothreads: Vec<String>,
+    /// The image lock (`None` with `locking=off`, or `auto` without OFD locks).
+    pub lock: Option<Arc<ImageLock>>,
 }
 
-/// A configuration that passed [`validate`].
-#[derive(Clone, Debug, PartialEq)]
+/// A configuration that passed [`validate`]. It holds the image locks.
+#[derive(Clone, Debug)]
 pub struct ValidConfig {
     /// The configuration as given.
     pub vm: VmConfig,
@@ -531,6 +542,18 @@ pub(crate) fn check_image_file(
         ));
     }
     Ok(())
+}
+
+/// Locks an image the way a virtio-blk device of QEMU does (see
+/// [`crate::virtio::block::lock`]); a conflict is a configuration error.
+pub(crate) fn lock_image(
+    option: &str,
+    file: &Path,
+    readonly: bool,
+    mode: LockMode,
+) -> Result<Option<ImageLock>, ConfigError> {
+    ImageLock::acquire(file, readonly, mode)
+        .map_err(|e| ConfigError::option(option, InvalidOption::Lock(e)))
 }
 
 /// IOThreads to create, in order, with their parameters.
@@ -716,9 +739,12 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
             ));
         }
         files.push((canonical, d.readonly, d.id.clone()));
+        // Last: the lock is held from here on (and released if a later check fails).
+        let lock = lock_image(&label, &d.file, d.readonly, d.locking)?;
         drives.push(ValidDrive {
             config: d.clone(),
             queue_iothreads,
+            lock: lock.map(Arc::new),
         });
     }
     // The command line as the boot will write it, with the widest tsc_khz=.

@@ -20,6 +20,7 @@
 
 pub mod backend;
 pub mod handler;
+pub mod lock;
 pub mod mapped;
 pub mod mem_disk;
 pub mod raw;
