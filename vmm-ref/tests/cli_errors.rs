@@ -81,6 +81,7 @@ fn drive_option_errors_name_the_option_and_leave_the_disk_alone() {
         (format!("id=d0,file={},iothread=io0,serial=123456789012345678901", f.disk), "--drive id=d0: serial must be at most 20 bytes"),
         (format!("id=d0,file={}/missing.img,iothread=io0", f.dir.path().display()), "--drive id=d0: cannot open"),
         (format!("id=0bad,file={},iothread=io0", f.disk), "--drive id=0bad: invalid drive id"),
+        (format!("id=d0,file={},iothread=io0,locking=maybe", f.disk), "--drive id=d0: invalid value 'maybe' for 'locking': expected on, off or auto"),
     ];
     for (drive, msg) in &cases {
         expect_error(

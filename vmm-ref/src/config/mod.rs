@@ -775,12 +775,13 @@ mod tests {
             "objects": [{"qom-type": "iothread", "id": "io0", "poll-max-ns": 0}],
             "drives": [{"id": "d0", "file": "/tmp/x.img", "num-queues": 2,
                         "iothread-vq-mapping": [{"iothread": "io0", "vqs": [0, 1]}],
-                        "aio": "io_uring", "readonly": true}],
+                        "aio": "io_uring", "readonly": true, "locking": "off"}],
             "qmp": "unix:/tmp/q.sock"
         }"#;
         let c: VmConfig = serde_json::from_str(text).unwrap();
         assert_eq!(c.memory, ByteSize(64 << 20));
         assert_eq!(c.drives[0].aio, AioMode::IoUring);
+        assert_eq!(c.drives[0].locking, LockMode::Off);
         assert_eq!(c.qmp, Some(QmpAddr::Unix("/tmp/q.sock".into())));
         let again: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(again, c);
