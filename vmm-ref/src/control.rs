@@ -51,6 +51,20 @@ impl QmpMachine for QmpAdapter {
     fn registry(&self) -> &iothread_registry::IoThreadRegistry {
         self.0.registry()
     }
+
+    fn set_drive_iothreads(
+        &self,
+        id: &str,
+        mapping: &[iothread_registry::IoThreadVqMapping],
+    ) -> Result<(), CommandError> {
+        let drive = self
+            .0
+            .drive(id)
+            .ok_or_else(|| CommandError::device_not_found(format!("Device '{id}' not found")))?;
+        drive
+            .set_iothreads(mapping)
+            .map_err(|e| CommandError::from_error(&e))
+    }
 }
 
 /// Environment variable overriding the QMP capabilities-negotiation timeout,

@@ -285,14 +285,14 @@ fn qmp_added_exports_lock_until_deleted() {
     // The other way round: while that one runs, block-export-add is refused.
     qmp.execute("block-export-del", json!({"id": "e0"}));
     let o = spawn_export(&img, &dir.join("o.sock"), true, "");
-    let reply = qmp.request(&json!({"execute": "block-export-add", "arguments": add}));
-    let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+    let err = qmp.execute_result("block-export-add", add).unwrap_err();
+    let desc = err["desc"].as_str().unwrap_or_default();
     assert!(
         desc.contains(&format!(
             "image '{img}' is in use: failed to get \"write\" lock, held by process {} (vmm-ref)",
             o.child.id()
         )),
-        "{reply}"
+        "{err}"
     );
     qmp.execute("quit", json!(null));
     assert_eq!(daemon.wait(T), Some(0));

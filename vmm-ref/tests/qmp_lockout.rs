@@ -100,12 +100,14 @@ fn idle_clients_cannot_lock_management_out() {
     assert_eq!(qmp.execute("query-block-exports", json!(null)), json!([]));
 
     // null is not a value for an integer member.
-    let reply = qmp.request(&json!({"execute": "object-add",
-        "arguments": {"qom-type": "iothread", "id": "io0", "poll-max-ns": null}}));
+    let reply = qmp.execute_result(
+        "object-add",
+        json!({"qom-type": "iothread", "id": "io0", "poll-max-ns": null}),
+    );
     assert_eq!(
         reply,
-        json!({"error": {"class": "GenericError",
-            "desc": "Invalid parameter type for 'poll-max-ns', expected: integer"}})
+        Err(json!({"class": "GenericError",
+            "desc": "Invalid parameter type for 'poll-max-ns', expected: integer"}))
     );
     assert_eq!(qmp.execute("query-iothreads", json!(null)), json!([]));
     qmp.execute("quit", json!(null));

@@ -126,6 +126,9 @@ pub struct Config {
     pub tsc_khz: Option<u64>,
     /// `verify.seed` (extension): fixes the data pattern, else TSC-derived.
     pub verify_seed: Option<u64>,
+    /// `verify.until_input=1`: repeat `verify` (each round with a new pattern)
+    /// until a byte arrives on the serial console, at least once.
+    pub verify_until_input: bool,
     /// `virtio.event_idx=0|1` (extension, default 1): whether to negotiate
     /// VIRTIO_F_EVENT_IDX (0 makes devices use `VIRTQ_USED_F_NO_NOTIFY`).
     pub event_idx: bool,
@@ -208,6 +211,7 @@ pub fn parse(cmdline: &str) -> Config {
         reset_pause_ms: 0,
         tsc_khz: None,
         verify_seed: None,
+        verify_until_input: false,
         event_idx: true,
         errors: 0,
     };
@@ -276,6 +280,14 @@ pub fn parse(cmdline: &str) -> Config {
                 .is_some(),
             "virtio.event_idx" => set(
                 &mut cfg.event_idx,
+                match value {
+                    "0" | "off" => Some(false),
+                    "1" | "on" => Some(true),
+                    _ => None,
+                },
+            ),
+            "verify.until_input" => set(
+                &mut cfg.verify_until_input,
                 match value {
                     "0" | "off" => Some(false),
                     "1" | "on" => Some(true),
