@@ -647,8 +647,9 @@ mod tests {
             )
             .unwrap();
             let mut hs = [(0i64, true)];
-            for _ in 0..3 {
-                run(&mut a, 20_000, &mut hs);
+            // Intervals that lengthen a little: one grow step saturates.
+            for block_ns in [20_000, 40_000] {
+                run(&mut a, block_ns, &mut hs);
             }
             assert_eq!(a.poll_ns(), i64::MAX, "{algorithm}");
             let window = u64::try_from(a.poll_ns()).unwrap();

@@ -18,7 +18,7 @@ fn no_poll_list_when_polling_disabled() {
     let id = add_queue(&mut ctx, &q, &probe);
     for _ in 0..10 {
         q.push();
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
     }
     assert!(!ctx.is_on_poll_list(id));
     assert_eq!(Probe::get(&probe.begins), 0);
@@ -46,7 +46,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
         let id = add_queue(&mut ctx, &q, &probe);
         assert!(!ctx.is_on_poll_list(id));
         q.push();
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
         assert!(ctx.is_on_poll_list(id), "joins on first dispatch");
         assert_eq!(Probe::get(&probe.reads), 1);
         let s = ctx.stats();
@@ -56,7 +56,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
 
         // Entry published while the loop polls: found by poll(), no kick.
         q.push();
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
         assert!(Probe::get(&probe.poll_ready) >= 1 || Probe::get(&probe.reads) == 2);
 
         // Idle: a periodic timer keeps the loop iterating; after 30 ms without
@@ -65,7 +65,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
         ctx.add_timer(now + 2_000_000, Some(2_000_000), |_| {});
         let mut iterations = 0;
         while ctx.is_on_poll_list(id) {
-            ctx.poll(true);
+            ctx.poll(true).unwrap();
             iterations += 1;
             assert!(iterations < 100_000, "never left the poll list");
         }
@@ -79,7 +79,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
         // Rejoins on the next dispatch.
         q.push();
         while !ctx.is_on_poll_list(id) {
-            ctx.poll(true);
+            ctx.poll(true).unwrap();
         }
         assert_eq!(q.consumed.load(Ordering::SeqCst), 3);
     });
@@ -89,8 +89,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
 fn final_poll_catches_event_raced_with_poll_end() {
     // A handler whose poll_end publishes an entry (the race: the guest
     // added one while notifications were still suppressed, so no kick).
-    use aio_poll::FdHandler;
-    use std::os::fd::AsRawFd;
+    use aio_poll::{FdHandler, PollHandler, Readiness};
     use std::sync::Arc;
 
     struct Racy {
@@ -99,14 +98,13 @@ fn final_poll_catches_event_raced_with_poll_end() {
         ready_runs: u64,
     }
     impl FdHandler for Racy {
-        fn read(&mut self, _ctx: &mut AioContext) {
+        fn ready(&mut self, _ctx: &mut AioContext, _ready: Readiness) {
             let _ = self.q.kick.read();
             let p = self.q.produced.load(Ordering::SeqCst);
             self.q.consumed.store(p, Ordering::SeqCst);
         }
-        fn has_poll(&self) -> bool {
-            true
-        }
+    }
+    impl PollHandler for Racy {
         fn poll(&mut self) -> bool {
             self.q.produced.load(Ordering::SeqCst) > self.q.consumed.load(Ordering::SeqCst)
         }
@@ -136,29 +134,29 @@ fn final_poll_catches_event_raced_with_poll_end() {
         )
         .unwrap();
         let q = Queue::new();
-        ctx.add_fd_handler(
-            q.kick.as_raw_fd(),
+        ctx.add_polled_fd_handler(
+            q.kick.clone(),
             aio_poll::Interest::READABLE,
-            Box::new(Racy {
+            Racy {
                 q: q.clone(),
                 inject: true,
                 ready_runs: 0,
-            }),
+            },
         )
         .unwrap();
         q.push();
-        assert!(ctx.poll(true)); // joins, ns = 4000
+        assert!(ctx.poll(true).unwrap()); // joins, ns = 4000
                                  // Next blocking poll: polls 4 µs, finds nothing, leaves poll mode;
                                  // poll_end injects an entry without a kick. Without the final poll
                                  // the loop would sleep forever (the watchdog would fire).
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
         assert_eq!(q.consumed.load(Ordering::SeqCst), 2);
     });
 }
 
 #[test]
 fn poll_only_handler() {
-    use aio_poll::FdHandler;
+    use aio_poll::PollHandler;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
@@ -166,10 +164,7 @@ fn poll_only_handler() {
         pending: Arc<AtomicU64>,
         done: Arc<AtomicU64>,
     }
-    impl FdHandler for Ring {
-        fn has_poll(&self) -> bool {
-            true
-        }
+    impl PollHandler for Ring {
         fn poll(&mut self) -> bool {
             self.pending.load(Ordering::SeqCst) > 0
         }
@@ -184,14 +179,14 @@ fn poll_only_handler() {
         let done = Arc::new(AtomicU64::new(0));
         let mut ctx = AioContext::new().unwrap();
         let id = ctx
-            .add_poll_handler(Box::new(Ring {
+            .add_poll_handler(Ring {
                 pending: pending.clone(),
                 done: done.clone(),
-            }))
+            })
             .unwrap();
         assert!(ctx.is_on_poll_list(id));
         assert!(matches!(
-            ctx.modify_fd_handler(id, aio_poll::Interest::READABLE),
+            ctx.set_interest(id, aio_poll::Interest::READABLE),
             Err(aio_poll::Error::NoFd(_))
         ));
         // Completions found by polling; a notify() wakes a sleeping loop so
@@ -205,14 +200,14 @@ fn poll_only_handler() {
                 std::thread::sleep(Duration::from_micros(100));
             }
         });
-        ctx.run(|_| done.load(Ordering::SeqCst) == 100);
+        ctx.run(|_| done.load(Ordering::SeqCst) == 100).unwrap();
         t.join().unwrap();
         // Polling disabled: off the list; enabled again: back on it.
         ctx.set_poll_params(PollParams::disabled()).unwrap();
         assert!(!ctx.is_on_poll_list(id));
         ctx.set_poll_params(PollParams::default()).unwrap();
         assert!(ctx.is_on_poll_list(id));
-        ctx.remove_fd_handler(id).unwrap();
+        ctx.remove_handler(id).unwrap();
         assert_eq!(ctx.handler_count(), 0);
     });
 }
