@@ -211,3 +211,98 @@ fn poll_only_handler() {
         assert_eq!(ctx.handler_count(), 0);
     });
 }
+
+/// Issue #16: with `poll-max-ns` and `poll-grow` at `i64::MAX` the window
+/// grows to `i64::MAX` (~292 years) on the second dispatch. A handler on
+/// the poll list whose `poll()` finds nothing must not keep the loop from
+/// fd handlers that are not on the list, from timers, or from leaving the
+/// poll list when idle.
+#[test]
+fn huge_window_does_not_starve_fds_timers_or_idle_removal() {
+    use aio_poll::{FnHandler, Interest};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    with_watchdog(120, || {
+        let params = PollParams::default()
+            .with_max_ns(i64::MAX)
+            .with_grow_shrink(i64::MAX, 0);
+        let mut ctx = AioContext::with_params(params).unwrap();
+        ctx.set_poll_idle_timeout(Duration::from_millis(300));
+        let q = Queue::new();
+        let probe = Probe::default();
+        let qid = add_queue(&mut ctx, &q, &probe);
+        // Dispatches with lengthening intervals: as soon as the smoothed
+        // interval exceeds the window, one grow step (x i64::MAX) saturates it.
+        for i in 1..=12u64 {
+            let q2 = q.clone();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(1 << i.min(6)));
+                q2.push();
+            });
+            while q.consumed.load(Ordering::SeqCst) < i {
+                ctx.poll(true).unwrap();
+            }
+            t.join().unwrap();
+            if ctx.poll_ns() > 3_600_000_000_000 {
+                break;
+            }
+        }
+        assert!(ctx.poll_ns() > 3_600_000_000_000, "window {}", ctx.poll_ns());
+        assert!(ctx.is_on_poll_list(qid));
+        // A plain fd handler, never on the poll list.
+        let (efd, writer) = common::eventfd();
+        let reader = efd.clone();
+        let reads = Arc::new(AtomicU64::new(0));
+        let r = reads.clone();
+        ctx.add_fd_handler(
+            efd,
+            Interest::READABLE,
+            FnHandler::new(move |_, _| {
+                // Writes may coalesce: count the eventfd's value.
+                r.fetch_add(reader.read().unwrap_or(0), Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        let t = std::thread::spawn(move || {
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(5));
+                writer.write(1).unwrap();
+            }
+        });
+        while reads.load(Ordering::SeqCst) < 3 {
+            // Each blocking iteration polls the huge window; the fd must end
+            // it through the periodic check.
+            ctx.poll(true).unwrap();
+        }
+        t.join().unwrap();
+        // A timer ends it too (the window is capped by the timeout).
+        let fired = Arc::new(AtomicU64::new(0));
+        let f = fired.clone();
+        let now = ctx.now_ns();
+        ctx.add_timer(now + 2_000_000, None, move |_| {
+            f.fetch_add(1, Ordering::SeqCst);
+        });
+        while fired.load(Ordering::SeqCst) == 0 {
+            ctx.poll(true).unwrap();
+        }
+        // Idle: the queue leaves the poll list (checked while polling), and
+        // then the loop sleeps instead of polling for 292 years. (A periodic
+        // timer wakes the sleeping loop so that this thread sees it.)
+        let now = ctx.now_ns();
+        let ticker = ctx.add_timer(now + 10_000_000, Some(10_000_000), |_| {});
+        while ctx.is_on_poll_list(qid) {
+            ctx.poll(true).unwrap();
+        }
+        let s = ctx.stats();
+        assert_eq!(s.handlers.len(), 0);
+        assert_eq!(Probe::get(&probe.begins), Probe::get(&probe.ends));
+        assert!(ctx.cancel_timer(ticker));
+        // The queue still works (through its kick, then by polling again).
+        let consumed = q.consumed.load(Ordering::SeqCst);
+        q.push();
+        while q.consumed.load(Ordering::SeqCst) < consumed + 1 {
+            ctx.poll(true).unwrap();
+        }
+    });
+}
