@@ -179,6 +179,17 @@ pub enum BlockError {
         #[source]
         source: iothread_registry::Error,
     },
+    /// The backend's completion eventfd could not be duplicated for the IOThread.
+    #[error("drive '{id}': cannot duplicate the completion eventfd of queue {queue}")]
+    CompletionFd {
+        /// Drive id.
+        id: String,
+        /// Queue.
+        queue: u16,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Registering a queue handler on its IOThread failed.
     #[error("drive '{id}': cannot register queue {queue} on IOThread '{iothread}'")]
     Handler {
@@ -549,7 +560,13 @@ impl Block {
                 counters.clone(),
             );
             w.set_max_batch(max_batch);
-            let completion_fd = w.completion_fd();
+            let completion_fd = w
+                .completion_fd()
+                .map_err(|source| BlockError::CompletionFd {
+                    id: self.cfg.id.clone(),
+                    queue: index,
+                    source,
+                })?;
             let worker = Arc::new(Mutex::new(w));
             let qh = QueueHandler::new(worker.clone(), kick, counters);
             let ch = completion_fd.map(|fd| (fd, CompletionHandler::new(worker.clone())));
@@ -560,14 +577,13 @@ impl Block {
                     move |aio| -> Result<Vec<HandlerId>, aio_poll::Error> {
                         let mut ids = Vec::new();
                         if let Some((fd, ch)) = ch {
-                            ids.push(aio.add_fd_handler(fd, Interest::READABLE, Box::new(ch))?);
+                            ids.push(aio.add_polled_fd_handler(fd, Interest::READABLE, ch)?);
                         }
-                        let kick_fd = qh.kick_fd();
-                        match aio.add_fd_handler(kick_fd, Interest::READABLE, Box::new(qh)) {
+                        match aio.add_polled_fd_handler(qh.kick(), Interest::READABLE, qh) {
                             Ok(id) => ids.push(id),
                             Err(e) => {
                                 for id in ids {
-                                    let _ = aio.remove_fd_handler(id);
+                                    let _ = aio.remove_handler(id);
                                 }
                                 return Err(e);
                             }
@@ -606,7 +622,7 @@ impl Block {
             let ids = q.handlers.clone();
             let removed = active.call(&self.registry, &q.iothread, move |aio| {
                 for id in ids {
-                    if let Err(e) = aio.remove_fd_handler(id) {
+                    if let Err(e) = aio.remove_handler(id) {
                         log::error!("removing virtio-blk handler: {e}");
                     }
                 }
