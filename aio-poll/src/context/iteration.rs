@@ -161,6 +161,9 @@ impl AioContext {
                 PollStep::Poll => {}
                 PollStep::Expired => break,
                 PollStep::Check => {
+                    // A long polling phase keeps the published statistics
+                    // current (query-iothreads while it polls).
+                    self.publish_stats();
                     if self.remove_idle_poll_handlers(now) {
                         found = true;
                         break;
