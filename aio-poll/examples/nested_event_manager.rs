@@ -16,9 +16,7 @@ use aio_poll::{
     AioContext, FdHandler, Interest, NestedContext, PollHandler, PollParams, Readiness,
     SharedEventFd,
 };
-use event_manager::{
-    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps,
-};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A virtqueue stand-in shared with the "guest" thread: it publishes entries
@@ -106,9 +104,10 @@ impl MutEventSubscriber for Console {
     }
 }
 
-/// event-manager holds one subscriber type: an enum of ours.
+/// event-manager holds one subscriber type: an enum of ours (the context
+/// is large, so it is boxed).
 enum Subscriber {
-    Aio(NestedContext),
+    Aio(Box<NestedContext>),
     Console(Console),
 }
 
@@ -172,7 +171,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     let mut em = EventManager::<Subscriber>::new()?;
-    let aio = em.add_subscriber(Subscriber::Aio(NestedContext::new(ctx)?));
+    let aio = em.add_subscriber(Subscriber::Aio(Box::new(NestedContext::new(ctx)?)));
     let console_in = EventFd::new(EFD_NONBLOCK)?;
     let console_writer = console_in.try_clone()?;
     let console = em.add_subscriber(Subscriber::Console(Console {

@@ -33,9 +33,8 @@ async fn call<R: Send + 'static>(
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The I/O thread: creates its context, hands out the handle, runs.
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-    let io_thread = std::thread::Builder::new()
-        .name("io0".into())
-        .spawn(move || -> Result<u64, aio_poll::Error> {
+    let io_thread = std::thread::Builder::new().name("io0".into()).spawn(
+        move || -> Result<u64, aio_poll::Error> {
             let mut ctx = AioContext::with_params(PollParams::default())?;
             // A device interrupt source: every write is one "completion".
             let irq = SharedEventFd::new(EventFd::new(EFD_NONBLOCK).map_err(|source| {
@@ -58,7 +57,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Until an async task calls `request_stop`.
             ctx.run(|_| false)?;
             Ok(ctx.stats().bh_runs)
-        })?;
+        },
+    )?;
     let (io, irq, completions) = handle_rx.recv()?;
 
     // The tokio application (a current-thread runtime is enough here).
@@ -77,8 +77,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     // "Submit a request": the device completes it through
                     // its eventfd, which the I/O thread's handler counts.
                     irq.write(1).map_err(|_| "eventfd write failed")?;
-                    sum += call(&io, move |ctx| task * 1000 + i + ctx.handler_count() as u64)
-                        .await?;
+                    sum +=
+                        call(&io, move |ctx| task * 1000 + i + ctx.handler_count() as u64).await?;
                 }
                 Ok::<u64, &'static str>(sum)
             }));

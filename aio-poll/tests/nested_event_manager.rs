@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use aio_poll::{AioContext, FnHandler, Interest, NestedContext, PollParams, SharedEventFd};
 use common::{add_queue, eventfd, thread_cpu_time_ns, with_watchdog, Probe, Queue};
-use event_manager::{
-    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps,
-};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Outer loops in these tests always block without a timeout (`run()`):
@@ -159,7 +157,7 @@ impl MutEventSubscriber for Pinger {
 }
 
 enum Sub {
-    Aio(NestedContext),
+    Aio(Box<NestedContext>),
     Ping(Pinger),
 }
 
@@ -192,7 +190,7 @@ fn polling_happens_when_nested_and_other_subscribers_are_served() {
         let probe = Probe::default();
         let qid = add_queue(&mut ctx, &q, &probe);
         let mut em = EventManager::<Sub>::new().unwrap();
-        let aio = em.add_subscriber(Sub::Aio(NestedContext::new(ctx).unwrap()));
+        let aio = em.add_subscriber(Sub::Aio(Box::new(NestedContext::new(ctx).unwrap())));
         let ping_fd = EventFd::new(EFD_NONBLOCK).unwrap();
         let ping_writer = ping_fd.try_clone().unwrap();
         let pings = Arc::new(AtomicU64::new(0));
@@ -302,7 +300,10 @@ fn idle_nested_context_burns_no_cpu() {
         // Generous bound for a loaded machine: one last polling window
         // (<= 32 µs) plus the wake-ups.
         assert!(cpu < 20_000_000, "{params:?}: idle used {cpu} ns of CPU");
-        assert!(runs < 100, "{params:?}: outer loop ran {runs} times while idle");
+        assert!(
+            runs < 100,
+            "{params:?}: outer loop ran {runs} times while idle"
+        );
     }
 }
 

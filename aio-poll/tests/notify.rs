@@ -86,7 +86,8 @@ fn oneshot_bh_stress_exact_count() {
                 }
             }));
         }
-        ctx.run(|_| runs.load(Ordering::SeqCst) == 2 * PER_THREAD).unwrap();
+        ctx.run(|_| runs.load(Ordering::SeqCst) == 2 * PER_THREAD)
+            .unwrap();
         for t in threads {
             t.join().unwrap();
         }
@@ -194,7 +195,8 @@ fn virtqueue_producer_no_lost_events() {
             std::thread::sleep(std::time::Duration::from_millis(10));
             q3.push();
         });
-        ctx.run(|_| q.consumed.load(Ordering::SeqCst) == N + 1).unwrap();
+        ctx.run(|_| q.consumed.load(Ordering::SeqCst) == N + 1)
+            .unwrap();
         t.join().unwrap();
     });
 }

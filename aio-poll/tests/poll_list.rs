@@ -146,9 +146,9 @@ fn final_poll_catches_event_raced_with_poll_end() {
         .unwrap();
         q.push();
         assert!(ctx.poll(true).unwrap()); // joins, ns = 4000
-                                 // Next blocking poll: polls 4 µs, finds nothing, leaves poll mode;
-                                 // poll_end injects an entry without a kick. Without the final poll
-                                 // the loop would sleep forever (the watchdog would fire).
+                                          // Next blocking poll: polls 4 µs, finds nothing, leaves poll mode;
+                                          // poll_end injects an entry without a kick. Without the final poll
+                                          // the loop would sleep forever (the watchdog would fire).
         assert!(ctx.poll(true).unwrap());
         assert_eq!(q.consumed.load(Ordering::SeqCst), 2);
     });
@@ -248,7 +248,11 @@ fn huge_window_does_not_starve_fds_timers_or_idle_removal() {
                 break;
             }
         }
-        assert!(ctx.poll_ns() > 3_600_000_000_000, "window {}", ctx.poll_ns());
+        assert!(
+            ctx.poll_ns() > 3_600_000_000_000,
+            "window {}",
+            ctx.poll_ns()
+        );
         assert!(ctx.is_on_poll_list(qid));
         // A plain fd handler, never on the poll list.
         let (efd, writer) = common::eventfd();

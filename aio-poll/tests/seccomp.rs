@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use aio_poll::{
-    AioContext, Error, FnHandler, Interest, NestedContext, PollParams, SharedEventFd,
-};
+use aio_poll::{AioContext, Error, FnHandler, Interest, NestedContext, PollParams, SharedEventFd};
 use common::{add_queue, with_watchdog, Probe, Queue};
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -53,7 +51,10 @@ fn readme_syscalls() -> Vec<String> {
         .filter(|l| l.starts_with("| `"))
         .filter_map(|l| l.split('`').nth(1).map(str::to_owned))
         .collect();
-    assert!(names.len() >= 10, "README lists too few syscalls: {names:?}");
+    assert!(
+        names.len() >= 10,
+        "README lists too few syscalls: {names:?}"
+    );
     names
 }
 
@@ -223,7 +224,9 @@ fn workload(
     let handle = ctx.handle();
     let mut nested = NestedContext::new(ctx)?;
     let now = nested.context().now_ns();
-    nested.context_mut().add_timer(now + 1_000_000, None, |_| {});
+    nested
+        .context_mut()
+        .add_timer(now + 1_000_000, None, |_| {});
     handle.schedule_oneshot(|_| {});
     let bh0 = nested.context().stats().bh_runs;
     while nested.context().timer_count() > 0 || nested.context().stats().bh_runs == bh0 {
@@ -291,7 +294,9 @@ fn removing_a_needed_syscall_fails_with_its_name() {
             Err(e) => e,
         };
         assert_eq!(err.to_string(), message, "without {removed:?}");
-        let source = std::error::Error::source(&err).expect("errno kept").to_string();
+        let source = std::error::Error::source(&err)
+            .expect("errno kept")
+            .to_string();
         assert!(source.contains("Operation not permitted"), "{source}");
     }
 }

@@ -127,11 +127,7 @@ impl AioContext {
     where
         H: FdHandler + PollHandler + 'static,
     {
-        self.add_with_fd(
-            Box::new(fd),
-            interest,
-            Callbacks::FdPoll(Box::new(handler)),
-        )
+        self.add_with_fd(Box::new(fd), interest, Callbacks::FdPoll(Box::new(handler)))
     }
 
     /// Registers a poll-only handler (no fd), e.g. a completion ring check.

@@ -36,8 +36,6 @@ pub(super) struct Iteration {
     pub(super) skipped_epoll: bool,
     /// Polling time up to here is in `stats.poll_time_ns`.
     pub(super) poll_accounted: u64,
-    /// The first error of the iteration (returned when it finishes).
-    pub(super) error: Option<Error>,
 }
 
 /// How a polling phase ended.
@@ -60,7 +58,7 @@ impl AioContext {
     }
 
     /// Steps 1 and 2: start time and timeout.
-    #[inline]
+    #[inline(always)]
     pub(super) fn begin_iteration(&mut self, blocking: bool) -> Iteration {
         self.apply_pending_params();
         self.iteration = self.iteration.wrapping_add(1);
@@ -94,13 +92,12 @@ impl AioContext {
             nevents: None,
             skipped_epoll: false,
             poll_accounted: start,
-            error: None,
         }
     }
 
     /// Step 3: userspace polling. `resume` continues a nested polling phase
     /// that was sliced; `nested` slices instead of checking the fds itself.
-    #[inline]
+    #[inline(always)]
     pub(super) fn poll_phase(
         &mut self,
         it: &mut Iteration,
@@ -213,7 +210,8 @@ impl AioContext {
             Ok(n) => n,
             Err(e) => {
                 self.stats.epoll_errors += 1;
-                it.error.get_or_insert(Error::io("epoll_wait", e));
+                self.iteration_error
+                    .get_or_insert(Error::io("epoll_wait", e));
                 it.nevents = Some(0);
                 return true;
             }
@@ -233,7 +231,7 @@ impl AioContext {
 
     /// Steps 4 and 5 of a standalone iteration: may sleep, `epoll_wait`,
     /// accept the notification. Returns the number of epoll events.
-    #[inline]
+    #[inline(always)]
     pub(super) fn wait_phase(&mut self, it: &mut Iteration) -> usize {
         let mut announced = false;
         if it.timeout != Some(0) {
@@ -264,7 +262,7 @@ impl AioContext {
 
     /// The `epoll_wait` of step 4 with `it.timeout`, unless events were
     /// collected already or the fairness rule skips it.
-    #[inline]
+    #[inline(always)]
     pub(super) fn collect_events(&mut self, it: &mut Iteration) -> usize {
         if let Some(n) = it.nevents {
             return n;
@@ -280,20 +278,21 @@ impl AioContext {
         }
         match self.epoll.wait(&mut self.events, it.timeout) {
             Ok(n) => n,
-            Err(e) => self.wait_failed(it, e),
+            Err(e) => self.wait_failed(e),
         }
     }
 
     #[cold]
-    fn wait_failed(&mut self, it: &mut Iteration, e: std::io::Error) -> usize {
+    fn wait_failed(&mut self, e: std::io::Error) -> usize {
         self.stats.epoll_errors += 1;
-        it.error.get_or_insert(Error::io("epoll_wait", e));
+        self.iteration_error
+            .get_or_insert(Error::io("epoll_wait", e));
         0
     }
 
     /// End of step 5: a blocking iteration accepts the notification; poll-only
     /// handlers get their poll after the wait.
-    #[inline]
+    #[inline(always)]
     pub(super) fn accept_and_poll_only(&mut self, it: &Iteration) {
         if it.blocking {
             self.shared.notifier.accept();
@@ -307,7 +306,7 @@ impl AioContext {
 
     /// Steps 6 to 8: `block_ns`, bottom halves, dispatch, adaptive update,
     /// timers. Returns the progress, or the iteration's first error.
-    #[inline]
+    #[inline(always)]
     pub(super) fn finish_iteration(&mut self, it: Iteration, nevents: usize) -> Result<bool> {
         // 6. block_ns excludes handler run time (only used when polling).
         let end = match (it.polling, it.skipped_epoll, it.poll_end_ns) {
@@ -329,16 +328,22 @@ impl AioContext {
         if self.iteration % STATS_PUBLISH_INTERVAL == 0 {
             self.publish_stats();
         }
-        match it.error {
+        match self.iteration_error.take() {
             None => Ok(progress),
             Some(e) => Err(e),
         }
     }
 
+    #[inline(always)]
     pub(super) fn run_bhs(&mut self) -> bool {
         if !self.shared.has_bhs() {
             return false;
         }
+        self.run_bhs_slow()
+    }
+
+    #[inline(never)]
+    fn run_bhs_slow(&mut self) -> bool {
         let mut batch = std::mem::take(&mut self.bh_batch);
         self.shared.take_bhs(&mut batch);
         if batch.is_empty() {
@@ -378,6 +383,7 @@ impl AioContext {
 
     /// Builds the dispatch list from the epoll events and the poll-ready
     /// handlers, then dispatches it.
+    #[inline(always)]
     pub(super) fn dispatch(&mut self, nevents: usize, now: u64) -> bool {
         if self.ready_poll.is_empty() {
             // Fast paths: nothing, or a single epoll event (the common
@@ -549,10 +555,16 @@ impl AioContext {
         ran
     }
 
+    #[inline(always)]
     pub(super) fn run_timers(&mut self) -> bool {
         if self.timers.len() == 0 {
             return false;
         }
+        self.run_timers_slow()
+    }
+
+    #[inline(never)]
+    fn run_timers_slow(&mut self) -> bool {
         let now = self.clock.now_ns();
         let limit = self.timers.id_limit();
         let mut progress = false;

@@ -137,6 +137,8 @@ pub struct AioContext {
     handlers_published: bool,
     /// Set while the context is nested in an outer loop ([`NestedContext`]).
     nested: Option<Box<NestedState>>,
+    /// The first error of the running iteration (returned when it finishes).
+    iteration_error: Option<Error>,
 }
 
 impl fmt::Debug for AioContext {
@@ -215,6 +217,7 @@ impl AioContext {
             snapshot_dirty: false,
             handlers_published: false,
             nested: None,
+            iteration_error: None,
         })
     }
 

@@ -361,9 +361,11 @@ impl AioContext {
         }
         if it.timeout != Some(0) {
             // Step 4, nested: hand the sleep to the outer loop.
-            if self.shared.notifier.set_external() {
-                it.timeout = Some(0);
-            } else if self.poll_started && self.poll_set_started(false) {
+            // A pending notification, or work found by the final poll after
+            // poll_end: no sleep.
+            let busy = self.shared.notifier.set_external()
+                || (self.poll_started && self.poll_set_started(false));
+            if busy {
                 it.timeout = Some(0);
             } else {
                 self.nested_unkick();
@@ -384,7 +386,7 @@ impl AioContext {
                         }
                         Err(e) => {
                             // Without the timer the outer loop must not block.
-                            error.get_or_insert(e);
+                            self.iteration_error.get_or_insert(e);
                             it.timeout = Some(0);
                         }
                     }

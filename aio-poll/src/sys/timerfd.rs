@@ -15,7 +15,10 @@ impl TimerFd {
     pub(crate) fn new() -> io::Result<TimerFd> {
         // SAFETY: plain syscall without pointer arguments.
         let fd = unsafe {
-            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
         };
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -36,8 +39,7 @@ impl TimerFd {
             Some(ns) => {
                 let ns = ns.max(1);
                 libc::timespec {
-                    tv_sec: libc::time_t::try_from(ns / 1_000_000_000)
-                        .unwrap_or(libc::time_t::MAX),
+                    tv_sec: libc::time_t::try_from(ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
                     tv_nsec: libc::c_long::try_from(ns % 1_000_000_000).unwrap_or(0),
                 }
             }

@@ -1081,7 +1081,11 @@ fn huge_poll_parameters_do_not_live_lock_the_export() {
     }
     let used = |q: usize| desc_gpa(q) + 0x2000;
     let check = |status: u64| {
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0, "status OK");
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+            0,
+            "status OK"
+        );
     };
 
     // Queue 0, gaps 1, 2, 4, ... ms: the smoothed interval exceeds the window
