@@ -180,7 +180,9 @@ fn workload(
     htx: mpsc::Sender<aio_poll::ContextHandle>,
     ktx: mpsc::Sender<(SharedEventFd, Arc<Queue>)>,
 ) -> Result<Report, Error> {
-    let mut ctx = AioContext::with_params(PollParams::default())?;
+    // A 10 ms max window: polling stays on even when the loaded machine
+    // deschedules the producer for longer than the default 32 µs.
+    let mut ctx = AioContext::with_params(PollParams::default().with_max_ns(10_000_000))?;
     let kick = SharedEventFd::new(EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
         op: "eventfd (test)",
         source,
