@@ -49,13 +49,11 @@ pub struct Input {
 }
 
 fn params(raw: [i64; 4], algorithm: PollAlgorithm) -> PollParams {
-    PollParams {
-        max_ns: raw[0],
-        grow: raw[1],
-        shrink: raw[2],
-        weight: raw[3],
-        algorithm,
-    }
+    PollParams::default()
+        .with_max_ns(raw[0])
+        .with_grow_shrink(raw[1], raw[2])
+        .with_weight(raw[3])
+        .with_algorithm(algorithm)
 }
 
 fn read_params(r: &mut Reader<'_>) -> [i64; 4] {
@@ -346,13 +344,12 @@ mod tests {
 
     #[test]
     fn issue16_window_saturates_and_still_checks() {
-        let mut a = Adaptive::new(PollParams {
-            max_ns: i64::MAX,
-            grow: i64::MAX,
-            shrink: 2,
-            weight: 3,
-            algorithm: PollAlgorithm::Weighted,
-        })
+        let mut a = Adaptive::new(
+            PollParams::default()
+                .with_max_ns(i64::MAX)
+                .with_grow_shrink(i64::MAX, 2)
+                .with_algorithm(PollAlgorithm::Weighted),
+        )
         .unwrap();
         let mut ns = [0i64];
         for block_ns in [20_000, 40_000] {

@@ -1019,11 +1019,11 @@ fn huge_poll_parameters_do_not_live_lock_the_export() {
     registry
         .create(
             "io0",
-            IoThreadParams {
-                poll_max_ns: i64::MAX,
-                poll_grow: i64::MAX,
-                ..Default::default()
-            },
+            IoThreadParams::default().with_poll(
+                aio_poll::PollParams::default()
+                    .with_max_ns(i64::MAX)
+                    .with_grow_shrink(i64::MAX, 0),
+            ),
         )
         .unwrap();
     let dir = TempDir::new("livelock");
@@ -1043,6 +1043,10 @@ fn huge_poll_parameters_do_not_live_lock_the_export() {
         engine: Default::default(),
     };
     let export = Export::start(cfg, &registry).unwrap();
+    // A guard of our own, to ask the IOThread's loop directly.
+    let io0 = registry
+        .acquire("io0", IoThreadHolder::block_node("livelock-probe"))
+        .unwrap();
     let mut fe = Frontend::connect(dir.0.join("s"), 2).unwrap();
     fe.set_owner().unwrap();
     let features = fe.get_features().unwrap();
@@ -1099,11 +1103,11 @@ fn huge_poll_parameters_do_not_live_lock_the_export() {
         wait_used(&mem, used(0), &calls[0], pos0);
         check(status);
         // Asked inside the loop (a bottom half ends polling at once).
-        if registry.call("io0", |ctx| ctx.poll_ns()).unwrap() > 3_600_000_000_000 {
+        if io0.call(|ctx| ctx.poll_ns()).unwrap() > 3_600_000_000_000 {
             break;
         }
     }
-    let before = registry.call("io0", |ctx| ctx.stats()).unwrap();
+    let before = io0.call(|ctx| ctx.stats()).unwrap();
     assert!(
         before.poll_ns > 3_600_000_000_000,
         "the window did not grow: {before:?}"
@@ -1127,7 +1131,7 @@ fn huge_poll_parameters_do_not_live_lock_the_export() {
         wait_used(&mem, used(0), &calls[0], pos0);
         check(s0);
     }
-    let after = registry.call("io0", |ctx| ctx.stats()).unwrap();
+    let after = io0.call(|ctx| ctx.stats()).unwrap();
     eprintln!(
         "io0 with poll-max-ns = poll-grow = i64::MAX: poll_ns {} -> {}, successful_polls {} -> {}, \
          dispatches {} -> {}",
@@ -1138,6 +1142,7 @@ fn huge_poll_parameters_do_not_live_lock_the_export() {
         before.dispatches,
         after.dispatches
     );
+    drop(io0);
     export.stop();
 }
 
