@@ -1044,6 +1044,7 @@ fn huge_poll_parameters_do_not_live_lock_the_export() {
         readonly: false,
         direct: false,
         engine: Default::default(),
+        locking: Default::default(),
     };
     let export = Export::start(cfg, &registry).unwrap();
     // A guard of our own, to ask the IOThread's loop directly.
