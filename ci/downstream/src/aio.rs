@@ -1,29 +1,33 @@
-//! aio-poll on its own: a context with an fd handler, woken from another thread.
+//! aio-poll on its own: a context owning an eventfd handler, woken from another thread.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use aio_poll::{AioContext, FnHandler, Interest};
+use aio_poll::{AioContext, FnHandler, Interest, SharedEventFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// Runs a context until its eventfd handler has seen `kicks` writes from another thread;
-/// returns how many events the handler counted.
-pub fn count_kicks(kicks: u64) -> Result<u64, aio_poll::Error> {
+/// The VMM's error type: the loop's errors and the eventfd's, each with its cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs a context until its eventfd handler has counted `kicks` writes made from another
+/// thread; returns the count.
+pub fn count_kicks(kicks: u64) -> Result<u64, BoxError> {
     let mut ctx = AioContext::new()?;
-    let kick = EventFd::new(EFD_NONBLOCK)?;
-    let reader = kick.try_clone()?;
+    // The context owns the registered clone; the handler reads through another.
+    let kick = SharedEventFd::new(EventFd::new(EFD_NONBLOCK)?);
+    let reader = kick.clone();
     let seen = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&seen);
     ctx.add_fd_handler(
-        kick.as_raw_fd(),
+        kick.clone(),
         Interest::READABLE,
-        FnHandler::read(move |_ctx| {
-            if let Ok(n) = reader.read() {
-                counter.fetch_add(n, Ordering::SeqCst);
+        FnHandler::new(move |_ctx, ready| {
+            if ready.is_readable() {
+                if let Ok(n) = reader.read() {
+                    counter.fetch_add(n, Ordering::SeqCst);
+                }
             }
-        })
-        .boxed(),
+        }),
     )?;
     let writer = std::thread::spawn(move || {
         for _ in 0..kicks {
@@ -31,11 +35,11 @@ pub fn count_kicks(kicks: u64) -> Result<u64, aio_poll::Error> {
                 break;
             }
         }
-        kick
     });
-    ctx.run(|_| seen.load(Ordering::SeqCst) >= kicks);
-    // Keep the eventfd open until the loop stopped watching it.
-    drop(writer.join());
+    let ran = ctx.run(|_| seen.load(Ordering::SeqCst) >= kicks);
+    // A panicked writer shows up as a missing count below.
+    let _ = writer.join();
+    ran?;
     Ok(seen.load(Ordering::SeqCst))
 }
 
