@@ -99,6 +99,8 @@ pub fn demo_config(kernel: &Path, disk: &Path, bench_secs: u32) -> VmConfig {
             serial: Some("vmm-ref-demo".to_owned()),
         }],
         qmp: None,
+        chardevs: Vec::new(),
+        devices: Vec::new(),
     }
 }
 

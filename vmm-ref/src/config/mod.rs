@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod export;
 pub mod keyval;
+pub mod vhost_user;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -107,6 +108,12 @@ pub struct VmConfig {
     /// `--qmp unix:/path`.
     #[serde(default)]
     pub qmp: Option<QmpAddr>,
+    /// `--chardev` entries (vhost-user back-end sockets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chardevs: Vec<vhost_user::ChardevConfig>,
+    /// `--device` entries (vhost-user-blk devices).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<vhost_user::DeviceConfig>,
 }
 
 /// The only object type vmm-ref knows.
@@ -386,6 +393,8 @@ pub struct ValidConfig {
     pub iothreads: Vec<(String, IoThreadParams)>,
     /// Drives with their queue assignment.
     pub drives: Vec<ValidDrive>,
+    /// vhost-user-blk devices (after the drives on the virtio-mmio slots).
+    pub vhost_user: Vec<vhost_user::ValidVhostUserBlk>,
 }
 
 /// Reads a JSON config file.
@@ -622,6 +631,8 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
             queue_iothreads,
         });
     }
+    let taken: HashSet<String> = ids.union(&drive_ids).cloned().collect();
+    let vhost_user = vhost_user::validate(&vm.chardevs, &vm.devices, origin, &taken, drives.len())?;
     if let Some(addr) = &vm.qmp {
         check_qmp(top("--qmp", "qmp"), addr)?;
     }
@@ -629,6 +640,7 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
         vm,
         iothreads,
         drives,
+        vhost_user,
     })
 }
 
