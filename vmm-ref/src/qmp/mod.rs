@@ -316,6 +316,6 @@ pub struct VhostUserBlockInfo {
 #[cfg(test)]
 mod export_tests;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 #[cfg(test)]
 mod tests;

@@ -26,7 +26,11 @@ use super::watchdog::{Guard, Watchdog};
 use super::VhostUserBlkError;
 
 /// Bound on one negotiation, ring start or ring stop (all its messages).
+#[cfg(not(test))]
 pub(super) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one exchange (short in unit tests, whose fake back-end may stay silent).
+#[cfg(test)]
+pub(super) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The back-end's in-flight tracking area (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`):
 /// obtained once per device activation and handed to every later
