@@ -5,6 +5,8 @@ set -euo pipefail
 
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+# qemu-storage-daemon: the vhost-user-blk back-end the front-end tests use.
+command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-system-common)
 # Coverage: rustup's llvm-tools component cannot be fetched here; Debian's
 # LLVM 19 reads the profiles of Rust 1.95 (LLVM 22) and is used instead.
 [ -x /usr/lib/llvm-19/bin/llvm-profdata ] || need_apt+=(llvm-19)
