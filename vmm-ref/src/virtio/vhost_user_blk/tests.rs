@@ -363,6 +363,16 @@ impl Guest {
     }
 }
 
+/// Runs `f` on a thread and fails the test if it does not return within [`WAIT`].
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(WAIT)
+        .unwrap_or_else(|_| panic!("{what} did not return within {WAIT:?}"))
+}
+
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !cond() {
@@ -578,7 +588,12 @@ fn a_silent_backend_is_cut_off_by_the_watchdog() {
     let (mut dev, _call) = device(&fake, 1, Some(Duration::from_millis(50)));
     let guest = Guest::new(1);
     // With reconnect=, activation succeeds; the rings start on the next back-end.
-    dev.activate(guest.ctx(1, 1, ACKED)).unwrap();
+    let ctx = guest.ctx(1, 1, ACKED);
+    let (mut dev, r) = within("activation", move || {
+        let r = dev.activate(ctx);
+        (dev, r)
+    });
+    r.unwrap();
     wait_for("reconnection", || dev.handle().info().reconnects == 1);
     assert!(fake.reqs(1).contains(&FrontendReq::SET_VRING_KICK));
     let info = dev.handle().info();
@@ -598,8 +613,12 @@ fn a_silent_backend_fails_activation_in_bounded_time() {
     }]);
     let (mut dev, _call) = device(&fake, 1, None);
     let guest = Guest::new(1);
-    let e = dev.activate(guest.ctx(1, 1, ACKED)).unwrap_err();
-    let msg = crate::error_chain(&e);
+    let ctx = guest.ctx(1, 1, ACKED);
+    let (mut dev, r) = within("activation", move || {
+        let r = dev.activate(ctx);
+        (dev, r)
+    });
+    let msg = crate::error_chain(&r.unwrap_err());
     assert!(
         msg.contains("did not finish SET_VRING_KICK within"),
         "{msg}"

@@ -109,9 +109,11 @@ fn run(shared: &Shared) {
             Some(a) => {
                 let now = Instant::now();
                 if now >= a.deadline {
+                    // Flag first: the blocked request fails as soon as the
+                    // socket is down and must then see why.
+                    a.fired.store(true, Ordering::SeqCst);
                     // SAFETY: shutdown(2) on a descriptor we own; no pointers.
                     unsafe { libc::shutdown(a.fd.as_raw_fd(), libc::SHUT_RDWR) };
-                    a.fired.store(true, Ordering::SeqCst);
                     st.armed = None;
                     continue;
                 }
