@@ -1,6 +1,6 @@
 //! vhost-user-blk devices on virtio-mmio: the device model
 //! ([`crate::virtio::vhost_user_blk::VhostUserBlk`]) in its transport, on the
-//! slot after the drives, wired like a drive ([`crate::drives::plug`]) - but
+//! slot after the drives, wired like a drive (`drives::plug`) - but
 //! the irqfd and the ioeventfds are handed to the back-end, which then talks
 //! to KVM directly: guest kicks wake the back-end, its completions interrupt
 //! the guest, vmm-ref stays out of the data path.

@@ -15,9 +15,9 @@
 //!   ioeventfd: guest kicks go straight from KVM to the back-end) and the
 //!   device's interrupt eventfd as every ring's call fd (the KVM irqfd: the
 //!   back-end interrupts the guest directly).
-//! - A connection thread ([`worker`]) owns the connection, watches the idle
+//! - A connection thread (`worker.rs`) owns the connection, watches the idle
 //!   socket and reconnects (`reconnect=`); every exchange is bounded by a
-//!   [`watchdog`]. Losing the back-end never stops the VMM: the queues stop,
+//!   watchdog (`watchdog.rs`). Losing the back-end never stops the VMM: the queues stop,
 //!   one error is logged, and with `reconnect=` the rings resume on the next
 //!   back-end (see the worker's documentation for what is resubmitted).
 //!

@@ -469,7 +469,7 @@ impl Worker {
         self.outage_logged = false;
         self.status.reconnects.fetch_add(1, Ordering::Relaxed);
         *lock(&self.status.last_error) = None;
-        log::info!(
+        log::warn!(
             "vhost-user-blk '{}': reconnected to {}, {rings} ring(s) restarted{}",
             p.id,
             p.socket.display(),
