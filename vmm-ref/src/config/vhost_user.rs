@@ -420,6 +420,35 @@ mod tests {
     }
 
     #[test]
+    fn whole_json_config_is_validated_with_json_labels() {
+        let text = r#"{"kernel": "/bin/true",
+            "chardevs": [{"backend": "socket", "id": "c0", "path": "/tmp/vu0.sock"}],
+            "devices": [{"driver": "vhost-user-blk", "id": "vu0", "chardev": "c0",
+                         "num-queues": 4, "queue-size": 256, "reconnect": 2}]}"#;
+        let cfg: super::super::VmConfig = serde_json::from_str(text).unwrap();
+        let origin = Origin::File("vm.json".into());
+        let v = super::super::validate(cfg.clone(), &origin).unwrap();
+        assert_eq!(
+            v.vhost_user,
+            [ValidVhostUserBlk {
+                id: "vu0".into(),
+                chardev: "c0".into(),
+                socket: "/tmp/vu0.sock".into(),
+                num_queues: 4,
+                queue_size: 256,
+                reconnect: Some(Duration::from_secs(2)),
+            }]
+        );
+        let mut bad = cfg;
+        bad.devices[0].chardev = "c9".into();
+        let e = chain(&super::super::validate(bad, &origin).unwrap_err());
+        assert!(
+            e.starts_with("--config vm.json: devices[0] (id=vu0): chardev 'c9' not found"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn json_form() {
         let c: ChardevConfig =
             serde_json::from_str(r#"{"backend": "socket", "id": "c0", "path": "/tmp/s"}"#).unwrap();
