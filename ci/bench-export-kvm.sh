@@ -85,12 +85,15 @@ export BENCH_QUEUES=${QUEUES:-2} BENCH_RW=${RW:-randread}
 export BENCH_CONFIGS=${CONFIGS:-"qsd qsd:aio=threads ours"} BENCH_DISKS=${DISKS:-"tmpfs disk"}
 export BENCH_POLL=${POLL_MAX_NS:-32768} BENCH_PIN=${PIN:-1}
 export BENCH_GUEST_CPU=${GUEST_CPU:-0} BENCH_BACKEND_CPU=${BACKEND_CPU:-1}
-export BENCH_OUT=${OUT:-/tmp/bench-export-kvm.txt}
+export BENCH_OUT=${OUT:-/tmp/bench-export-kvm.txt} BENCH_LIB=$HERE
 
 python3 -u - <<'PY'
-import os, re, statistics, subprocess, sys, threading, time
-
+import os, subprocess, sys, time
 env = os.environ
+sys.path.insert(0, env["BENCH_LIB"])
+from benchlib import (IO_WORKER_THREAD, IOTHREAD_THREAD, fields, load_average, median,
+                      paired_ratios, ratio_range, run_vm, snapshot, tail)
+
 VMM, ELF, WORK = env["BENCH_VMM"], env["BENCH_ELF"], env["BENCH_WORK"]
 ROUNDS, SECS, QD = int(env["BENCH_ROUNDS"]), int(env["BENCH_SECS"]), int(env["BENCH_QD"])
 QUEUES, RW, POLL = int(env["BENCH_QUEUES"]), env["BENCH_RW"], int(env["BENCH_POLL"])
@@ -99,16 +102,16 @@ IMAGES = dict(kv.split("=", 1) for kv in env["BENCH_IMAGES"].split())
 PIN = env["BENCH_PIN"] == "1"
 GUEST_CPU, BACKEND_CPU = env["BENCH_GUEST_CPU"], env["BENCH_BACKEND_CPU"]
 OUT = env["BENCH_OUT"]
-TICK = os.sysconf("SC_CLK_TCK")
-TIMEOUT = SECS + 240
-BENCH_RE = re.compile(r"^BENCH queues=(\d+) qd=(\d+) rw=\S+ ios=(\d+) secs=([\d.]+) iops=(\d+) "
-                      r"lat_p50_us=([\d.]+) lat_p99_us=([\d.]+) kicks=(\d+)")
+TIMEOUT = SECS + 240  # boot + bench on a loaded 2-core machine
+
 
 def log(msg):
     print(f"[bench-export-kvm] {msg}", file=sys.stderr, flush=True)
 
+
 def pin(cpu):
     return ["taskset", "-c", cpu] if PIN else []
+
 
 def backend_cmd(cfg, disk, sock):
     img, direct = IMAGES[disk], disk == "disk"
@@ -135,100 +138,89 @@ def backend_cmd(cfg, disk, sock):
         sys.exit(f"unknown configuration {cfg}")
     if opts:
         sys.exit(f"unknown options {opts} in configuration {cfg}")
-    return pin(BACKEND_CPU) + cmd
+    return pin(BACKEND_CPU) + cmd  # taskset execs: the pid is the back-end's
+
 
 def frontend_cmd(sock):
+    # `hold` keeps the VM up for a second after the BENCH line.
     cmdline = (f"scenario=bench,hold hold.secs=1 bench.secs={SECS} bench.qd={QD} "
                f"bench.rw={RW} verify.seed=1")
     return pin(GUEST_CPU) + [VMM, "--kernel", ELF, "--memory", "256M", "--cmdline", cmdline,
         "--chardev", f"socket,id=c0,path={sock}",
         "--device", f"vhost-user-blk,id=vu0,chardev=c0,num-queues={QUEUES},queue-size=256"]
 
-def cpu_seconds(pid):
-    """utime+stime of a process (all threads, exited ones included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+
+def backend_cpu(s0, s1):
+    """Back-end CPU seconds between two snapshots: total, IOThread, io workers."""
+    def cls(pattern):
+        return sum(c - s0["threads"].get(tid, (name, 0.0))[1]
+                   for tid, (name, c) in s1["threads"].items() if pattern.match(name))
+    return s1["total"] - s0["total"], cls(IOTHREAD_THREAD), cls(IO_WORKER_THREAD)
+
 
 def run_one(n, disk, cfg):
     sock = f"{WORK}/s{n}.sock"
-    blog = open(f"{WORK}/backend.{n}.log", "w")
-    b = subprocess.Popen(backend_cmd(cfg, disk, sock), stdin=subprocess.DEVNULL,
-                         stdout=blog, stderr=subprocess.STDOUT)
+    blog_path = f"{WORK}/backend.{n}.log"
+    with open(blog_path, "w") as blog:
+        b = subprocess.Popen(backend_cmd(cfg, disk, sock), stdin=subprocess.DEVNULL,
+                             stdout=blog, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while not os.path.exists(sock):
         if b.poll() is not None or time.time() > deadline:
-            sys.exit(f"{cfg}: back-end did not listen: {open(blog.name).read()}")
+            sys.exit(f"{cfg}: back-end did not listen: {open(blog_path).read()}")
         time.sleep(0.02)
-    f = subprocess.Popen(frontend_cmd(sock), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, bufsize=1)
-    err = []
-    t = threading.Thread(target=lambda: err.extend(f.stderr), daemon=True)
-    t.start()
-    killer = threading.Timer(TIMEOUT, f.kill)
-    killer.start()
-    lines, c0, c1, bench = [], None, None, None
-    for line in f.stdout:
-        line = line.rstrip("\n")
-        lines.append(line)
-        if line.startswith("seed: "):
-            c0 = (cpu_seconds(b.pid), cpu_seconds(f.pid), time.time())
-        elif line.startswith("BENCH "):
-            c1 = (cpu_seconds(b.pid), cpu_seconds(f.pid), time.time())
-            bench = BENCH_RE.match(line)
-    f.wait()
-    killer.cancel()
-    t.join()
+    run = run_vm(frontend_cmd(sock), "seed: ", "BENCH ", TIMEOUT,
+                 on_start=lambda _pid: snapshot(b.pid), on_end=lambda _pid: snapshot(b.pid))
     b.terminate()
     b.wait()
-    blog.close()
-    if not (c0 and c1 and bench) or not any(l.startswith("RESULT bench PASS") for l in lines):
-        tail = "\n".join(lines[-15:] + err[-15:])
-        sys.exit(f"{disk} {cfg}: the guest did not pass its bench:\n{tail}\n"
-                 f"back-end log:\n{open(blog.name).read()}")
-    ios, iops = int(bench.group(3)), int(bench.group(5))
-    back_us = (c1[0] - c0[0]) / ios * 1e6
-    front_us = (c1[1] - c0[1]) / ios * 1e6
-    return {"iops": iops, "cpu": back_us, "front": front_us, "ios": ios,
-            "p50": float(bench.group(6)), "kicks": int(bench.group(8))}
+    bench = next((l for l in run["lines"] if l.startswith("BENCH ")), None)
+    ok = any(l.startswith("RESULT bench PASS") for l in run["lines"])
+    if not (ok and bench and run["start"] and run["end"] and run["cpu"]):
+        sys.exit(f"{disk} {cfg}: the guest did not pass its bench:\n{tail(run, 20)}\n"
+                 f"back-end log:\n{open(blog_path).read()}")
+    f = fields(bench)
+    ios, iops = int(f["ios"]), int(f["iops"])
+    total, iothread, workers = backend_cpu(run["start"], run["end"])
+    us = lambda s: s / ios * 1e6
+    return {"iops": iops, "cpu": us(total), "iothread": us(iothread), "workers": us(workers),
+            "front": us(run["cpu"]["total"]), "p50": float(f["lat_p50_us"]),
+            "per_kick": ios / max(int(f["kicks"]), 1)}
 
-def fmt_range(xs):
-    return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]" if xs else "-"
 
 report = [f"# bench-export FRONTEND=kvm: vmm-ref + test guest (bench: {RW} 4k, "
           f"{QUEUES} queues x QD {QD}, {SECS} s), {ROUNDS} interleaved rounds, "
-          f"IOThread poll-max-ns={POLL}, {time.strftime('%Y-%m-%d', time.gmtime())}"
+          f"IOThread poll-max-ns={POLL}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
+          f"load average {load_average()}"
           + (f", front-end on CPU {GUEST_CPU}, back-end on CPU {BACKEND_CPU}" if PIN else "")]
 n = 0
 for disk in DISKS:
     runs = {}  # (round, cfg) -> result
     for r in range(1, ROUNDS + 1):
-        order = CONFIGS if r % 2 else list(reversed(CONFIGS))
-        for cfg in order:
+        for cfg in (CONFIGS if r % 2 else list(reversed(CONFIGS))):
             n += 1
-            res = run_one(n, disk, cfg)
-            runs[(r, cfg)] = res
-            log(f"{disk} round {r}: {cfg:<16} {res['iops']:>8} IOPS  back-end {res['cpu']:6.2f} "
-                f"us/IO  front-end {res['front']:6.2f} us/IO  p50 {res['p50']:.1f} us  "
-                f"{res['ios'] / max(res['kicks'], 1):.1f} IOs/kick")
+            res = runs[(r, cfg)] = run_one(n, disk, cfg)
+            log(f"{disk} round {r}: {cfg:<16} {res['iops']:>8} IOPS  back-end {res['cpu']:6.2f} us/IO "
+                f"(IOThread {res['iothread']:.2f}, io workers {res['workers']:.2f})  "
+                f"front-end {res['front']:6.2f} us/IO  p50 {res['p50']:.1f} us  "
+                f"{res['per_kick']:.1f} IOs/kick")
     what = {"tmpfs": "image on tmpfs (/dev/shm), buffered",
             "disk": "image in /var/tmp, O_DIRECT"}[disk]
     report.append(f"## {disk}: {what}")
-    report.append("# per run: round config IOPS back-end-us/IO front-end-us/IO")
+    report.append("# per run: round config IOPS back-end-us/IO (IOThread, io workers) front-end-us/IO")
     for (r, cfg), res in sorted(runs.items()):
-        report.append(f"#   {r:2} {cfg:<16} {res['iops']:8} {res['cpu']:8.2f} {res['front']:8.2f}")
-    report.append("# paired = each run / the qsd run of the same round: median [min-max]")
-    report.append(f"{'config':<16} {'IOPS':>9} {'us/IO':>7} {'IOPS/qsd paired':>22} {'CPU/qsd paired':>22}")
+        report.append(f"#   {r:2} {cfg:<16} {res['iops']:8} {res['cpu']:8.2f} "
+                      f"({res['iothread']:.2f}, {res['workers']:.2f}) {res['front']:8.2f}")
+    report.append("# back-end us/IO and IOPS: medians; paired = each run / the qsd run of "
+                  "the same round: median [min-max]")
+    report.append(f"{'config':<16} {'IOPS':>9} {'us/IO':>7} {'IOPS/qsd paired':>22} "
+                  f"{'CPU/qsd paired':>22}")
     for cfg in CONFIGS:
-        rs = [runs[(r, cfg)] for r in range(1, ROUNDS + 1)]
-        pi = [runs[(r, cfg)]["iops"] / runs[(r, "qsd")]["iops"] for r in range(1, ROUNDS + 1)
-              if "qsd" in CONFIGS and runs[(r, "qsd")]["iops"] > 0]
-        pc = [runs[(r, cfg)]["cpu"] / runs[(r, "qsd")]["cpu"] for r in range(1, ROUNDS + 1)
-              if "qsd" in CONFIGS and runs[(r, "qsd")]["cpu"] > 0]
-        report.append(f"{cfg:<16} {statistics.median(x['iops'] for x in rs):9.0f} "
-                      f"{statistics.median(x['cpu'] for x in rs):7.2f} "
-                      f"{fmt_range(pi):>22} {fmt_range(pc):>22}")
+        col = lambda key, c=cfg: [runs[(r, c)][key] for r in range(1, ROUNDS + 1)]
+        qsd = "qsd" in CONFIGS
+        pi = paired_ratios(col("iops"), col("iops", "qsd")) if qsd else []
+        pc = paired_ratios(col("cpu"), col("cpu", "qsd")) if qsd else []
+        report.append(f"{cfg:<16} {median(col('iops')):9.0f} {median(col('cpu')):7.2f} "
+                      f"{ratio_range(pi):>22} {ratio_range(pc):>22}")
 text = "\n".join(report)
 print(text)
 with open(OUT, "w") as f:

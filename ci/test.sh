@@ -21,6 +21,9 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --locked
 
+step "iothread-registry without its default (QEMU) feature"
+cargo build -p iothread-registry --no-default-features --locked
+
 step "cargo test"
 cargo test --workspace --all-features --locked
 

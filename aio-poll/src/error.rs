@@ -3,6 +3,7 @@
 use std::io;
 
 use crate::handler::HandlerId;
+use crate::params::ParamError;
 
 /// Result alias used throughout the crate.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -14,16 +15,9 @@ pub enum Error {
     /// A system call failed.
     #[error("system call failed")]
     Io(#[source] io::Error),
-    /// A polling parameter is out of range.
-    #[error("{name}: {reason}")]
-    InvalidParam {
-        /// QEMU-style property name, e.g. `poll-weight`.
-        name: &'static str,
-        /// The rejected value.
-        value: i64,
-        /// Human-readable explanation, e.g. `value 64 out of range [0, 63]`.
-        reason: String,
-    },
+    /// A polling parameter is out of range (QEMU's message, see [`ParamError`]).
+    #[error(transparent)]
+    InvalidParam(#[from] ParamError),
     /// A poll algorithm name could not be parsed.
     #[error("unknown poll algorithm {0:?} (expected \"classic\" or \"weighted\")")]
     UnknownAlgorithm(String),

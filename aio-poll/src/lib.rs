@@ -55,8 +55,8 @@ pub use error::{Error, Result};
 pub use handle::ContextHandle;
 pub use handler::{FdHandler, FnHandler, HandlerId, Interest};
 pub use params::{
-    PollAlgorithm, PollParams, DEFAULT_GROW, DEFAULT_MAX_NS, DEFAULT_SHRINK, DEFAULT_WEIGHT,
-    MAX_WEIGHT,
+    ParamError, PollAlgorithm, PollParams, DEFAULT_GROW, DEFAULT_MAX_NS, DEFAULT_SHRINK,
+    DEFAULT_WEIGHT, MAX_WEIGHT,
 };
 pub use stats::{HandlerStats, PollNsHistogram, Stats, HISTOGRAM_BUCKETS};
 pub use timer::TimerId;

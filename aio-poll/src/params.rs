@@ -51,12 +51,90 @@ impl FromStr for PollAlgorithm {
     }
 }
 
+/// A polling parameter outside its range, reported with QEMU's message
+/// `"<name> value must be in range [<min>, <max>]"` (e.g. `poll-weight value must be
+/// in range [0, 63]`), which a QMP front end can forward unchanged.
+///
+/// ```
+/// use aio_poll::{ParamError, PollParams};
+/// let e = PollParams::default().with_weight(64).validate().unwrap_err();
+/// assert_eq!(e.to_string(), "poll-weight value must be in range [0, 63]");
+/// // The same check and message for a parameter of another crate:
+/// let e = ParamError::check("aio-max-batch", -1, i64::MAX).unwrap_err();
+/// assert_eq!(e.to_string(), "aio-max-batch value must be in range [0, 9223372036854775807]");
+/// assert_eq!((e.name(), e.value(), e.min(), e.max()), ("aio-max-batch", -1, 0, i64::MAX));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{name} value must be in range [{min}, {max}]")]
+pub struct ParamError {
+    name: &'static str,
+    value: i64,
+    min: i64,
+    max: i64,
+}
+
+impl ParamError {
+    /// Checks that `value` of parameter `name` is in `0..=max` (QEMU rejects negative
+    /// values of every IOThread property); returns the value.
+    pub fn check(name: &'static str, value: i64, max: i64) -> std::result::Result<i64, ParamError> {
+        if (0..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(ParamError {
+                name,
+                value,
+                min: 0,
+                max,
+            })
+        }
+    }
+
+    /// QEMU name of the parameter, e.g. `poll-weight`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The rejected value.
+    pub fn value(&self) -> i64 {
+        self.value
+    }
+
+    /// Smallest accepted value.
+    pub fn min(&self) -> i64 {
+        self.min
+    }
+
+    /// Largest accepted value.
+    pub fn max(&self) -> i64 {
+        self.max
+    }
+}
+
 /// Adaptive polling parameters, `i64` like QEMU's properties.
 ///
 /// `max_ns == 0` disables userspace polling entirely. Writing 0 to `grow`,
 /// `shrink` or `weight` selects the default; [`PollParams::validate`] returns
 /// the *effective* values, which is what the context stores and reports.
+///
+/// The struct is `#[non_exhaustive]` so that it can grow: build it from
+/// [`PollParams::default`] (QEMU's IOThread defaults) with the `with_*` builders,
+/// or assign the public fields of an existing value.
+///
+/// ```
+/// use aio_poll::{PollAlgorithm, PollParams};
+/// let p = PollParams::default()
+///     .with_max_ns(100_000)
+///     .with_weight(0) // 0 selects the default
+///     .with_algorithm(PollAlgorithm::Classic);
+/// let effective = p.validate().unwrap();
+/// assert_eq!((effective.max_ns, effective.weight), (100_000, 3));
+/// assert_eq!(
+///     PollParams::default().with_max_ns(-1).validate().unwrap_err().to_string(),
+///     "poll-max-ns value must be in range [0, 9223372036854775807]"
+/// );
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PollParams {
     /// Upper bound of the polling window in ns (`poll-max-ns`).
     pub max_ns: i64,
@@ -82,17 +160,6 @@ impl Default for PollParams {
     }
 }
 
-fn non_negative(name: &'static str, value: i64) -> Result<i64> {
-    if value < 0 {
-        return Err(Error::InvalidParam {
-            name,
-            value,
-            reason: format!("value {value} rejected: value must be in range [0, INT64_MAX]"),
-        });
-    }
-    Ok(value)
-}
-
 fn or_default(value: i64, default: i64) -> i64 {
     if value == 0 {
         default
@@ -102,31 +169,27 @@ fn or_default(value: i64, default: i64) -> i64 {
 }
 
 impl PollParams {
-    /// Polling disabled (`max_ns = 0`), other values default.
-    pub fn disabled() -> Self {
-        PollParams {
-            max_ns: 0,
-            ..PollParams::default()
-        }
+    /// QEMU's IOThread defaults (same as [`PollParams::default`]).
+    pub fn new() -> Self {
+        PollParams::default()
     }
 
-    /// Checks the values and returns the effective parameters.
+    /// Polling disabled (`max_ns = 0`), other values default.
+    pub fn disabled() -> Self {
+        PollParams::default().with_max_ns(0)
+    }
+
+    /// Checks the values (in QEMU's property order) and returns the effective
+    /// parameters.
     ///
-    /// Negative values are rejected with "value must be in range [0, INT64_MAX]",
-    /// a weight above 63 with "value N out of range [0, 63]". Zero in `grow`,
-    /// `shrink` or `weight` is replaced by the default.
-    pub fn validate(self) -> Result<PollParams> {
-        let max_ns = non_negative("poll-max-ns", self.max_ns)?;
-        let grow = non_negative("poll-grow", self.grow)?;
-        let shrink = non_negative("poll-shrink", self.shrink)?;
-        let weight = non_negative("poll-weight", self.weight)?;
-        if weight > MAX_WEIGHT {
-            return Err(Error::InvalidParam {
-                name: "poll-weight",
-                value: weight,
-                reason: format!("value {weight} out of range [0, {MAX_WEIGHT}]"),
-            });
-        }
+    /// Every value must be in `[0, INT64_MAX]`, `weight` in `[0, 63]`
+    /// ([`ParamError`] carries QEMU's message). Zero in `grow`, `shrink` or `weight`
+    /// is replaced by the default.
+    pub fn validate(self) -> std::result::Result<PollParams, ParamError> {
+        let max_ns = ParamError::check("poll-max-ns", self.max_ns, i64::MAX)?;
+        let grow = ParamError::check("poll-grow", self.grow, i64::MAX)?;
+        let shrink = ParamError::check("poll-shrink", self.shrink, i64::MAX)?;
+        let weight = ParamError::check("poll-weight", self.weight, MAX_WEIGHT)?;
         Ok(PollParams {
             max_ns,
             grow: or_default(grow, DEFAULT_GROW),
@@ -136,28 +199,38 @@ impl PollParams {
         })
     }
 
-    /// Builder: sets `max_ns`.
+    /// Builder: sets `max_ns` (`poll-max-ns`).
     pub fn with_max_ns(mut self, max_ns: i64) -> Self {
         self.max_ns = max_ns;
+        self
+    }
+
+    /// Builder: sets `grow` (`poll-grow`).
+    pub fn with_grow(mut self, grow: i64) -> Self {
+        self.grow = grow;
+        self
+    }
+
+    /// Builder: sets `shrink` (`poll-shrink`).
+    pub fn with_shrink(mut self, shrink: i64) -> Self {
+        self.shrink = shrink;
+        self
+    }
+
+    /// Builder: sets grow and shrink.
+    pub fn with_grow_shrink(self, grow: i64, shrink: i64) -> Self {
+        self.with_grow(grow).with_shrink(shrink)
+    }
+
+    /// Builder: sets the weight (`poll-weight`).
+    pub fn with_weight(mut self, weight: i64) -> Self {
+        self.weight = weight;
         self
     }
 
     /// Builder: sets the algorithm.
     pub fn with_algorithm(mut self, algorithm: PollAlgorithm) -> Self {
         self.algorithm = algorithm;
-        self
-    }
-
-    /// Builder: sets the weight.
-    pub fn with_weight(mut self, weight: i64) -> Self {
-        self.weight = weight;
-        self
-    }
-
-    /// Builder: sets grow and shrink.
-    pub fn with_grow_shrink(mut self, grow: i64, shrink: i64) -> Self {
-        self.grow = grow;
-        self.shrink = shrink;
         self
     }
 }
@@ -202,26 +275,31 @@ mod tests {
             .with_weight(64)
             .validate()
             .unwrap_err();
-        assert_eq!(e.to_string(), "poll-weight: value 64 out of range [0, 63]");
+        assert_eq!(e.to_string(), "poll-weight value must be in range [0, 63]");
     }
 
     #[test]
     fn negatives_rejected() {
-        for (p, name) in [
-            (PollParams::default().with_max_ns(-1), "poll-max-ns"),
-            (PollParams::default().with_grow_shrink(-2, 2), "poll-grow"),
+        for (p, name, max) in [
+            (
+                PollParams::default().with_max_ns(-1),
+                "poll-max-ns",
+                i64::MAX,
+            ),
+            (
+                PollParams::default().with_grow_shrink(-2, 2),
+                "poll-grow",
+                i64::MAX,
+            ),
             (
                 PollParams::default().with_grow_shrink(2, i64::MIN),
                 "poll-shrink",
+                i64::MAX,
             ),
-            (PollParams::default().with_weight(-3), "poll-weight"),
+            (PollParams::default().with_weight(-3), "poll-weight", 63),
         ] {
             let msg = p.validate().unwrap_err().to_string();
-            assert!(msg.starts_with(name), "{msg}");
-            assert!(
-                msg.contains("value must be in range [0, INT64_MAX]"),
-                "{msg}"
-            );
+            assert_eq!(msg, format!("{name} value must be in range [0, {max}]"));
         }
     }
 

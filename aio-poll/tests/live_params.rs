@@ -45,23 +45,20 @@ fn live_param_change_resets_state_and_shows_in_stats() {
         let e = handle
             .set_poll_params(PollParams::default().with_weight(64))
             .unwrap_err();
-        assert_eq!(e.to_string(), "poll-weight: value 64 out of range [0, 63]");
+        assert_eq!(e.to_string(), "poll-weight value must be in range [0, 63]");
         let e = handle
             .set_poll_params(PollParams::default().with_max_ns(-5))
             .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("value must be in range [0, INT64_MAX]"),
-            "{e}"
+        assert_eq!(
+            e.to_string(),
+            "poll-max-ns value must be in range [0, 9223372036854775807]"
         );
 
-        let new = PollParams {
-            max_ns: 40_000_000,
-            grow: 0,
-            shrink: 4,
-            weight: 5,
-            algorithm: PollAlgorithm::Classic,
-        };
+        let new = PollParams::default()
+            .with_max_ns(40_000_000)
+            .with_grow_shrink(0, 4)
+            .with_weight(5)
+            .with_algorithm(PollAlgorithm::Classic);
         handle.set_poll_params(new).unwrap();
         // Queries report effective values (grow 0 -> 2), immediately.
         assert_eq!(handle.poll_params().grow, 2);
@@ -77,7 +74,7 @@ fn live_param_change_resets_state_and_shows_in_stats() {
             spins += 1;
             assert!(spins < 60_000);
         };
-        assert_eq!(after.params, PollParams { grow: 2, ..new });
+        assert_eq!(after.params, new.with_grow(2));
         assert_eq!(after.poll_ns, 0, "poll_ns reset");
         assert!(
             after.handlers.iter().all(|h| h.ns == 0),

@@ -171,13 +171,11 @@ proptest! {
                     });
                 }
                 Op::Params(max_ns, grow, shrink, weight, classic) => {
-                    let p = PollParams {
-                        max_ns,
-                        grow,
-                        shrink,
-                        weight,
-                        algorithm: if classic { PollAlgorithm::Classic } else { PollAlgorithm::Weighted },
-                    };
+                    let p = PollParams::default()
+                        .with_max_ns(max_ns)
+                        .with_grow_shrink(grow, shrink)
+                        .with_weight(weight)
+                        .with_algorithm(if classic { PollAlgorithm::Classic } else { PollAlgorithm::Weighted });
                     let expect = p.validate();
                     let got = ctx.set_poll_params(p);
                     prop_assert_eq!(got.is_ok(), expect.is_ok());

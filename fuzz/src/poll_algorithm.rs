@@ -45,13 +45,11 @@ pub struct Input {
 }
 
 fn params(raw: [i64; 4], algorithm: PollAlgorithm) -> PollParams {
-    PollParams {
-        max_ns: raw[0],
-        grow: raw[1],
-        shrink: raw[2],
-        weight: raw[3],
-        algorithm,
-    }
+    PollParams::default()
+        .with_max_ns(raw[0])
+        .with_grow_shrink(raw[1], raw[2])
+        .with_weight(raw[3])
+        .with_algorithm(algorithm)
 }
 
 fn read_params(r: &mut Reader<'_>) -> [i64; 4] {

@@ -17,7 +17,7 @@ use iothread_registry::{IoThreadParams, IoThreadRegistry};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_ref::bus::BusDevice;
 use vmm_ref::virtio::block::backend::BlockEngine;
-use vmm_ref::virtio::block::{Block, BlockConfig, HolderPolicy};
+use vmm_ref::virtio::block::{Block, BlockConfig};
 use vmm_ref::virtio::mmio::MmioTransport;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -117,6 +117,18 @@ fn holders(f: &Fixture) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Queue handlers registered on the IOThread.
+fn handlers(f: &Fixture) -> usize {
+    let probe = f
+        .registry
+        .acquire(
+            "fuzz0",
+            iothread_registry::IoThreadHolder::block_node("probe"),
+        )
+        .expect("acquire fuzz0");
+    probe.call(|ctx| ctx.handler_count()).unwrap_or(usize::MAX)
+}
+
 /// Runs an input; panics on a broken invariant.
 pub fn check(input: &Input) {
     let f = fixture();
@@ -127,10 +139,10 @@ pub fn check(input: &Input) {
         queue_size: 16,
         readonly: false,
         direct: false,
-        queue_iothreads: vec!["fuzz0".into(); usize::from(NUM_QUEUES)],
+        iothreads: vec![iothread_registry::IoThreadVqMapping::new("fuzz0")],
         engine: BlockEngine::Sync,
         serial: None,
-        holders: HolderPolicy::Device,
+        holder: Block::device_holder("fuzz"),
     };
     let block = Block::new(cfg, f.registry.clone()).expect("block device");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
@@ -156,8 +168,15 @@ pub fn check(input: &Input) {
     let mut magic = [0u8; 4];
     t.read(0, &mut magic);
     assert_eq!(&magic, b"virt", "magic value");
+    // The device holds its IOThread while attached, whatever the driver did.
+    assert_eq!(
+        holders(f),
+        1,
+        "IOThread not held exactly once while attached"
+    );
     t.write(0x70, &0u32.to_le_bytes());
-    assert_eq!(holders(f), 0, "IOThread still held after device reset");
+    assert_eq!(holders(f), 1, "IOThread not held after device reset");
+    assert_eq!(handlers(f), 0, "queue handlers left after device reset");
     drop(t);
     assert_eq!(
         holders(f),

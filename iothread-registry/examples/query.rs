@@ -1,6 +1,7 @@
 //! Creates two IOThreads with holders and prints `query-iothreads` (QMP JSON) and
 //! `info iothreads` (HMP text). Run: `cargo run -p iothread-registry --example query`.
 
+use iothread_registry::aio_poll::PollParams;
 use iothread_registry::{IoThreadHolder, IoThreadParams, IoThreadRegistry};
 
 fn main() -> Result<(), iothread_registry::Error> {
@@ -8,11 +9,9 @@ fn main() -> Result<(), iothread_registry::Error> {
     registry.create("iothread0", IoThreadParams::default())?;
     registry.create(
         "iothread1",
-        IoThreadParams {
-            poll_max_ns: 0,
-            aio_max_batch: 32,
-            ..Default::default()
-        },
+        IoThreadParams::default()
+            .with_poll(PollParams::default().with_max_ns(0))
+            .with_aio_max_batch(32),
     )?;
     let _device = registry.acquire(
         "iothread0",

@@ -52,24 +52,17 @@ pub enum Error {
         /// The holder that was to be released.
         holder: IoThreadHolder,
     },
-    /// No property with this name exists on an IOThread.
+    /// No property with this name exists on an IOThread (feature `qemu`).
+    #[cfg(feature = "qemu")]
     #[error("Property 'iothread.{name}' not found")]
     InvalidProperty {
         /// The unknown property name.
         name: String,
     },
-    /// A property value is out of range.
-    #[error("{property} value must be in range [{min}, {max}]")]
-    InvalidValue {
-        /// Property name, e.g. `poll-weight`.
-        property: &'static str,
-        /// The rejected value.
-        value: i64,
-        /// Smallest accepted value.
-        min: i64,
-        /// Largest accepted value.
-        max: i64,
-    },
+    /// A parameter value is out of range; aio-poll's check and QEMU's message
+    /// (`poll-weight value must be in range [0, 63]`).
+    #[error(transparent)]
+    InvalidValue(#[from] aio_poll::ParamError),
     /// A blocking call was made from the IOThread it would wait for.
     #[error("waiting for IOThread '{id}' from inside that IOThread would deadlock")]
     WouldDeadlock {
@@ -85,6 +78,16 @@ pub enum Error {
     /// The OS thread could not be spawned.
     #[error("failed to spawn IOThread thread")]
     Spawn(#[source] io::Error),
+    /// The registry's spawn hook failed (or panicked) on the new IOThread; the thread
+    /// ended without running its loop.
+    #[error("the spawn hook failed for IOThread '{id}'")]
+    SpawnHook {
+        /// The IOThread.
+        id: String,
+        /// What the hook reported.
+        #[source]
+        source: crate::iothread::SpawnHookError,
+    },
     /// The event loop reported an error.
     #[error("event loop error")]
     Poll(#[source] aio_poll::Error),

@@ -1,4 +1,5 @@
-//! `query-iothreads` (QMP) reply elements and `info iothreads` (HMP) text.
+//! `query-iothreads` (QMP) reply elements and `info iothreads` (HMP) text (feature
+//! `qemu`).
 
 use std::fmt::Write as _;
 
@@ -7,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::holder::IoThreadHolder;
 use crate::params::IoThreadParams;
 
-/// One element of the `query-iothreads` reply.
+/// One element of the `query-iothreads` reply (feature `qemu`).
 ///
 /// Serializes with exactly QEMU's field names and order (holders in registration
 /// order):
@@ -62,10 +63,10 @@ impl IoThreadInfo {
             id: id.into(),
             thread_id,
             holders,
-            poll_max_ns: params.poll_max_ns,
-            poll_grow: params.poll_grow,
-            poll_shrink: params.poll_shrink,
-            poll_weight: params.poll_weight,
+            poll_max_ns: params.poll.max_ns,
+            poll_grow: params.poll.grow,
+            poll_shrink: params.poll.shrink,
+            poll_weight: params.poll.weight,
             aio_max_batch: params.aio_max_batch,
         }
     }

@@ -155,24 +155,37 @@ pub(crate) struct IoThread {
     params: Mutex<IoThreadParams>,
 }
 
-/// Converts effective parameters to the event loop's.
-fn poll_params(p: &IoThreadParams) -> PollParams {
-    PollParams {
-        max_ns: p.poll_max_ns,
-        grow: p.poll_grow,
-        shrink: p.poll_shrink,
-        weight: p.poll_weight,
-        algorithm: p.poll_algorithm,
-    }
+/// What a spawn hook reports on failure.
+pub type SpawnHookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A registry's spawn hook (see
+/// [`IoThreadRegistry::with_spawn_hook`](crate::IoThreadRegistry::with_spawn_hook)).
+pub(crate) type SpawnHook =
+    Arc<dyn Fn(&SpawnInfo<'_>) -> std::result::Result<(), SpawnHookError> + Send + Sync>;
+
+/// What a spawn hook learns about the IOThread it runs on.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct SpawnInfo<'a> {
+    /// The IOThread's id.
+    pub id: &'a str,
+    /// Host thread id (TID) of the new thread (the calling thread of the hook).
+    pub thread_id: i64,
 }
 
-/// `aio-max-batch` as the event loop takes it (validated values are never negative).
-fn max_batch(p: &IoThreadParams) -> u64 {
-    u64::try_from(p.aio_max_batch).unwrap_or(0)
+/// Why the new thread did not reach its loop.
+enum StartError {
+    Poll(aio_poll::Error),
+    Hook(SpawnHookError),
 }
 
 /// What the new thread reports to `spawn` before it enters its loop.
-type Ready = std::result::Result<(i64, ContextHandle), aio_poll::Error>;
+type Ready = std::result::Result<(i64, ContextHandle), StartError>;
+
+/// A panic of the spawn hook, as its error.
+#[derive(Debug, thiserror::Error)]
+#[error("the spawn hook panicked: {0}")]
+struct HookPanicked(String);
 
 fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
@@ -185,10 +198,13 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 /// Body of an IOThread.
+#[allow(clippy::too_many_arguments)]
 fn thread_main(
+    id: &str,
     serial: u64,
     params: PollParams,
     batch: u64,
+    hook: Option<SpawnHook>,
     ready: mpsc::SyncSender<Ready>,
     running: mpsc::SyncSender<()>,
     stop: Arc<AtomicBool>,
@@ -200,11 +216,24 @@ fn thread_main(
         let mut ctx = match AioContext::with_params(params) {
             Ok(ctx) => ctx,
             Err(e) => {
-                let _ = ready.send(Err(e));
+                let _ = ready.send(Err(StartError::Poll(e)));
                 return;
             }
         };
         ctx.set_aio_max_batch(batch);
+        if let Some(hook) = hook {
+            let info = SpawnInfo { id, thread_id: tid };
+            let outcome = match panic::catch_unwind(AssertUnwindSafe(|| hook(&info))) {
+                Ok(result) => result,
+                Err(payload) => {
+                    Err(Box::new(HookPanicked(panic_message(payload.as_ref()))) as SpawnHookError)
+                }
+            };
+            if let Err(e) = outcome {
+                let _ = ready.send(Err(StartError::Hook(e)));
+                return;
+            }
+        }
         if ready.send(Ok((tid, ctx.handle()))).is_err() {
             return;
         }
@@ -229,24 +258,32 @@ fn thread_main(
 impl IoThread {
     /// Spawns `IO <id>` with already validated (effective) parameters and waits until
     /// its loop runs.
-    pub(crate) fn spawn(id: &str, serial: u64, params: IoThreadParams) -> Result<IoThread> {
+    pub(crate) fn spawn(
+        id: &str,
+        serial: u64,
+        params: IoThreadParams,
+        hook: Option<SpawnHook>,
+    ) -> Result<IoThread> {
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Ready>(1);
         let (running_tx, running_rx) = mpsc::sync_channel::<()>(1);
         let stop = Arc::new(AtomicBool::new(false));
         // Filled in once the handle is known; the thread records its end state there.
         let remote_slot: Arc<Mutex<Option<Arc<Remote>>>> = Arc::new(Mutex::new(None));
 
-        let (pp, batch) = (poll_params(&params), max_batch(&params));
+        let (pp, batch) = (params.poll, params.max_batch());
         let (thread_stop, thread_slot) = (Arc::clone(&stop), Arc::clone(&remote_slot));
+        let thread_id = id.to_owned();
         // std truncates the OS-level name to 15 bytes (TASK_COMM_LEN - 1); ids are
         // ASCII so the cut never splits a character. The Rust-level name stays whole.
         let join = thread::Builder::new()
             .name(format!("IO {id}"))
             .spawn(move || {
                 thread_main(
+                    &thread_id,
                     serial,
                     pp,
                     batch,
+                    hook,
                     ready_tx,
                     running_tx,
                     thread_stop,
@@ -260,7 +297,13 @@ impl IoThread {
             Ok(Ok(ready)) => ready,
             Ok(Err(e)) => {
                 let _ = join.join();
-                return Err(Error::Poll(e));
+                return Err(match e {
+                    StartError::Poll(e) => Error::Poll(e),
+                    StartError::Hook(source) => Error::SpawnHook {
+                        id: id.to_owned(),
+                        source,
+                    },
+                });
             }
             Err(_) => {
                 let _ = join.join();
@@ -304,7 +347,7 @@ impl IoThread {
     }
 
     pub(crate) fn params(&self) -> IoThreadParams {
-        lock(&self.params).clone()
+        *lock(&self.params)
     }
 
     fn join_handle_finished(&self) -> bool {
@@ -320,10 +363,10 @@ impl IoThread {
         update: impl FnOnce(&mut IoThreadParams) -> Result<()>,
     ) -> Result<()> {
         let mut current = lock(&self.params);
-        let mut next = current.clone();
+        let mut next = *current;
         update(&mut next)?;
         let next = next.validate()?;
-        let pp = poll_params(&next).validate().map_err(Error::Poll)?;
+        let pp = next.poll;
         let handle = self.remote.handle();
         // Applied inside the loop, in submission order: the loop resets its adaptive
         // state at once and publishes the new values with that iteration's stats
@@ -332,7 +375,7 @@ impl IoThread {
             // Already validated above; an error cannot happen here.
             let _ = ctx.set_poll_params(pp);
         });
-        handle.set_aio_max_batch(max_batch(&next));
+        handle.set_aio_max_batch(next.max_batch());
         *current = next;
         Ok(())
     }

@@ -1,10 +1,15 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+/// The event loop every IOThread runs (re-exported so that a VMM needs one
+/// dependency and one version of it).
+pub use aio_poll;
+
 mod assignment;
 mod error;
 mod holder;
 mod id;
+#[cfg(feature = "qemu")]
 mod info;
 mod iothread;
 mod mapping;
@@ -18,13 +23,13 @@ pub use assignment::VqAssignment;
 pub use error::{Error, IdError, Result};
 pub use holder::IoThreadHolder;
 pub use id::validate_id;
+#[cfg(feature = "qemu")]
 pub use info::{format_info_iothreads, IoThreadInfo};
-pub use iothread::IoThreadState;
+pub use iothread::{IoThreadState, SpawnHookError, SpawnInfo};
 pub use mapping::{assign_vqs, IoThreadVqMapping, MappingError};
-pub use params::{
-    IoThreadParams, Property, DEFAULT_AIO_MAX_BATCH, DEFAULT_POLL_GROW, DEFAULT_POLL_MAX_NS,
-    DEFAULT_POLL_SHRINK, DEFAULT_POLL_WEIGHT, MAX_POLL_WEIGHT,
-};
+#[cfg(feature = "qemu")]
+pub use params::Property;
+pub use params::{IoThreadParams, DEFAULT_AIO_MAX_BATCH};
 pub use registry::IoThreadRegistry;
 pub use remote::HolderGuard;
 pub use stats::IoThreadStats;

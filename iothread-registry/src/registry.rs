@@ -3,16 +3,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use aio_poll::AioContext;
-
 use crate::assignment::VqAssignment;
 use crate::error::{Error, Result};
 use crate::holder::IoThreadHolder;
 use crate::id::validate_id;
+#[cfg(feature = "qemu")]
 use crate::info::{format_info_iothreads, IoThreadInfo};
-use crate::iothread::{lock, IoThread, IoThreadState};
+use crate::iothread::{lock, IoThread, IoThreadState, SpawnHook, SpawnHookError, SpawnInfo};
 use crate::mapping::{assign_vqs, IoThreadVqMapping};
-use crate::params::{IoThreadParams, Property};
+use crate::params::IoThreadParams;
+#[cfg(feature = "qemu")]
+use crate::params::Property;
 use crate::remote::HolderGuard;
 use crate::stats::IoThreadStats;
 use crate::sys;
@@ -53,38 +54,100 @@ fn not_found(id: &str) -> Error {
 
 pub(crate) struct Inner {
     state: Mutex<State>,
+    /// Run on every new IOThread before its loop.
+    hook: Option<SpawnHook>,
 }
 
 /// Serials identify IOThreads process-wide (across registries) for the deadlock
 /// check and for guards; 0 means "not an IOThread".
 static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
-impl Inner {
-    /// Removes one entry equal to `holder` (the earliest registered) from IOThread
-    /// `id`, provided it is still the IOThread with `serial`.
-    pub(crate) fn release(
-        &self,
-        id: &str,
-        serial: Option<u64>,
-        holder: &IoThreadHolder,
-    ) -> Result<()> {
-        let mut state = lock(&self.state);
-        let entry = state.entry_mut(id)?;
-        let pos = entry
+impl State {
+    /// Position of `holder` (the earliest registration) in IOThread `id`'s list,
+    /// provided `id` is still the IOThread with `serial`.
+    fn held_at(&self, id: &str, serial: u64, holder: &IoThreadHolder) -> Result<usize> {
+        let entry = self.entry(id)?;
+        entry
             .holders
             .iter()
             .position(|h| h == holder)
-            .filter(|_| serial.is_none_or(|s| s == entry.thread.remote().serial()));
-        match pos {
-            Some(pos) => {
-                entry.holders.remove(pos);
-                Ok(())
-            }
-            None => Err(Error::NotHeld {
+            .filter(|_| entry.thread.remote().serial() == serial)
+            .ok_or_else(|| Error::NotHeld {
                 id: id.to_owned(),
                 holder: holder.clone(),
-            }),
+            })
+    }
+
+    /// Removes one registration of `holder` from IOThread `id` (see [`State::held_at`]).
+    fn release(&mut self, id: &str, serial: u64, holder: &IoThreadHolder) -> Result<()> {
+        let pos = self.held_at(id, serial, holder)?;
+        self.entry_mut(id)?.holders.remove(pos);
+        Ok(())
+    }
+
+    /// Registers `holder` on every IOThread of `mapping` (which was validated under
+    /// this lock, so every entry exists and is listed once).
+    fn acquire_all(
+        &mut self,
+        registry: &Arc<Inner>,
+        mapping: &[IoThreadVqMapping],
+        holder: &IoThreadHolder,
+    ) -> Result<Vec<HolderGuard>> {
+        let mut guards = Vec::with_capacity(mapping.len());
+        for m in mapping {
+            let entry = self.entry_mut(&m.iothread)?;
+            entry.holders.push(holder.clone());
+            guards.push(HolderGuard::new(
+                Arc::downgrade(registry),
+                Arc::clone(entry.thread.remote()),
+                holder.clone(),
+            ));
         }
+        Ok(guards)
+    }
+}
+
+/// Index into the mapping's guards of the IOThread serving each queue.
+fn queue_guards(mapping: &[IoThreadVqMapping], per_queue: &[String]) -> Result<Vec<usize>> {
+    per_queue
+        .iter()
+        .map(|id| {
+            mapping
+                .iter()
+                .position(|m| &m.iothread == id)
+                .ok_or_else(|| not_found(id))
+        })
+        .collect()
+}
+
+impl Inner {
+    /// Removes the registration of `guard`.
+    pub(crate) fn release(&self, guard: &HolderGuard) -> Result<()> {
+        lock(&self.state).release(guard.iothread_id(), guard.serial(), guard.holder())
+    }
+
+    /// Moves `holder` from the IOThreads of `old` to those of `mapping` for a device
+    /// with `num_queues` queues, in one critical section: a snapshot sees the holder
+    /// either on all the old IOThreads or on all the new ones. Nothing changes on
+    /// error. The caller must [`forget`](HolderGuard::forget) the old guards.
+    pub(crate) fn remap(
+        self: &Arc<Self>,
+        old: &[HolderGuard],
+        holder: &IoThreadHolder,
+        mapping: &[IoThreadVqMapping],
+        num_queues: u16,
+    ) -> Result<(Vec<HolderGuard>, Vec<usize>)> {
+        let mut state = lock(&self.state);
+        let per_queue = assign_vqs(mapping, num_queues, |id| state.entry(id).is_ok())?;
+        let queue_guard = queue_guards(mapping, &per_queue)?;
+        for g in old {
+            state.held_at(g.iothread_id(), g.serial(), g.holder())?;
+        }
+        for g in old {
+            state.release(g.iothread_id(), g.serial(), g.holder())?;
+        }
+        let guards = state.acquire_all(self, mapping, holder)?;
+        Ok((guards, queue_guard))
     }
 }
 
@@ -113,6 +176,10 @@ impl Drop for Inner {
 ///
 /// Cheap to clone (all clones share the same IOThreads); `Send + Sync`. When the last
 /// clone is dropped, every IOThread is stopped and joined.
+///
+/// The only way to reach an IOThread's event loop is a [`HolderGuard`] (from
+/// [`acquire`](Self::acquire) or [`acquire_vq_mapping`](Self::acquire_vq_mapping)):
+/// every user of a context is listed as a holder for as long as it can use it.
 ///
 /// ```
 /// use iothread_registry::{IoThreadHolder, IoThreadParams, IoThreadRegistry};
@@ -158,9 +225,47 @@ impl std::fmt::Debug for IoThreadRegistry {
 impl IoThreadRegistry {
     /// An empty registry.
     pub fn new() -> Self {
+        Self::with_hook(None)
+    }
+
+    /// An empty registry whose IOThreads run `hook` on their own thread, after their
+    /// event loop was created and before it starts: the place to install a seccomp
+    /// filter, set CPU affinity or a cgroup, as a VMM does for every thread it
+    /// spawns. When the hook returns an error (or panics), the thread ends without
+    /// running its loop and [`create`](Self::create) returns
+    /// [`Error::SpawnHook`] with that error as its source.
+    ///
+    /// A seccomp filter installed here must allow the syscalls of the event loop
+    /// (listed in aio-poll's README), thread exit, and whatever the work submitted
+    /// to the IOThread needs; `examples/seccomp_pool.rs` shows a complete one.
+    ///
+    /// ```
+    /// use iothread_registry::{Error, IoThreadParams, IoThreadRegistry};
+    ///
+    /// let registry = IoThreadRegistry::with_spawn_hook(|info| {
+    ///     if info.id.starts_with("forbidden") {
+    ///         return Err(format!("no IOThread may be called {}", info.id).into());
+    ///     }
+    ///     // e.g. seccompiler::apply_filter(&filter)?; sched_setaffinity(...)
+    ///     Ok(())
+    /// });
+    /// registry.create("io0", IoThreadParams::default())?;
+    /// let err = registry.create("forbidden0", IoThreadParams::default()).unwrap_err();
+    /// assert_eq!(err.to_string(), "the spawn hook failed for IOThread 'forbidden0'");
+    /// assert_eq!(registry.ids(), ["io0"]);
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn with_spawn_hook(
+        hook: impl Fn(&SpawnInfo<'_>) -> std::result::Result<(), SpawnHookError> + Send + Sync + 'static,
+    ) -> Self {
+        Self::with_hook(Some(Arc::new(hook)))
+    }
+
+    fn with_hook(hook: Option<SpawnHook>) -> Self {
         IoThreadRegistry {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
+                hook,
             }),
         }
     }
@@ -182,7 +287,7 @@ impl IoThreadRegistry {
             state.pending.push(id.to_owned());
         }
         let serial = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
-        let spawned = IoThread::spawn(id, serial, params);
+        let spawned = IoThread::spawn(id, serial, params, self.inner.hook.clone());
         let mut state = lock(&self.inner.state);
         state.pending.retain(|p| p != id);
         state.threads.push(Entry {
@@ -204,14 +309,14 @@ impl IoThreadRegistry {
                 .position(|e| e.thread.remote().id() == id)
                 .ok_or_else(|| not_found(id))?;
             let entry = state.threads.get(pos).ok_or_else(|| not_found(id))?;
+            if entry.thread.remote().on_own_thread() {
+                return Err(Error::WouldDeadlock { id: id.to_owned() });
+            }
             if !entry.holders.is_empty() {
                 return Err(Error::InUse {
                     id: id.to_owned(),
                     holders: entry.holders.clone(),
                 });
-            }
-            if entry.thread.remote().on_own_thread() {
-                return Err(Error::WouldDeadlock { id: id.to_owned() });
             }
             state.threads.remove(pos).thread
         };
@@ -257,52 +362,33 @@ impl IoThreadRegistry {
     ) -> Result<VqAssignment> {
         let mut state = lock(&self.inner.state);
         let per_queue = assign_vqs(mapping, num_queues, |id| state.entry(id).is_ok())?;
-        // Validation passed under this lock: every entry exists and is listed once.
-        let mut guards = Vec::with_capacity(mapping.len());
-        let mut missing = None;
-        for m in mapping {
-            match state.entry_mut(&m.iothread) {
-                Ok(entry) => {
-                    entry.holders.push(holder.clone());
-                    guards.push(HolderGuard::new(
-                        Arc::downgrade(&self.inner),
-                        Arc::clone(entry.thread.remote()),
-                        holder.clone(),
-                    ));
-                }
-                Err(e) => {
-                    missing = Some(e);
-                    break;
-                }
-            }
-        }
+        let queue_guard = queue_guards(mapping, &per_queue)?;
+        let guards = state.acquire_all(&self.inner, mapping, &holder);
         // Guards release under the lock: drop it before they can go away.
         drop(state);
-        if let Some(e) = missing {
-            return Err(e);
-        }
-        let queue_guard = per_queue
-            .iter()
-            .map(|id| {
-                mapping
-                    .iter()
-                    .position(|m| &m.iothread == id)
-                    .ok_or_else(|| not_found(id))
-            })
-            .collect::<Result<Vec<usize>>>()?;
-        Ok(VqAssignment::new(guards, queue_guard))
-    }
-
-    /// Removes one registration of `holder` from IOThread `id` (the earliest one).
-    /// Errors with [`Error::NotHeld`] when `holder` does not hold it. Prefer dropping
-    /// or releasing the [`HolderGuard`]; this is for holders tracked without guards.
-    pub fn release(&self, id: &str, holder: &IoThreadHolder) -> Result<()> {
-        self.inner.release(id, None, holder)
+        Ok(VqAssignment::new(
+            Arc::downgrade(&self.inner),
+            holder,
+            mapping.to_vec(),
+            num_queues,
+            guards?,
+            queue_guard,
+        ))
     }
 
     /// Holders of IOThread `id`, in registration order.
     pub fn holders(&self, id: &str) -> Result<Vec<IoThreadHolder>> {
         Ok(lock(&self.inner.state).entry(id)?.holders.clone())
+    }
+
+    /// Every IOThread's id and holders, in creation order, from one consistent
+    /// snapshot (what `query-iothreads` shows, without the QEMU shapes).
+    pub fn all_holders(&self) -> Vec<(String, Vec<IoThreadHolder>)> {
+        lock(&self.inner.state)
+            .threads
+            .iter()
+            .map(|e| (e.thread.remote().id().to_owned(), e.holders.clone()))
+            .collect()
     }
 
     /// Replaces all parameters of IOThread `id` (validated like at creation). The loop
@@ -320,39 +406,24 @@ impl IoThreadRegistry {
         Ok(self.thread(id)?.params())
     }
 
-    /// Sets one property by its QEMU name (`qom-set /objects/<id> <name> <value>`).
+    /// Sets one property by its QEMU name (`qom-set /objects/<id> <name> <value>`;
+    /// feature `qemu`).
+    #[cfg(feature = "qemu")]
     pub fn set_property(&self, id: &str, name: &str, value: i64) -> Result<()> {
         let property: Property = name.parse()?;
         let thread = self.thread(id)?;
         thread.update_params(|p| p.set(property, value))
     }
 
-    /// Reads one property by its QEMU name (`qom-get`); reports the value in use.
+    /// Reads one property by its QEMU name (`qom-get`; feature `qemu`); reports the
+    /// value in use.
+    #[cfg(feature = "qemu")]
     pub fn get_property(&self, id: &str, name: &str) -> Result<i64> {
         let property: Property = name.parse()?;
         Ok(self.thread(id)?.params().get(property))
     }
 
-    /// Runs `f` inside IOThread `id`'s loop without waiting. Errors with
-    /// [`Error::ThreadGone`] when the loop no longer runs.
-    pub fn submit(&self, id: &str, f: impl FnOnce(&mut AioContext) + Send + 'static) -> Result<()> {
-        self.thread(id)?.remote().submit(f)
-    }
-
-    /// Runs `f` inside IOThread `id`'s loop and waits for its result.
-    ///
-    /// Returns [`Error::WouldDeadlock`] when called on that IOThread, and
-    /// [`Error::ThreadGone`] (never hangs) when the loop stopped or panicked before
-    /// running `f`.
-    pub fn call<R: Send + 'static>(
-        &self,
-        id: &str,
-        f: impl FnOnce(&mut AioContext) -> R + Send + 'static,
-    ) -> Result<R> {
-        let remote = Arc::clone(self.thread(id)?.remote());
-        remote.call(f)
-    }
-
+    #[cfg(feature = "qemu")]
     fn snapshot(&self) -> Vec<(Arc<IoThread>, Vec<IoThreadHolder>)> {
         lock(&self.inner.state)
             .threads
@@ -361,7 +432,8 @@ impl IoThreadRegistry {
             .collect()
     }
 
-    /// `query-iothreads`: one element per IOThread, in creation order.
+    /// `query-iothreads`: one element per IOThread, in creation order (feature `qemu`).
+    #[cfg(feature = "qemu")]
     pub fn query_iothreads(&self) -> Vec<IoThreadInfo> {
         self.snapshot()
             .into_iter()
@@ -371,7 +443,9 @@ impl IoThreadRegistry {
             .collect()
     }
 
-    /// `info iothreads`: the HMP text of [`query_iothreads`](Self::query_iothreads).
+    /// `info iothreads`: the HMP text of [`query_iothreads`](Self::query_iothreads)
+    /// (feature `qemu`).
+    #[cfg(feature = "qemu")]
     pub fn info_iothreads(&self) -> String {
         format_info_iothreads(&self.query_iothreads())
     }

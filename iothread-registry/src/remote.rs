@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use aio_poll::{AioContext, ContextHandle};
+use aio_poll::AioContext;
 
 use crate::error::{Error, Result};
 use crate::holder::IoThreadHolder;
@@ -11,8 +11,11 @@ use crate::iothread::Remote;
 use crate::registry::WeakInner;
 
 /// Returned by [`IoThreadRegistry::acquire`](crate::IoThreadRegistry::acquire): the
-/// IOThread's context handle plus the holder registration, released when the guard is
-/// dropped (or explicitly with [`release`](Self::release)).
+/// holder registration plus the only way to run work on the IOThread's event loop
+/// ([`submit`](Self::submit), [`call`](Self::call)), released when the guard is
+/// dropped (or explicitly with [`release`](Self::release)). The guard does not hand
+/// out the loop's `ContextHandle`, so no use of the context outlives the
+/// registration.
 ///
 /// The guard does not keep the registry alive: once the last registry clone is
 /// dropped the IOThread stops, work submitted through the guard is no longer run and
@@ -44,9 +47,24 @@ impl HolderGuard {
         &self.holder
     }
 
-    /// The IOThread's event loop handle (notify, schedule, parameters, stats).
-    pub fn context(&self) -> &ContextHandle {
-        self.remote.handle()
+    pub(crate) fn serial(&self) -> u64 {
+        self.remote.serial()
+    }
+
+    /// Marks the registration as already gone (moved by a re-mapping), so that
+    /// dropping the guard releases nothing.
+    pub(crate) fn forget(mut self) {
+        self.released = true;
+    }
+
+    /// `aio-max-batch` in use by the IOThread (0 = engine default).
+    pub fn aio_max_batch(&self) -> u64 {
+        self.remote.handle().aio_max_batch()
+    }
+
+    /// Wakes the IOThread's loop (e.g. after making a poll-only handler ready).
+    pub fn notify(&self) {
+        self.remote.handle().notify();
     }
 
     /// Runs `f` inside the IOThread's loop without waiting. Dropped silently when the
@@ -57,10 +75,11 @@ impl HolderGuard {
         let _ = self.remote.submit(f);
     }
 
-    /// Runs `f` inside the IOThread's loop and waits for its result; same rules as
-    /// [`IoThreadRegistry::call`](crate::IoThreadRegistry::call)
-    /// ([`Error::WouldDeadlock`] on the IOThread itself, [`Error::ThreadGone`] when the
-    /// loop has ended).
+    /// Runs `f` inside the IOThread's loop and waits for its result.
+    ///
+    /// Returns [`Error::WouldDeadlock`] when called on that IOThread, and
+    /// [`Error::ThreadGone`] (never hangs) when the loop stopped or panicked before
+    /// running `f`.
     pub fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut AioContext) -> R + Send + 'static,
@@ -79,7 +98,7 @@ impl HolderGuard {
         let inner = self.registry.upgrade().ok_or_else(|| Error::ThreadGone {
             id: self.remote.id().to_owned(),
         })?;
-        inner.release(self.remote.id(), Some(self.remote.serial()), &self.holder)
+        inner.release(self)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Model-based property test: random sequences of acquire / guard release / guard
-//! drop / release-by-id / delete / create against a plain list model.
+//! drop / delete / create against a plain list model (guards are the only way to
+//! register and release a holder).
 
 use iothread_registry::{Error, HolderGuard, IoThreadHolder, IoThreadParams, IoThreadRegistry};
 use proptest::prelude::*;
@@ -11,7 +12,6 @@ enum Op {
     Acquire(usize, usize),
     ReleaseGuard(usize),
     DropGuard(usize),
-    ReleaseById(usize, usize),
     Delete(usize),
     Create(usize),
 }
@@ -30,7 +30,6 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..3usize, 0..4usize).prop_map(|(t, h)| Op::Acquire(t, h)),
         2 => any::<usize>().prop_map(Op::ReleaseGuard),
         2 => any::<usize>().prop_map(Op::DropGuard),
-        2 => (0..2usize, 0..4usize).prop_map(|(t, h)| Op::ReleaseById(t, h)),
         1 => (0..2usize).prop_map(Op::Delete),
         1 => (0..2usize).prop_map(Op::Create),
     ]
@@ -108,23 +107,6 @@ proptest! {
                     }
                 }
                 Op::ReleaseGuard(_) | Op::DropGuard(_) => {}
-                Op::ReleaseById(t, h) => {
-                    let res = r.release(IDS[t], &holder(h));
-                    match model[t].as_mut() {
-                        None => {
-                            let not_found = matches!(res, Err(Error::NotFound { .. }));
-                            prop_assert!(not_found);
-                        }
-                        Some(list) => {
-                            if model_release(list, &holder(h)) {
-                                prop_assert!(res.is_ok());
-                            } else {
-                                let not_held = matches!(res, Err(Error::NotHeld { .. }));
-                                prop_assert!(not_held);
-                            }
-                        }
-                    }
-                }
                 Op::Delete(t) => {
                     let res = r.delete(IDS[t]);
                     match model[t].as_ref() {

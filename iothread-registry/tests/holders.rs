@@ -6,7 +6,9 @@ mod common;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use iothread_registry::{Error, IoThreadHolder, IoThreadParams, IoThreadRegistry};
+use iothread_registry::{
+    Error, IoThreadHolder, IoThreadParams, IoThreadRegistry, IoThreadVqMapping,
+};
 
 fn dev(n: usize) -> IoThreadHolder {
     IoThreadHolder::qom_object(format!("/machine/peripheral/blk{n}/virtio-backend"))
@@ -54,34 +56,121 @@ fn same_holder_may_hold_several_times() {
 }
 
 #[test]
-fn releasing_what_is_not_held_is_an_error() {
-    let r = registry(&["io0", "io1"]);
-    let err = r.release("io0", &dev(0)).unwrap_err();
-    assert!(matches!(&err, Error::NotHeld { id, holder } if id == "io0" && *holder == dev(0)));
-    assert_eq!(
-        err.to_string(),
-        "qom-object /machine/peripheral/blk0/virtio-backend does not hold IOThread 'io0'"
-    );
-    let _g = r.acquire("io1", dev(0)).unwrap();
-    // Held elsewhere, or same name but other kind: still not held here.
-    assert!(matches!(
-        r.release("io0", &dev(0)),
-        Err(Error::NotHeld { .. })
-    ));
-    let as_node = IoThreadHolder::block_node("/machine/peripheral/blk0/virtio-backend");
-    assert!(matches!(
-        r.release("io1", &as_node),
-        Err(Error::NotHeld { .. })
-    ));
-    assert!(matches!(
-        r.release("nope", &dev(0)),
-        Err(Error::NotFound { .. })
-    ));
-    // A guard whose registration was already released by id reports it cleanly.
-    let g = r.acquire("io0", dev(5)).unwrap();
-    r.release("io0", &dev(5)).unwrap();
-    assert!(matches!(g.release(), Err(Error::NotHeld { .. })));
-    assert_eq!(r.holders("io1").unwrap(), [dev(0)]);
+fn remap_moves_the_holder_atomically() {
+    const ROUNDS: usize = 1000;
+    let r = registry(&["io0", "io1", "io2", "io3", "other"]);
+    let d0 = dev(0);
+    let _other = r.acquire("other", dev(1)).unwrap();
+    let a_side = [IoThreadVqMapping::new("io0"), IoThreadVqMapping::new("io1")];
+    let b_side = [IoThreadVqMapping::new("io2"), IoThreadVqMapping::new("io3")];
+    let mut assignment = r.acquire_vq_mapping(&a_side, 4, d0.clone()).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (r, stop, d0) = (r.clone(), Arc::clone(&stop), d0.clone());
+        thread::spawn(move || {
+            let mut snapshots = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                // Which IOThreads list d0, from one consistent snapshot.
+                let on: Vec<String> = r
+                    .all_holders()
+                    .into_iter()
+                    .filter(|(_, hs)| {
+                        let n = hs.iter().filter(|h| **h == d0).count();
+                        assert!(n <= 1, "d0 listed {n} times");
+                        n == 1
+                    })
+                    .map(|(id, _)| id)
+                    .collect();
+                assert!(
+                    on == ["io0", "io1"] || on == ["io2", "io3"],
+                    "d0 on neither or both sides: {on:?}"
+                );
+                snapshots += 1;
+            }
+            snapshots
+        })
+    };
+    for round in 0..ROUNDS {
+        let to = if round % 2 == 0 { &b_side } else { &a_side };
+        assignment.remap(to).unwrap();
+        assert_eq!(assignment.mapping(), to);
+        assert_eq!(
+            assignment.iothread_for_queue(3),
+            Some(to[1].iothread.as_str())
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(watcher.join().unwrap() > 0);
+    // Even number of rounds: back on io0/io1; the other holder was never touched.
+    assert_eq!(r.holders("io0").unwrap(), vec![d0.clone()]);
+    assert!(r.holders("io2").unwrap().is_empty());
+    assert_eq!(r.holders("other").unwrap(), [dev(1)]);
+    // Released IOThreads can go; held ones cannot.
+    r.delete("io2").unwrap();
+    assert!(matches!(r.delete("io1"), Err(Error::InUse { .. })));
+    drop(assignment);
+    r.delete("io1").unwrap();
+}
+
+#[test]
+fn failed_remap_keeps_the_old_mapping() {
+    let r = registry(&["io0", "io1", "io2"]);
+    let d0 = dev(0);
+    let old = [IoThreadVqMapping::new("io0"), IoThreadVqMapping::new("io1")];
+    let mut a = r.acquire_vq_mapping(&old, 2, d0.clone()).unwrap();
+    // The same six rules and messages as when the mapping was first applied.
+    let cases = [
+        (
+            vec![IoThreadVqMapping::new("io9")],
+            "IOThread \"io9\" object does not exist",
+        ),
+        (
+            vec![IoThreadVqMapping::new("io2"), IoThreadVqMapping::new("io2")],
+            "duplicate IOThread name \"io2\" in iothread-vq-mapping",
+        ),
+        (
+            vec![
+                IoThreadVqMapping::with_vqs("io2", [0]),
+                IoThreadVqMapping::new("io1"),
+            ],
+            "either all items in iothread-vq-mapping must have vqs or none of them must have it",
+        ),
+        (
+            vec![IoThreadVqMapping::with_vqs("io2", [0, 2])],
+            "vq index 2 for IOThread \"io2\" must be less than num_queues 2 in iothread-vq-mapping",
+        ),
+        (
+            vec![IoThreadVqMapping::with_vqs("io2", [0])],
+            "missing vq 1 IOThread assignment in iothread-vq-mapping",
+        ),
+        (vec![], "iothread-vq-mapping must not be empty"),
+    ];
+    for (mapping, msg) in cases {
+        let fresh = r.acquire_vq_mapping(&mapping, 2, dev(7)).unwrap_err();
+        assert_eq!(fresh.to_string(), msg);
+        let err = a.remap(&mapping).unwrap_err();
+        assert_eq!(err.to_string(), msg);
+        assert_eq!(a.mapping(), old);
+        assert_eq!(r.holders("io0").unwrap(), vec![d0.clone()]);
+        assert_eq!(r.holders("io1").unwrap(), vec![d0.clone()]);
+        assert!(r.holders("io2").unwrap().is_empty());
+    }
+    // Overlapping mappings keep one registration per IOThread.
+    a.remap(&[IoThreadVqMapping::new("io1"), IoThreadVqMapping::new("io2")])
+        .unwrap();
+    assert!(r.holders("io0").unwrap().is_empty());
+    assert_eq!(r.holders("io1").unwrap(), vec![d0.clone()]);
+    assert_eq!(r.holders("io2").unwrap(), vec![d0.clone()]);
+    // The guards of the new mapping reach the new IOThreads.
+    let tid = r.thread_id("io2").unwrap();
+    let inside = a
+        .guard_for_queue(1)
+        .unwrap()
+        .call(|_| std::fs::read_link("/proc/thread-self").unwrap())
+        .unwrap();
+    assert!(inside.ends_with(format!("task/{tid}")), "{inside:?}");
+    a.release().unwrap();
+    assert!(r.all_holders().iter().all(|(_, hs)| hs.is_empty()));
 }
 
 #[test]

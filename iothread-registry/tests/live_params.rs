@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aio_poll::{AioContext, FdHandler, Interest};
-use common::{wait_until, TIMEOUT};
+use common::{held, wait_until, TIMEOUT};
+use iothread_registry::aio_poll::PollParams;
 use iothread_registry::{IoThreadParams, IoThreadRegistry};
 
 /// A virtqueue-like handler: `kick()` adds work and writes an eventfd (like an
@@ -84,21 +85,19 @@ fn setup(poll_max_ns: i64) -> (IoThreadRegistry, Arc<Queue>) {
     let r = IoThreadRegistry::new();
     r.create(
         "io0",
-        IoThreadParams {
-            poll_max_ns,
-            ..Default::default()
-        },
+        IoThreadParams::default().with_poll(PollParams::default().with_max_ns(poll_max_ns)),
     )
     .unwrap();
     let q = Queue::new();
     let h = Arc::clone(&q);
     // Registered from outside through the IOThread's loop.
-    r.call("io0", move |ctx| {
-        let fd = h.fd.as_raw_fd();
-        ctx.add_fd_handler(fd, Interest::READABLE, Box::new(QueueHandler(h)))
-    })
-    .unwrap()
-    .unwrap();
+    held(&r, "io0")
+        .call(move |ctx| {
+            let fd = h.fd.as_raw_fd();
+            ctx.add_fd_handler(fd, Interest::READABLE, Box::new(QueueHandler(h)))
+        })
+        .unwrap()
+        .unwrap();
     (r, q)
 }
 

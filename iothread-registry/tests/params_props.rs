@@ -31,7 +31,7 @@ proptest! {
     fn negative_values_rejected(p in property(), v in i64::MIN..0) {
         let mut params = IoThreadParams::default();
         let err = params.set(p, v).unwrap_err();
-        let is_invalid_value = matches!(err, Error::InvalidValue { property, value, .. } if property == p.name() && value == v);
+        let is_invalid_value = matches!(&err, Error::InvalidValue(e) if e.name() == p.name() && e.value() == v);
         prop_assert!(is_invalid_value);
         prop_assert_eq!(params, IoThreadParams::default());
     }

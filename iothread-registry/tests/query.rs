@@ -1,8 +1,12 @@
 //! Golden output of query-iothreads (JSON) and info iothreads (HMP), and the
 //! property interface.
 
+use iothread_registry::aio_poll::PollParams;
 use iothread_registry::{Error, IoThreadHolder, IoThreadParams, IoThreadRegistry};
 use proptest::prelude::*;
+
+mod common;
+use common::held;
 
 const BLK0: &str = "/machine/peripheral/blk0/virtio-backend";
 
@@ -12,14 +16,15 @@ fn query_iothreads_golden_json() {
     r.create("iothread0", IoThreadParams::default()).unwrap();
     r.create(
         "iothread1",
-        IoThreadParams {
-            poll_max_ns: 0,
-            poll_grow: 0,
-            poll_shrink: 4,
-            poll_weight: 0,
-            aio_max_batch: 16,
-            ..Default::default()
-        },
+        IoThreadParams::default()
+            .with_poll(
+                PollParams::default()
+                    .with_max_ns(0)
+                    .with_weight(0)
+                    .with_grow(0)
+                    .with_shrink(4),
+            )
+            .with_aio_max_batch(16),
     )
     .unwrap();
     let _a = r
@@ -97,15 +102,17 @@ fn properties_report_values_in_use() {
     assert_eq!(r.get_property("io0", "poll-grow").unwrap(), 2);
     r.set_property("io0", "poll-max-ns", 100_000).unwrap();
     assert_eq!(r.get_property("io0", "poll-max-ns").unwrap(), 100_000);
-    assert_eq!(r.params("io0").unwrap().poll_max_ns, 100_000);
+    assert_eq!(r.params("io0").unwrap().poll.max_ns, 100_000);
     assert_eq!(r.query_iothreads()[0].poll_max_ns, 100_000);
     // The loop got them too.
     assert_eq!(
-        r.call("io0", |ctx| ctx.poll_params().max_ns).unwrap(),
+        held(&r, "io0")
+            .call(|ctx| ctx.poll_params().max_ns)
+            .unwrap(),
         100_000
     );
     r.set_property("io0", "aio-max-batch", 8).unwrap();
-    assert_eq!(r.call("io0", |ctx| ctx.aio_max_batch()).unwrap(), 8);
+    assert_eq!(held(&r, "io0").call(|ctx| ctx.aio_max_batch()).unwrap(), 8);
 
     let err = r.set_property("io0", "poll-weight", 64).unwrap_err();
     assert_eq!(
@@ -131,20 +138,18 @@ fn properties_report_values_in_use() {
     assert_eq!(r.get_property("io0", "poll-shrink").unwrap(), 2);
     assert_eq!(r.get_property("io0", "poll-weight").unwrap(), 3);
 
-    let p = IoThreadParams {
-        poll_max_ns: 1,
-        poll_grow: 3,
-        poll_shrink: 5,
-        poll_weight: 7,
-        aio_max_batch: 9,
-        ..Default::default()
-    };
-    r.set_params("io0", p.clone()).unwrap();
+    let p = IoThreadParams::default()
+        .with_poll(
+            PollParams::default()
+                .with_max_ns(1)
+                .with_weight(7)
+                .with_grow(3)
+                .with_shrink(5),
+        )
+        .with_aio_max_batch(9);
+    r.set_params("io0", p).unwrap();
     assert_eq!(r.params("io0").unwrap(), p);
-    let bad = IoThreadParams {
-        poll_grow: -3,
-        ..p.clone()
-    };
+    let bad = p.with_poll(p.poll.with_grow(-3));
     assert!(r.set_params("io0", bad).is_err());
     assert_eq!(r.params("io0").unwrap(), p);
 }
@@ -173,7 +178,7 @@ proptest! {
                     prop_assert!(refused);
                 }
                 Ok(p) => {
-                    let mut next = model.clone();
+                    let mut next = model;
                     match next.set(p, value) {
                         Ok(()) => {
                             prop_assert!(res.is_ok());

@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::held;
+
 use iothread_registry::{Error, IoThreadParams, IoThreadRegistry, IoThreadState};
 
 #[test]
@@ -13,14 +15,15 @@ fn stats_report_cpu_time_and_loop_counters() {
     assert_eq!(s0.thread_id, r.thread_id("io0").unwrap());
     assert_eq!(s0.state, IoThreadState::Running);
     // Burn some CPU on the IOThread: its CPU time must grow.
-    r.call("io0", |_| {
-        let mut x = 0u64;
-        for i in 0..20_000_000u64 {
-            x = x.wrapping_add(std::hint::black_box(i));
-        }
-        std::hint::black_box(x);
-    })
-    .unwrap();
+    held(&r, "io0")
+        .call(|_| {
+            let mut x = 0u64;
+            for i in 0..20_000_000u64 {
+                x = x.wrapping_add(std::hint::black_box(i));
+            }
+            std::hint::black_box(x);
+        })
+        .unwrap();
     assert!(common::wait_until(
         || r.stats("io0").unwrap().poll.bh_runs > s0.poll.bh_runs
     ));
@@ -49,8 +52,8 @@ fn affinity_set_and_get() {
     r.set_affinity("io0", &[first]).unwrap();
     assert_eq!(r.affinity("io0").unwrap(), [first]);
     // The IOThread really runs there.
-    let cpu = r
-        .call("io0", |_| {
+    let cpu = held(&r, "io0")
+        .call(|_| {
             // SAFETY: sched_getcpu(3) has no preconditions.
             unsafe { libc::sched_getcpu() }
         })

@@ -50,6 +50,20 @@ impl QmpMachine for QmpAdapter {
     fn registry(&self) -> &iothread_registry::IoThreadRegistry {
         self.0.registry()
     }
+
+    fn set_drive_iothreads(
+        &self,
+        id: &str,
+        mapping: &[iothread_registry::IoThreadVqMapping],
+    ) -> Result<(), CommandError> {
+        let drive = self
+            .0
+            .drive(id)
+            .ok_or_else(|| CommandError::device_not_found(format!("Device '{id}' not found")))?;
+        drive
+            .set_iothreads(mapping)
+            .map_err(|e| CommandError::from_error(&e))
+    }
 }
 
 /// Starts the QMP monitor for `vmm` on `addr`, forwarding guest-initiated

@@ -8,14 +8,14 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use iothread_registry::IoThreadRegistry;
+use iothread_registry::{IoThreadRegistry, IoThreadVqMapping};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::config::{AioMode, ValidDrive};
 use crate::qmp::BlockInfo;
 use crate::virtio::block::backend::BlockEngine;
-use crate::virtio::block::{Block, BlockConfig, BlockError, BlockHandle, HolderPolicy};
+use crate::virtio::block::{Block, BlockConfig, BlockError, BlockHandle};
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::mmio::{MmioError, MmioTransport};
 use crate::vm::iobus::{IoBus, IoBusError};
@@ -129,10 +129,10 @@ impl Drive {
             queue_size: c.queue_size,
             readonly: c.readonly,
             direct: c.direct,
-            queue_iothreads: d.queue_iothreads.clone(),
+            iothreads: d.mapping.clone(),
             engine: engine(c.aio),
             serial: c.serial.clone(),
-            holders: HolderPolicy::Device,
+            holder: Block::device_holder(&c.id),
         };
         let block = Block::new(cfg, registry.clone()).map_err(DriveError::Block)?;
         let handle = block.handle();
@@ -149,6 +149,12 @@ impl Drive {
             transport,
             handle,
         })
+    }
+
+    /// `x-drive-set-iothreads`: moves the drive's queues to the IOThreads of
+    /// `mapping` (see [`BlockHandle::set_iothreads`]).
+    pub fn set_iothreads(&self, mapping: &[IoThreadVqMapping]) -> Result<(), BlockError> {
+        self.handle.set_iothreads(mapping)
     }
 
     fn transport(&self) -> MutexGuard<'_, MmioTransport> {
@@ -179,12 +185,14 @@ impl Drive {
     }
 
     /// Device reset, as if the driver wrote 0 to the status register: the queues
-    /// stop and the device releases its IOThreads until the driver activates it again.
+    /// stop until the driver activates the device again. The drive keeps holding
+    /// its IOThreads (holders follow attachment, not activation).
     pub fn reset(&self) {
         self.transport().write(STATUS, &0u32.to_le_bytes());
     }
 
-    /// Shutdown: stop the queues, release the IOThreads, make the data durable.
+    /// Shutdown (detach): stop the queues, release the IOThreads, make the data
+    /// durable.
     pub fn shutdown(&self) {
         self.transport().shutdown();
         if let Err(e) = self.handle.flush() {

@@ -135,7 +135,7 @@ impl ExportDaemon {
         let started = || -> Result<(), DaemonError> {
             for (id, params) in &cfg.iothreads {
                 registry
-                    .create(id, params.clone())
+                    .create(id, *params)
                     .map_err(|source| DaemonError::IoThread {
                         id: id.clone(),
                         source,

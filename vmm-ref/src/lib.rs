@@ -10,7 +10,8 @@
 //! [`export`] (vhost-user-blk exports), [`export_daemon`] (the `export`
 //! subcommand's composition and lifecycle), [`control`] (QMP glue),
 //! [`demo`] (the embedded test guest on a temporary disk), [`bus`] (the device
-//! trait of both buses).
+//! trait of both buses), [`sigbus`] (the SIGBUS guard of shared file
+//! mappings: tmpfs images, front-end guest memory).
 #![deny(missing_docs)]
 
 pub mod bus;
@@ -24,6 +25,7 @@ pub mod export_daemon;
 pub mod logger;
 pub mod qmp;
 pub mod ratelimit;
+pub mod sigbus;
 pub mod signals;
 pub mod vhost_user_drives;
 pub mod virtio;

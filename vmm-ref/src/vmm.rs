@@ -193,7 +193,7 @@ impl Vmm {
         let registry = IoThreadRegistry::new();
         for (id, params) in &config.iothreads {
             registry
-                .create(id, params.clone())
+                .create(id, *params)
                 .map_err(|source| VmmError::IoThread {
                     id: id.clone(),
                     source,
@@ -362,6 +362,11 @@ impl Vmm {
         self.inner.stop.reason()
     }
 
+    /// The drive with id `id`.
+    pub fn drive(&self, id: &str) -> Option<&Drive> {
+        self.inner.drives.iter().find(|d| d.id() == id)
+    }
+
     /// Per-drive information for QMP `query-block`.
     pub fn query_block(&self) -> Vec<BlockInfo> {
         let drives = self.inner.drives.iter().map(Drive::info);
@@ -370,9 +375,9 @@ impl Vmm {
             .collect()
     }
 
-    /// QMP `system_reset`: pause the vCPUs, reset every device (drives release
-    /// their IOThreads), reload the kernel and boot structures, reset vCPU state,
-    /// resume.
+    /// QMP `system_reset`: pause the vCPUs, reset every device (their queues
+    /// stop; drives keep holding their IOThreads), reload the kernel and boot
+    /// structures, reset vCPU state, resume.
     pub fn system_reset(&self) -> Result<(), VmmError> {
         let _serialized = lock(&self.inner.lifecycle);
         if self.status() == RunState::Shutdown || self.inner.stop.reason().is_some() {

@@ -37,3 +37,9 @@ pub fn task_comm(tid: i64) -> String {
 pub fn task_gone(tid: i64) -> bool {
     wait_until(|| !task_exists(tid))
 }
+
+/// A holder registration on IOThread `id` of `r`: the way to run work there.
+pub fn held(r: &iothread_registry::IoThreadRegistry, id: &str) -> iothread_registry::HolderGuard {
+    r.acquire(id, iothread_registry::IoThreadHolder::block_node("test"))
+        .unwrap()
+}

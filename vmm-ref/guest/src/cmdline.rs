@@ -3,6 +3,8 @@
 //! Words are separated by spaces; unknown words are ignored, malformed values
 //! of known keys are reported and counted as failures by `guest_main`.
 
+use crate::virtio::queue::Discipline;
+
 /// Most virtio-mmio devices we accept on the command line.
 pub const MAX_DEVICES: usize = 32;
 /// Most scenarios in one `scenario=` list.
@@ -24,8 +26,10 @@ pub struct MmioDevice {
 pub enum Scenario {
     /// Data integrity across all queues plus FLUSH, GET_ID, DISCARD, WRITE_ZEROES.
     Verify,
-    /// IOPS / latency benchmark.
+    /// IOPS / latency benchmark, device after device.
     Bench,
+    /// IOPS / latency benchmark of all devices at once.
+    BenchAll,
     /// Malformed requests the device must survive.
     Malformed,
     /// Device reset and re-initialisation.
@@ -41,6 +45,7 @@ impl Scenario {
         Some(match name {
             "verify" => Self::Verify,
             "bench" => Self::Bench,
+            "bench-all" => Self::BenchAll,
             "malformed" => Self::Malformed,
             "reset" => Self::Reset,
             "hold" => Self::Hold,
@@ -54,6 +59,7 @@ impl Scenario {
         match self {
             Self::Verify => "verify",
             Self::Bench => "bench",
+            Self::BenchAll => "bench-all",
             Self::Malformed => "malformed",
             Self::Reset => "reset",
             Self::Hold => "hold",
@@ -62,13 +68,16 @@ impl Scenario {
     }
 }
 
-/// Bench direction.
+/// Bench direction (fio's names).
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchRw {
     /// 100% random reads.
     RandRead,
     /// 100% random writes.
     RandWrite,
+    /// Random reads and writes, `rwmixread` percent reads.
+    RandRw,
 }
 
 impl BenchRw {
@@ -77,6 +86,7 @@ impl BenchRw {
         match self {
             Self::RandRead => "randread",
             Self::RandWrite => "randwrite",
+            Self::RandRw => "randrw",
         }
     }
 }
@@ -92,8 +102,14 @@ pub struct BenchConfig {
     pub qd: u32,
     /// Read or write.
     pub rw: BenchRw,
+    /// Percentage of reads with [`BenchRw::RandRw`] (0..=100).
+    pub rwmixread: u8,
     /// Block size in bytes (multiple of 512).
     pub bs: u32,
+    /// Driver profile (`bench.profile=ours|alt`): the queue discipline of
+    /// every device, set at device initialisation, so it applies to all
+    /// scenarios of the run.
+    pub profile: Discipline,
 }
 
 /// `durability.*` settings.
@@ -126,6 +142,9 @@ pub struct Config {
     pub tsc_khz: Option<u64>,
     /// `verify.seed` (extension): fixes the data pattern, else TSC-derived.
     pub verify_seed: Option<u64>,
+    /// `verify.until_input=1`: repeat `verify` (each round with a new pattern)
+    /// until a byte arrives on the serial console, at least once.
+    pub verify_until_input: bool,
     /// `virtio.event_idx=0|1` (extension, default 1): whether to negotiate
     /// VIRTIO_F_EVENT_IDX (0 makes devices use `VIRTQ_USED_F_NO_NOTIFY`).
     pub event_idx: bool,
@@ -197,7 +216,9 @@ pub fn parse(cmdline: &str) -> Config {
             ios: None,
             qd: 32,
             rw: BenchRw::RandRead,
+            rwmixread: 70,
             bs: 4096,
+            profile: Discipline::Ours,
         },
         hold_secs: 0,
         durability: DurabilityConfig {
@@ -208,6 +229,7 @@ pub fn parse(cmdline: &str) -> Config {
         reset_pause_ms: 0,
         tsc_khz: None,
         verify_seed: None,
+        verify_until_input: false,
         event_idx: true,
         errors: 0,
     };
@@ -254,6 +276,21 @@ pub fn parse(cmdline: &str) -> Config {
                 match value {
                     "randread" => Some(BenchRw::RandRead),
                     "randwrite" => Some(BenchRw::RandWrite),
+                    "randrw" => Some(BenchRw::RandRw),
+                    _ => None,
+                },
+            ),
+            "bench.rwmixread" => set(
+                &mut cfg.bench.rwmixread,
+                parse_u64(value)
+                    .filter(|&p| p <= 100)
+                    .and_then(|p| u8::try_from(p).ok()),
+            ),
+            "bench.profile" => set(
+                &mut cfg.bench.profile,
+                match value {
+                    "ours" => Some(Discipline::Ours),
+                    "alt" => Some(Discipline::Fixed),
                     _ => None,
                 },
             ),
@@ -276,6 +313,14 @@ pub fn parse(cmdline: &str) -> Config {
                 .is_some(),
             "virtio.event_idx" => set(
                 &mut cfg.event_idx,
+                match value {
+                    "0" | "off" => Some(false),
+                    "1" | "on" => Some(true),
+                    _ => None,
+                },
+            ),
+            "verify.until_input" => set(
+                &mut cfg.verify_until_input,
                 match value {
                     "0" | "off" => Some(false),
                     "1" | "on" => Some(true),

@@ -14,6 +14,7 @@ const REG_LSR: u16 = 5;
 const LCR_DLAB: u8 = 0x80;
 const LCR_8N1: u8 = 0x03;
 const LSR_THR_EMPTY: u8 = 0x20;
+const LSR_DATA_READY: u8 = 0x01;
 /// Bound on LSR polls per byte, so that a missing UART cannot hang us.
 const MAX_POLLS: u32 = 100_000;
 
@@ -35,6 +36,11 @@ fn put_byte(byte: u8) {
         core::hint::spin_loop();
     }
     outb(COM1 + REG_DATA, byte);
+}
+
+/// Whether a byte of input waits in COM1 (the host wrote to the console).
+pub fn input_ready() -> bool {
+    inb(COM1 + REG_LSR) & LSR_DATA_READY != 0
 }
 
 /// The serial console as a [`fmt::Write`] sink. Lines end in a bare `\n`

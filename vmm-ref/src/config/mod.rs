@@ -168,7 +168,7 @@ impl IoThreadObject {
             }
         }
         if let Some(a) = self.poll_algorithm {
-            p.poll_algorithm = a;
+            p.poll.algorithm = a;
         }
         p.validate()?;
         Ok(p)
@@ -380,8 +380,29 @@ impl ConfigError {
 pub struct ValidDrive {
     /// The drive.
     pub config: DriveConfig,
+    /// Its IOThreads as an `iothread-vq-mapping` (`iothread=X` is `[X]`).
+    pub mapping: Vec<IoThreadVqMapping>,
     /// `queue_iothreads[q]` serves queue `q`.
     pub queue_iothreads: Vec<String>,
+}
+
+/// A drive's IOThreads from its `iothread` or `iothread-vq-mapping` property
+/// (exactly one must be given), as an `iothread-vq-mapping`: used at start-up
+/// and by `x-drive-set-iothreads`, with the same messages.
+pub fn drive_mapping(
+    iothread: Option<&str>,
+    mapping: Option<&[IoThreadVqMapping]>,
+) -> Result<Vec<IoThreadVqMapping>, &'static str> {
+    match (iothread, mapping) {
+        (Some(_), Some(_)) => {
+            Err("iothread and iothread-vq-mapping properties cannot be set at the same time")
+        }
+        (Some(t), None) => Ok(vec![IoThreadVqMapping::new(t)]),
+        (None, Some(m)) => Ok(m.to_vec()),
+        (None, None) => {
+            Err("an IOThread is required: give iothread=<id> or iothread-vq-mapping=<id>:<id>...")
+        }
+    }
 }
 
 /// A configuration that passed [`validate`].
@@ -594,20 +615,8 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
                 ));
             }
         }
-        let mapping = match (&d.iothread, &d.iothread_vq_mapping) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::msg(
-                    label,
-                    "iothread and iothread-vq-mapping properties cannot be set at the same time",
-                ))
-            }
-            (Some(t), None) => vec![IoThreadVqMapping::new(t.clone())],
-            (None, Some(m)) => m.clone(),
-            (None, None) => return Err(ConfigError::msg(
-                label,
-                "an IOThread is required: give iothread=<id> or iothread-vq-mapping=<id>:<id>...",
-            )),
-        };
+        let mapping = drive_mapping(d.iothread.as_deref(), d.iothread_vq_mapping.as_deref())
+            .map_err(|msg| ConfigError::msg(label.clone(), msg))?;
         let queue_iothreads =
             iothread_registry::assign_vqs(&mapping, d.num_queues, |id| ids.contains(id))
                 .map_err(|e| ConfigError::option(label.clone(), InvalidOption::Mapping(e)))?;
@@ -628,6 +637,7 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
         files.push((canonical, d.readonly, d.id.clone()));
         drives.push(ValidDrive {
             config: d.clone(),
+            mapping,
             queue_iothreads,
         });
     }
@@ -693,6 +703,6 @@ mod tests {
         assert!(o.params().is_err());
         o.poll_weight = Some(5);
         let p = o.params().unwrap();
-        assert_eq!((p.poll_max_ns, p.poll_weight), (0, 5));
+        assert_eq!((p.poll.max_ns, p.poll.weight), (0, 5));
     }
 }

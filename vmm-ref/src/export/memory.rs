@@ -10,13 +10,18 @@
 //! new [`GuestMemoryMmap`] with the matching [`AddressTable`], so a bad table
 //! never replaces a good one.
 //!
-//! Remaining risk: a front-end that shrinks a mapped file afterwards makes
-//! the next access to the lost pages raise `SIGBUS`. QEMU's memfd backends
-//! are sealed against shrinking (`seal=on`, the default); a region whose fd
-//! is not sealed with `F_SEAL_SHRINK` is accepted with a warning.
+//! A front-end that shrinks a mapped file afterwards makes the next access
+//! to the lost pages raise `SIGBUS`. QEMU's memfd backends are sealed
+//! against shrinking (`seal=on`, the default); for every other region each
+//! mapping is registered with the process-wide [`sigbus`](crate::sigbus)
+//! guard: a fault in it maps a zero page over the lost one and poisons the
+//! region, and the virtqueues that use it stop (the request fails, the
+//! front-end sees the vring error eventfd) instead of the whole daemon
+//! dying with every export it serves.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -257,19 +262,12 @@ pub fn build(
         }
     }
 
-    for (index, file) in files.iter().enumerate() {
-        if !sealed_against_shrinking(file) {
-            log::warn!(
-                "vhost-user memory region {index}: file not sealed against shrinking (F_SEAL_SHRINK); \
-                 a front-end that truncates it can crash this process"
-            );
-        }
-    }
     let mut mapped = Vec::with_capacity(regions.len());
     let mut mappings = Vec::with_capacity(regions.len());
     for (index, (r, file)) in regions.iter().zip(files).enumerate() {
         // Checked above: fits in usize.
         let size = usize::try_from(r.memory_size).unwrap_or(usize::MAX);
+        let sealed = sealed_against_shrinking(&file);
         let region = MmapRegion::from_file(FileOffset::new(file, r.mmap_offset), size)
             .map_err(|source| MemoryError::Mmap { index, source })?;
         let region = GuestRegionMmap::new(region, GuestAddress(r.guest_phys_addr)).ok_or(
@@ -282,6 +280,18 @@ pub fn build(
                 offset: r.mmap_offset,
             },
         )?;
+        let region = Arc::new(region);
+        // Every region, sealed or not: hugetlbfs files raise SIGBUS too
+        // when the pool runs dry.
+        if let Err(e) = crate::sigbus::guard_guest_region(&region) {
+            let risk = if sealed {
+                ""
+            } else {
+                "; its file is not sealed against shrinking (F_SEAL_SHRINK): \
+                 a front-end that truncates it can crash this process"
+            };
+            log::warn!("vhost-user memory region {index}: not guarded against SIGBUS ({e}){risk}");
+        }
         mapped.push(region);
         mappings.push(Mapping {
             uaddr: r.user_addr,
@@ -289,8 +299,8 @@ pub fn build(
             gpa: r.guest_phys_addr,
         });
     }
-    mapped.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
-    let mem = GuestMemoryMmap::from_regions(mapped).map_err(MemoryError::Collection)?;
+    mapped.sort_by_key(|r| vm_memory::GuestMemoryRegion::start_addr(&**r));
+    let mem = GuestMemoryMmap::from_arc_regions(mapped).map_err(MemoryError::Collection)?;
     Ok((mem, AddressTable { mappings }))
 }
 

@@ -16,7 +16,9 @@
 //! - [`server`]: the protocol thread (listen, serve, reconnect).
 //!
 //! An export holds each IOThread that serves one of its queues as holder
-//! `block-node <node-name>` from [`Export::start`] until it is stopped.
+//! `block-node <node-name>` from [`Export::start`] until it is stopped
+//! (block-export-add to block-export-del), whether a front-end is connected or
+//! not: the virtio-blk device model holds them for its whole life.
 
 pub mod backend;
 pub mod interrupt;
@@ -228,15 +230,17 @@ impl std::fmt::Debug for Export {
 impl Export {
     /// Opens the drive as a virtio-blk device model and starts serving it.
     pub fn start(cfg: ExportConfig, registry: &IoThreadRegistry) -> Result<Export, ExportError> {
-        let holders = acquire_holders(&cfg, registry)?;
+        // The device holds the IOThreads itself, as `block-node <node-name>`.
         let (device, handle) = device::open_block(&cfg, registry)?;
-        let mut export = Self::start_inner(cfg, holders, device)?;
+        let mut export = Self::start_inner(cfg, Vec::new(), device)?;
         export.block = Some(handle);
         Ok(export)
     }
 
     /// Starts an export of an already-built device model (tests, other
-    /// device types). The device's queue count must match `num_queues`.
+    /// device types). The device's queue count must match `num_queues`. The
+    /// export holds the IOThreads of `cfg` as `block-node <node-name>` until
+    /// it is stopped.
     pub fn with_device(
         cfg: ExportConfig,
         registry: &IoThreadRegistry,

@@ -66,7 +66,8 @@ pub enum IoThreadChoice {
 }
 
 impl IoThreadChoice {
-    fn mapping(&self) -> Vec<IoThreadVqMapping> {
+    /// As an `iothread-vq-mapping` (a name or list of names: entries without `vqs`).
+    pub fn mapping(&self) -> Vec<IoThreadVqMapping> {
         match self {
             IoThreadChoice::Single(id) => vec![IoThreadVqMapping::new(id.clone())],
             IoThreadChoice::List(ids) => ids.iter().map(IoThreadVqMapping::new).collect(),

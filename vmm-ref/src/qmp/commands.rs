@@ -14,7 +14,8 @@ use iothread_registry::{Error as RegistryError, IoThreadParams, IoThreadRegistry
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::export::{BlockExportAddArgs, BlockExportDelArgs};
+use crate::config::drive_mapping;
+use crate::export::{BlockExportAddArgs, BlockExportDelArgs, IoThreadChoice};
 use crate::qmp::args::{parse_args, ArgError};
 use crate::qmp::error::CommandError;
 use crate::qmp::event::Event;
@@ -34,6 +35,7 @@ pub const COMMAND_NAMES: &[&str] = &[
     "object-add",
     "object-del",
     "query-block",
+    "x-drive-set-iothreads",
     "block-export-add",
     "block-export-del",
     "query-block-exports",
@@ -121,6 +123,21 @@ pub struct IothreadStatsArgs {
     pub id: Option<String>,
 }
 
+/// `x-drive-set-iothreads` arguments: drive `id` and its new IOThreads, given like
+/// at start-up (exactly one of `iothread` and `iothread-vq-mapping`). The mapping
+/// is QEMU's list of `{"iothread": ..., "vqs": [...]}` objects, or a list of
+/// IOThread names served round-robin.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DriveSetIothreadsArgs {
+    /// Drive id.
+    pub id: String,
+    /// One IOThread for every queue.
+    pub iothread: Option<String>,
+    /// Per-queue IOThreads.
+    pub iothread_vq_mapping: Option<IoThreadChoice>,
+}
+
 /// `human-monitor-command` arguments.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -157,6 +174,9 @@ pub enum Command {
     ObjectDel(ObjectDelArgs),
     /// `query-block`.
     QueryBlock,
+    /// `x-drive-set-iothreads` (extension, after QEMU's `x-blockdev-set-iothread`):
+    /// move a running drive's queues to other IOThreads.
+    XDriveSetIothreads(DriveSetIothreadsArgs),
     /// `block-export-add` (type `vhost-user-blk`).
     BlockExportAdd(BlockExportAddArgs),
     /// `block-export-del`.
@@ -213,6 +233,7 @@ impl Command {
             }
             "object-del" => Command::ObjectDel(parse_args(args)?),
             "query-block" => no_args(args).map(|()| Command::QueryBlock)?,
+            "x-drive-set-iothreads" => Command::XDriveSetIothreads(parse_args(args)?),
             "block-export-add" => {
                 // As QEMU: the union discriminator first.
                 match args.as_ref().and_then(|a| a.get("type")) {
@@ -254,6 +275,7 @@ impl Command {
             Command::ObjectAdd(_) => "object-add",
             Command::ObjectDel(_) => "object-del",
             Command::QueryBlock => "query-block",
+            Command::XDriveSetIothreads(_) => "x-drive-set-iothreads",
             Command::BlockExportAdd(_) => "block-export-add",
             Command::BlockExportDel(_) => "block-export-del",
             Command::QueryBlockExports => "query-block-exports",
@@ -370,6 +392,17 @@ impl Dispatcher {
             Command::ObjectAdd(args) => self.object_add(args),
             Command::ObjectDel(args) => self.object_del(args),
             Command::QueryBlock => Ok(Json::new(&self.machine.query_block())),
+            Command::XDriveSetIothreads(args) => {
+                let list = args
+                    .iothread_vq_mapping
+                    .as_ref()
+                    .map(IoThreadChoice::mapping);
+                let mapping = drive_mapping(args.iothread.as_deref(), list.as_deref())
+                    .map_err(CommandError::generic)?;
+                self.machine
+                    .set_drive_iothreads(&args.id, &mapping)
+                    .map(|()| Json::empty_object())
+            }
             Command::BlockExportAdd(args) => self
                 .exports()?
                 .add(args.clone())
@@ -478,10 +511,10 @@ impl Dispatcher {
         }
         let mut params = IoThreadParams::default();
         let overrides = [
-            (&mut params.poll_max_ns, args.poll_max_ns),
-            (&mut params.poll_grow, args.poll_grow),
-            (&mut params.poll_shrink, args.poll_shrink),
-            (&mut params.poll_weight, args.poll_weight),
+            (&mut params.poll.max_ns, args.poll_max_ns),
+            (&mut params.poll.grow, args.poll_grow),
+            (&mut params.poll.shrink, args.poll_shrink),
+            (&mut params.poll.weight, args.poll_weight),
             (&mut params.aio_max_batch, args.aio_max_batch),
         ];
         for (slot, value) in overrides {

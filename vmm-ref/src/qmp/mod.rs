@@ -74,6 +74,21 @@ pub trait QmpMachine: Send + Sync {
     /// `object-add`/`object-del` operate on.
     fn registry(&self) -> &iothread_registry::IoThreadRegistry;
 
+    /// `x-drive-set-iothreads`: move drive `id`'s queues to the IOThreads of
+    /// `mapping` (already in `iothread-vq-mapping` form; the machine validates it
+    /// against its IOThreads). The default, for machines without guest drives,
+    /// reports the drive as not found.
+    fn set_drive_iothreads(
+        &self,
+        id: &str,
+        mapping: &[iothread_registry::IoThreadVqMapping],
+    ) -> Result<(), CommandError> {
+        let _ = mapping;
+        Err(CommandError::device_not_found(format!(
+            "Device '{id}' not found"
+        )))
+    }
+
     /// Block export management (`block-export-add`, `block-export-del`,
     /// `query-block-exports`), if this machine has it. The default, `None`,
     /// makes the first two fail with [`NO_EXPORTS`] and the query return `[]`.
@@ -269,7 +284,8 @@ pub struct BlockInfo {
     pub num_queues: u16,
     /// Virtqueue size.
     pub queue_size: u16,
-    /// The driver activated the device (DRIVER_OK), so it holds its IOThreads.
+    /// The driver activated the device (DRIVER_OK): its queues run. (It holds
+    /// its IOThreads whether activated or not.)
     pub activated: bool,
     /// Per-queue IOThread mapping.
     pub queues: Vec<BlockQueueInfo>,

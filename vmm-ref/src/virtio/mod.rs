@@ -14,10 +14,10 @@
 //!
 //! ```text
 //! let block = Block::new(BlockConfig { id, path, num_queues, queue_size, readonly, direct,
-//!                                      queue_iothreads /* assign_vqs(..) */, engine, serial,
-//!                                      holders: HolderPolicy::Device },
-//!                        registry.clone())?;
-//! let handle = block.handle();                  // query-block info + flush, keep it
+//!                                      iothreads /* iothread-vq-mapping */, engine, serial,
+//!                                      holder: Block::device_holder(&id) },
+//!                        registry.clone())?;    // holds its IOThreads from here on
+//! let handle = block.handle();                  // query-block, flush, set_iothreads: keep it
 //! let irq = EventFd::new(EFD_NONBLOCK)?;        // KVM irqfd on the slot's GSI
 //! let kicks: Vec<EventFd> = (0..num_queues).map(|_| EventFd::new(EFD_NONBLOCK)).collect()?;
 //! let transport = MmioTransport::new(Box::new(block), mem.clone(), irq, kicks)?;

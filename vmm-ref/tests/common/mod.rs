@@ -1,6 +1,9 @@
 //! Shared helpers for the black-box tests: they run the built `vmm-ref` binary.
 #![allow(dead_code)]
 
+pub mod powercut;
+pub mod vhost_user;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -194,10 +197,32 @@ pub struct Running {
 
 impl Running {
     pub fn spawn(args: &[&str]) -> Running {
+        Self::spawn_with(args, Stdio::null())
+    }
+
+    /// Like [`Running::spawn`], with stdin piped (the guest's serial input): see
+    /// [`Running::send_input`].
+    pub fn spawn_interactive(args: &[&str]) -> Running {
+        Self::spawn_with(args, Stdio::piped())
+    }
+
+    /// Writes `bytes` to vmm-ref's stdin (the guest's serial console).
+    pub fn send_input(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self
+            .child
+            .stdin
+            .as_mut()
+            .expect("spawned with spawn_interactive");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn spawn_with(args: &[&str], stdin: Stdio) -> Running {
         use std::io::BufRead;
         let mut child = Command::new(VMM_REF)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -323,6 +348,33 @@ impl Qmp {
                 return r.clone();
             }
             panic!("{cmd} failed: {msg}");
+        }
+    }
+
+    /// Executes a command; returns its `return` value, or its `error` object.
+    pub fn execute_result(
+        &mut self,
+        cmd: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        use std::io::Write;
+        let mut req = serde_json::json!({"execute": cmd});
+        if !args.is_null() {
+            req["arguments"] = args;
+        }
+        writeln!(self.writer, "{req}").unwrap();
+        loop {
+            let msg = self.read();
+            if msg.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = msg.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = msg.get("error") {
+                return Err(e.clone());
+            }
+            panic!("{cmd}: unexpected reply {msg}");
         }
     }
 

@@ -54,6 +54,19 @@ STEPS = [
     ("object-add: other qom-type", {"execute": "object-add",
                                     "arguments": {"qom-type": "memory-backend-ram",
                                                   "id": "mem0", "size": 1048576}}),
+    ("x-drive-set-iothreads", {"execute": "x-drive-set-iothreads",
+                               "arguments": {"id": "d0", "iothread-vq-mapping": ["io2", "io1"]}}),
+    ("query-iothreads (after x-drive-set-iothreads)", {"execute": "query-iothreads"}),
+    ("x-drive-set-iothreads: explicit vqs", {"execute": "x-drive-set-iothreads",
+                                             "arguments": {"id": "d0", "iothread-vq-mapping": [
+                                                 {"iothread": "io0", "vqs": [0, 1]}]}}),
+    ("x-drive-set-iothreads: unknown IOThread", {"execute": "x-drive-set-iothreads",
+                                                 "arguments": {"id": "d0", "iothread": "io7"}}),
+    ("x-drive-set-iothreads: unknown drive", {"execute": "x-drive-set-iothreads",
+                                              "arguments": {"id": "d7", "iothread": "io0"}}),
+    ("x-drive-set-iothreads: back to io0:io1", {"execute": "x-drive-set-iothreads",
+                                                "arguments": {"id": "d0",
+                                                              "iothread-vq-mapping": ["io0", "io1"]}}),
     ("object-del", {"execute": "object-del", "arguments": {"id": "io2"}}),
     ("object-del: held IOThread", {"execute": "object-del", "arguments": {"id": "io0"}}),
     ("object-del: unknown id", {"execute": "object-del", "arguments": {"id": "io2"}}),
@@ -211,10 +224,22 @@ DESCRIPTIONS = {
     "query-block": ("query-block", "One element per virtio-blk drive (vmm-ref's schema): "
                     "`device`, `qdev` (QOM path, the holder name), `file`, `read-only`, "
                     "`direct`, `format`, `engine`, `num-queues`, `queue-size`, "
-                    "`activated` (the driver set DRIVER_OK, so the device holds its "
-                    "IOThreads) and `queues` (per virtqueue: its IOThread and the "
+                    "`activated` (the driver set DRIVER_OK, so the queues run; the "
+                    "drive holds its IOThreads either way) and `queues` (per virtqueue: its IOThread and the "
                     "`requests`, `notifications` (guest kicks that woke it), "
                     "`interrupts` and `errors` counted since the drive was created)."),
+    "x-drive-set-iothreads": ("x-drive-set-iothreads", "Extension (after QEMU's "
+                              "`x-blockdev-set-iothread`): moves a running drive's queues "
+                              "to other IOThreads. Arguments: `id` (drive) and exactly one "
+                              "of `iothread` (one IOThread for every queue) and "
+                              "`iothread-vq-mapping` (QEMU's list of `{\"iothread\", "
+                              "\"vqs\"}` objects, or a list of IOThread names served "
+                              "round-robin), validated like at start-up. The queues "
+                              "quiesce (in-flight requests complete), their handlers move, "
+                              "and the holder moves in one step: `query-iothreads` shows "
+                              "the drive on the old or on the new IOThreads, never on "
+                              "neither or both. Works whether or not the driver activated "
+                              "the device. On error the old mapping stays. Returns `{}`."),
     "human-monitor-command": ("human-monitor-command", "Runs an HMP command line and "
                               "returns its text. Arguments: `command-line`, `cpu-index` "
                               "(optional, ignored). Supported: `info iothreads`, `info "
@@ -224,8 +249,9 @@ DESCRIPTIONS = {
                               "the QMP commands; errors print as `Error: ...`). "
                               "Unknown commands return HMP's text \"unknown command: "
                               "'...'\" (not an error), as QEMU does."),
-    "system_reset": ("system_reset", "Resets the machine: devices are reset (releasing "
-                     "their IOThreads) and the guest restarts. Replies `{}`, then the "
+    "system_reset": ("system_reset", "Resets the machine: devices are reset (their "
+                     "queues stop; drives keep holding their IOThreads) and the guest "
+                     "restarts. Replies `{}`, then the "
                      "`RESET` event."),
     "quit": ("quit", "Stops vmm-ref. Replies `{}`, then the `SHUTDOWN` event, then the "
              "VMM exits and the socket goes away."),

@@ -15,12 +15,17 @@ pid=
 truncate -s 64M "$dir/disk.img"
 python3 -c 'import qemu.qmp' || { echo "qemu.qmp missing: run ci/setup.sh" >&2; exit 1; }
 
-start() { # start GUEST_CMDLINE
+start() { # start GUEST_CMDLINE [NUM_QUEUES [IOTHREADS]]; stdin from $dir/in if it exists
     rm -f "$dir/qmp.sock"
-    "$vmm" --kernel "$guest" --cmdline "$1" \
-        --object iothread,id=io0 --object iothread,id=io1 \
-        --drive "id=d0,file=$dir/disk.img,num-queues=2,iothread-vq-mapping=io0:io1" \
-        --qmp "unix:$dir/qmp.sock" >"$dir/vmm.log" 2>&1 &
+    nq=${2:-2}
+    ios=${3:-io0:io1}
+    objs=$(echo "$ios" | tr ':' ' ' | sed 's/\([^ ]*\)/--object iothread,id=\1/g')
+    input=/dev/null
+    [ ! -p "$dir/in" ] || input="$dir/in"
+    # shellcheck disable=SC2086
+    "$vmm" --kernel "$guest" --cmdline "$1" $objs \
+        --drive "id=d0,file=$dir/disk.img,num-queues=$nq,iothread-vq-mapping=$ios" \
+        --qmp "unix:$dir/qmp.sock" <"$input" >"$dir/vmm.log" 2>&1 &
     pid=$!
     i=0
     while [ ! -S "$dir/qmp.sock" ]; do
@@ -48,8 +53,20 @@ start "scenario=hold hold.secs=600"
 "$here/qmp_shell_session.sh" "$dir/qmp.sock" "$device"
 finish
 
-echo "# guest device reset: holders present, gone, back (the guest then exits 0)"
+echo "# guest device reset: activated, not, again; holders unchanged (the guest then exits 0)"
 start "scenario=hold,reset,hold hold.secs=3 reset.pause_ms=3000"
 python3 "$here/device_reset_test.py" "$dir/qmp.sock" "$device"
 finish
+
+echo "# 100 live re-maps while the guest verifies (it stops at serial input, exits 0)"
+mkfifo "$dir/in"
+exec 3<>"$dir/in" # read-write: opening does not wait for the reader
+start "scenario=verify verify.until_input=1" 4 io0:io1:io2:io3
+python3 "$here/remap_test.py" "$dir/qmp.sock" "$device"
+printf x >&3
+exec 3>&-
+rm -f "$dir/in"
+finish
+grep -q "RESULT verify PASS .* rounds=" "$dir/vmm.log" || { cat "$dir/vmm.log" >&2; exit 1; }
+grep "RESULT verify" "$dir/vmm.log"
 echo "run_real_vmm: all passed"

@@ -8,7 +8,7 @@ use core::fmt;
 use crate::mem::{Arena, OutOfMemory};
 use crate::tsc::Deadline;
 use crate::virtio::mmio::{Transport, MAGIC_VALUE};
-use crate::virtio::queue::{QueueFull, SplitQueue, MAX_SIZE};
+use crate::virtio::queue::{Discipline, QueueFull, SplitQueue, MAX_SIZE};
 use crate::virtio::{status, F_EVENT_IDX, F_VERSION_1};
 
 /// virtio-blk feature bits (virtio 1.2, 5.2.3).
@@ -47,6 +47,8 @@ const WANTED: u64 = F_VERSION_1
 const DEVICE_ID_BLOCK: u32 = 2;
 /// Most queues we drive.
 pub const MAX_QUEUES: usize = 16;
+/// Largest queue of the [`Discipline::Fixed`] driver profile.
+pub const FIXED_MAX_QUEUE_SIZE: u16 = 128;
 /// How long a reset may take to read back as 0.
 const RESET_TIMEOUT_US: u64 = 1_000_000;
 
@@ -164,6 +166,7 @@ pub struct BlkDevice {
     config: BlkConfig,
     queues: [Option<&'static mut SplitQueue>; MAX_QUEUES],
     nr_queues: usize,
+    discipline: Discipline,
 }
 
 impl BlkDevice {
@@ -191,9 +194,17 @@ impl BlkDevice {
                 config: BlkConfig::default(),
                 queues: Default::default(),
                 nr_queues: 0,
+                discipline: Discipline::Ours,
             })),
             other => Err(BlkError::NotBlock(other)),
         }
+    }
+
+    /// Selects the driver discipline of the queues from the next
+    /// [`BlkDevice::init`] on; [`Discipline::Fixed`] also caps the queue
+    /// size at [`FIXED_MAX_QUEUE_SIZE`].
+    pub fn set_discipline(&mut self, discipline: Discipline) {
+        self.discipline = discipline;
     }
 
     /// The transport.
@@ -301,11 +312,15 @@ impl BlkDevice {
                 return Err(BlkError::QueueUnavailable(index as u16));
             }
             // Split rings index modulo the size: use a power of two.
-            let size: u16 = 1 << (15 - max.min(MAX_SIZE).leading_zeros());
+            let limit = match self.discipline {
+                Discipline::Ours => MAX_SIZE,
+                Discipline::Fixed => FIXED_MAX_QUEUE_SIZE,
+            };
+            let size: u16 = 1 << (15 - max.min(limit).leading_zeros());
             let queue = self.queues[index]
                 .as_deref_mut()
                 .ok_or(BlkError::NoQueue(index))?;
-            queue.reset(size, features & F_EVENT_IDX != 0);
+            queue.reset(size, features & F_EVENT_IDX != 0, self.discipline);
             t.setup_queue(size, queue.addrs());
         }
         self.nr_queues = wanted_queues;

@@ -1,7 +1,9 @@
 //! The test scenarios and their driver.
 //!
 //! Every scenario runs on every virtio-blk device found on the command line
-//! and prints one `RESULT <scenario> PASS|FAIL <detail>` line per device.
+//! and prints one `RESULT <scenario> PASS|FAIL <detail>` line per device;
+//! `bench-all` runs once on all devices together and prints one
+//! `RESULT bench-all PASS|FAIL <detail>` line.
 //! Disk layout used (512-byte sectors; the disk must have at least
 //! [`MIN_CAPACITY`] sectors):
 //!
@@ -11,24 +13,27 @@
 //! | `4096 .. 4160`     | `verify`: DISCARD test                            |
 //! | `4224 .. 4288`     | `verify`: WRITE_ZEROES test                       |
 //! | `6144 + q*16 ..+16`| quick verify of queue `q` (malformed/reset/hold)  |
-//! | everything         | `bench` (random; `randwrite` overwrites the disk) |
+//! | everything         | `bench`, `bench-all` (random; writes overwrite the disk) |
 //! | `0 .. 8*blocks`    | `durability`: 4 KiB block `k` at sector `8k`      |
 
 mod bench;
+mod bench_all;
 mod durability;
 mod hold;
 mod malformed;
 mod reset;
 mod verify;
+mod workload;
 
 use core::fmt::{self, Write};
 
 use crate::blk::BlkDevice;
 use crate::bootinfo::Region;
-use crate::cmdline::{Config, Scenario};
+use crate::cmdline::{Config, Scenario, MAX_DEVICES};
 use crate::mem::Arena;
 use crate::println;
 use crate::virtio::mmio::{Transport, MIN_WINDOW};
+use crate::virtio::queue::Discipline;
 
 /// Smallest disk the scenarios accept, in sectors (4 MiB).
 pub const MIN_CAPACITY: u64 = 8192;
@@ -133,10 +138,11 @@ fn window_problem(addr: u64, size: u64, ram: &[Region]) -> Option<&'static str> 
 }
 
 /// Probes and initialises the device at `addr` (a window checked by
-/// [`window_problem`]).
+/// [`window_problem`]) with the driver `discipline`.
 fn open(
     addr: u64,
     event_idx: bool,
+    discipline: Discipline,
     arena: &mut Arena,
 ) -> Result<Option<BlkDevice>, crate::blk::BlkError> {
     // SAFETY: the command line names this window as a virtio-mmio device and
@@ -146,6 +152,7 @@ fn open(
     let Some(mut dev) = BlkDevice::probe(transport, event_idx)? else {
         return Ok(None);
     };
+    dev.set_discipline(discipline);
     dev.init(arena)?;
     Ok(Some(dev))
 }
@@ -153,8 +160,7 @@ fn open(
 /// Probes all devices and runs all scenarios; returns the number of failures.
 pub fn run_all(cfg: &Config, ram: &[Region], arena: &mut Arena) -> u32 {
     let mut failures = 0;
-    let mut devices: [Option<BlkDevice>; crate::cmdline::MAX_DEVICES] =
-        [const { None }; crate::cmdline::MAX_DEVICES];
+    let mut devices: [Option<BlkDevice>; MAX_DEVICES] = [const { None }; MAX_DEVICES];
     let mut nr_devices = 0;
     for d in cfg.devices() {
         if let Some(problem) = window_problem(d.addr, d.size, ram) {
@@ -165,7 +171,7 @@ pub fn run_all(cfg: &Config, ram: &[Region], arena: &mut Arena) -> u32 {
             failures += 1;
             continue;
         }
-        match open(d.addr, cfg.event_idx, arena) {
+        match open(d.addr, cfg.event_idx, cfg.bench.profile, arena) {
             Ok(Some(dev)) => {
                 let c = dev.config();
                 println!(
@@ -202,6 +208,23 @@ pub fn run_all(cfg: &Config, ram: &[Region], arena: &mut Arena) -> u32 {
         .unwrap_or_else(|| crate::tsc::now().wrapping_mul(0x2545_f491_4f6c_dd1d));
     println!("seed: {:#x}", seed);
     for &scenario in cfg.scenarios() {
+        let per_device: fn(&mut Ctx<'_>) -> Outcome = match scenario {
+            Scenario::Verify => verify::run,
+            Scenario::Bench => bench::run,
+            Scenario::Malformed => malformed::run,
+            Scenario::Reset => reset::run,
+            Scenario::Hold => hold::run,
+            Scenario::Durability => durability::run,
+            Scenario::BenchAll => {
+                let outcome = run_bench_all(&mut devices[..nr_devices], arena, cfg, seed);
+                let verdict = if outcome.pass { "PASS" } else { "FAIL" };
+                println!("RESULT bench-all {} {}", verdict, outcome.detail.as_str());
+                if !outcome.pass {
+                    failures += 1;
+                }
+                continue;
+            }
+        };
         for dev in devices.iter_mut().flatten() {
             let base = dev.transport().base();
             let mut ctx = Ctx {
@@ -217,14 +240,7 @@ pub fn run_all(cfg: &Config, ram: &[Region], arena: &mut Arena) -> u32 {
                     MIN_CAPACITY
                 ))
             } else {
-                match scenario {
-                    Scenario::Verify => verify::run(&mut ctx),
-                    Scenario::Bench => bench::run(&mut ctx),
-                    Scenario::Malformed => malformed::run(&mut ctx),
-                    Scenario::Reset => reset::run(&mut ctx),
-                    Scenario::Hold => hold::run(&mut ctx),
-                    Scenario::Durability => durability::run(&mut ctx),
-                }
+                per_device(&mut ctx)
             };
             let verdict = if outcome.pass { "PASS" } else { "FAIL" };
             println!(
@@ -240,6 +256,34 @@ pub fn run_all(cfg: &Config, ram: &[Region], arena: &mut Arena) -> u32 {
         }
     }
     failures
+}
+
+/// `bench-all` on all `devices` together (every disk must be at least
+/// [`MIN_CAPACITY`], as for the other scenarios).
+fn run_bench_all(
+    devices: &mut [Option<BlkDevice>],
+    arena: &mut Arena,
+    cfg: &Config,
+    seed: u64,
+) -> Outcome {
+    if let Some(d) = devices
+        .iter()
+        .flatten()
+        .find(|d| d.config().capacity < MIN_CAPACITY)
+    {
+        return Outcome::fail(format_args!(
+            "disk {:#x} has {} sectors, need {}",
+            d.transport().base(),
+            d.config().capacity,
+            MIN_CAPACITY
+        ));
+    }
+    let mut all: [Option<&mut BlkDevice>; MAX_DEVICES] = [const { None }; MAX_DEVICES];
+    let n = devices.len().min(MAX_DEVICES);
+    for (slot, dev) in all.iter_mut().zip(devices.iter_mut()) {
+        *slot = dev.as_mut();
+    }
+    bench_all::run(&mut all[..n], arena, &cfg.bench, seed)
 }
 
 /// The pattern word at disk byte offset `addr` (a multiple of 8) for `seed`:

@@ -48,15 +48,49 @@ macro_rules! fail {
     ($($arg:tt)*) => { return Ok(Outcome::fail(format_args!($($arg)*))) };
 }
 
-/// Runs `verify`.
+/// Runs `verify` (repeatedly with `verify.until_input=1`).
 pub fn run(ctx: &mut Ctx<'_>) -> Outcome {
-    match run_inner(ctx) {
+    let seed = ctx.seed;
+    let outcome = match run_rounds(ctx) {
         Ok(outcome) => outcome,
         Err(e) => Outcome::fail(format_args!("driver error: {}", e)),
+    };
+    ctx.seed = seed;
+    outcome
+}
+
+/// Buffers of one round, allocated once.
+struct Bufs {
+    writes: &'static [ReqMem],
+    reads: &'static [ReqMem],
+    mem: ReqMem,
+}
+
+fn run_rounds(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
+    let slots = ctx.dev.nr_queues() * REQS_PER_QUEUE;
+    let bufs = Bufs {
+        writes: alloc_reqs(ctx, slots)?,
+        reads: alloc_reqs(ctx, slots)?,
+        mem: ReqMem::alloc(ctx.arena, BIG_LEN)?,
+    };
+    let seed = ctx.seed;
+    let mut rounds: u64 = 0;
+    loop {
+        // A new pattern every round: data left by an earlier round never matches.
+        ctx.seed = seed ^ rounds.wrapping_mul(0xd6e8_feb8_6659_fd93);
+        let mut outcome = run_inner(ctx, &bufs)?;
+        rounds += 1;
+        let done = !ctx.cfg.verify_until_input || crate::serial::input_ready();
+        if !outcome.pass || done {
+            if ctx.cfg.verify_until_input {
+                let _ = write!(outcome.detail, " rounds={}", rounds);
+            }
+            return Ok(outcome);
+        }
     }
 }
 
-fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
+fn run_inner(ctx: &mut Ctx<'_>, bufs: &Bufs) -> Result<Outcome, BlkError> {
     let nq = ctx.dev.nr_queues();
     let read_only = ctx.dev.has(feature::RO);
     let capacity = ctx.dev.config().capacity;
@@ -69,8 +103,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
     // Buffers: one per request for writes and one per request for reads;
     // request `slot` belongs to queue `slot / REQS_PER_QUEUE`.
     let slots = nq * REQS_PER_QUEUE;
-    let writes = alloc_reqs(ctx, slots)?;
-    let reads = alloc_reqs(ctx, slots)?;
+    let (writes, reads) = (bufs.writes, bufs.reads);
     let split = |slot: usize| (slot / REQS_PER_QUEUE, slot % REQS_PER_QUEUE);
     let len_of = |slot: usize| {
         let (q, i) = split(slot);
@@ -157,7 +190,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<Outcome, BlkError> {
     }
 
     // 4. GET_ID.
-    let mem = ReqMem::alloc(ctx.arena, BIG_LEN)?;
+    let mem = &bufs.mem;
     let status = ctx.dev.run(0, &mem, Op::GetId)?;
     if status != S_OK {
         fail!("{detail} GET_ID returned status {status}");

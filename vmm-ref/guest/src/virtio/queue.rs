@@ -9,6 +9,10 @@
 //! Chains are tracked by head descriptor in driver-private state, never by
 //! walking the descriptor table, so the deliberately broken chains of the
 //! `malformed` scenario (loops, bad `next`) are freed correctly.
+//!
+//! Two [`Discipline`]s shape what the device sees: our own driver's habits,
+//! and those of an independent polled driver (`bench.profile=alt`), so that
+//! a back-end cannot be tuned to one access pattern without it showing.
 
 use core::ptr;
 use core::sync::atomic::{fence, Ordering};
@@ -28,6 +32,51 @@ pub const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 const PAGE: u64 = 4096;
+
+/// Descriptors of one chain slot under [`Discipline::Fixed`].
+pub const FIXED_CHAIN: u16 = 3;
+/// Distance between `used_event` and our used index under
+/// [`Discipline::Fixed`]: half the index space, so the device never crosses it.
+const FIXED_USED_EVENT_AHEAD: u16 = 0x8000;
+/// Completions after which [`Discipline::Fixed`] moves `used_event` forward
+/// again (well before the device could reach it).
+const FIXED_USED_EVENT_REFRESH: u16 = 0x4000;
+
+/// How the driver lays out chains, publishes them and keeps `used_event`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discipline {
+    /// Our own driver: descriptors from a LIFO free list (a chain's
+    /// descriptors scatter over the table as completions reorder), a batch of
+    /// chains published with one index store at the notification decision,
+    /// and with EVENT_IDX `used_event` kept one behind our used index,
+    /// rewritten at every completion.
+    Ours,
+    /// An independent polled driver's habits (the `alt` bench profile):
+    /// chain slot `k` always uses descriptors `3k, 3k+1, 3k+2` (fixed
+    /// 3-descriptor chains: header, data, status), every chain is published
+    /// on its own (release barrier, then the avail index store, as Linux's
+    /// `virtqueue_add` does), and with EVENT_IDX `used_event` is kept far
+    /// ahead of the used index (rewritten once every 0x4000 completions), so
+    /// the device never interrupts. The notification rule is the same as
+    /// ours: after a full barrier, `vring_need_event(avail_event, new, old)`.
+    Fixed,
+}
+
+impl Discipline {
+    /// The bench profile's name on the command line (`bench.profile=`).
+    pub fn profile_name(self) -> &'static str {
+        match self {
+            Self::Ours => "ours",
+            Self::Fixed => "alt",
+        }
+    }
+}
+
+/// `vring_need_event(event, new, old)` (virtio 1.2, 2.7.10): whether moving an
+/// index from `old` to `new` crosses the other side's `event` index.
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
 
 /// A buffer of a well-formed chain.
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +142,9 @@ pub struct SplitQueue {
     avail: u64,
     used: u64,
     event_idx: bool,
+    discipline: Discipline,
+    /// Free descriptor ids ([`Discipline::Ours`]) or free chain slots
+    /// ([`Discipline::Fixed`]), used as a stack.
     free: [u16; MAX_SIZE as usize],
     nr_free: u16,
     chains: [Chain; MAX_SIZE as usize],
@@ -100,6 +152,8 @@ pub struct SplitQueue {
     last_used: u16,
     /// `avail_idx` at the last notification decision (vring_need_event's old).
     kick_check_idx: u16,
+    /// `last_used` when `used_event` was last written ([`Discipline::Fixed`]).
+    used_event_base: u16,
     /// Notifications sent.
     pub kicks: u64,
     /// Used entries naming a descriptor that was not in flight.
@@ -121,20 +175,23 @@ impl SplitQueue {
             avail,
             used,
             event_idx: false,
+            discipline: Discipline::Ours,
             free: [0; MAX_SIZE as usize],
             nr_free: 0,
             chains: [Chain::default(); MAX_SIZE as usize],
             avail_idx: 0,
             last_used: 0,
             kick_check_idx: 0,
+            used_event_base: 0,
             kicks: 0,
             bogus_used: 0,
         })
     }
 
     /// Resets the rings for a (re-)initialised device: `size` entries (at
-    /// most [`MAX_SIZE`]) and whether VIRTIO_F_EVENT_IDX was negotiated.
-    pub fn reset(&mut self, size: u16, event_idx: bool) {
+    /// most [`MAX_SIZE`]), whether VIRTIO_F_EVENT_IDX was negotiated, and the
+    /// driver's [`Discipline`].
+    pub fn reset(&mut self, size: u16, event_idx: bool, discipline: Discipline) {
         let size = size.min(MAX_SIZE);
         // SAFETY: the three pages were allocated for this queue in `new`.
         unsafe {
@@ -144,14 +201,21 @@ impl SplitQueue {
         }
         self.size = size;
         self.event_idx = event_idx;
-        for (i, slot) in self.free.iter_mut().enumerate().take(usize::from(size)) {
-            *slot = size - 1 - i as u16;
+        self.discipline = discipline;
+        // Descriptor ids (Ours) or chain slots (Fixed), lowest on top.
+        let entries = match discipline {
+            Discipline::Ours => size,
+            Discipline::Fixed => size / FIXED_CHAIN,
+        };
+        for (i, slot) in self.free.iter_mut().enumerate().take(usize::from(entries)) {
+            *slot = entries - 1 - i as u16;
         }
-        self.nr_free = size;
+        self.nr_free = entries;
         self.chains = [Chain::default(); MAX_SIZE as usize];
         self.avail_idx = 0;
         self.last_used = 0;
         self.kick_check_idx = 0;
+        self.used_event_base = 0;
         if event_idx {
             self.set_used_event();
         } else {
@@ -200,20 +264,42 @@ impl SplitQueue {
         }
     }
 
-    /// Keeps `used_event` one behind our position, so that the device never
-    /// crosses it and never interrupts.
-    fn set_used_event(&self) {
-        self.write_avail_u16(4 + 2 * u64::from(self.size), self.last_used.wrapping_sub(1));
+    /// Writes `used_event` where the device never crosses it, so it never
+    /// interrupts: one behind our position ([`Discipline::Ours`]) or half
+    /// the index space ahead ([`Discipline::Fixed`]).
+    fn set_used_event(&mut self) {
+        let event = match self.discipline {
+            Discipline::Ours => self.last_used.wrapping_sub(1),
+            Discipline::Fixed => {
+                self.used_event_base = self.last_used;
+                self.last_used.wrapping_add(FIXED_USED_EVENT_AHEAD)
+            }
+        };
+        self.write_avail_u16(4 + 2 * u64::from(self.size), event);
     }
 
     fn take_ids(&mut self, n: usize) -> Result<[u16; MAX_CHAIN], QueueFull> {
-        if n == 0 || n > MAX_CHAIN || usize::from(self.nr_free) < n {
-            return Err(QueueFull);
-        }
         let mut ids = [0u16; MAX_CHAIN];
-        for id in ids.iter_mut().take(n) {
-            self.nr_free -= 1;
-            *id = self.free[usize::from(self.nr_free)];
+        match self.discipline {
+            Discipline::Ours => {
+                if n == 0 || n > MAX_CHAIN || usize::from(self.nr_free) < n {
+                    return Err(QueueFull);
+                }
+                for id in ids.iter_mut().take(n) {
+                    self.nr_free -= 1;
+                    *id = self.free[usize::from(self.nr_free)];
+                }
+            }
+            Discipline::Fixed => {
+                if n == 0 || n > usize::from(FIXED_CHAIN) || self.nr_free == 0 {
+                    return Err(QueueFull);
+                }
+                self.nr_free -= 1;
+                let first = self.free[usize::from(self.nr_free)] * FIXED_CHAIN;
+                for (i, id) in ids.iter_mut().take(n).enumerate() {
+                    *id = first + i as u16;
+                }
+            }
         }
         Ok(ids)
     }
@@ -229,9 +315,15 @@ impl SplitQueue {
         let slot = u64::from(self.avail_idx % self.size);
         self.write_avail_u16(4 + 2 * slot, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
+        if self.discipline == Discipline::Fixed {
+            self.publish();
+        }
     }
 
-    /// Adds a well-formed chain (not yet visible to the device: see [`Self::publish`]).
+    /// Adds a well-formed chain (with [`Discipline::Ours`] not yet visible to
+    /// the device: see [`Self::publish`]; [`Discipline::Fixed`] publishes it at
+    /// once). [`Discipline::Fixed`] takes chains of at most [`FIXED_CHAIN`]
+    /// descriptors.
     pub fn add(&mut self, segs: &[Seg], token: u32) -> Result<(), QueueFull> {
         let ids = self.take_ids(segs.len())?;
         for (i, seg) in segs.iter().enumerate() {
@@ -272,7 +364,9 @@ impl SplitQueue {
     /// Publishes and notifies the device if it wants a notification; returns
     /// whether it was notified.
     pub fn kick(&mut self, transport: &Transport) -> bool {
-        self.publish();
+        if self.discipline == Discipline::Ours {
+            self.publish();
+        }
         // The index store must be ordered before reading the device's
         // suppression state (store-load: needs a full fence).
         fence(Ordering::SeqCst);
@@ -284,8 +378,7 @@ impl SplitQueue {
         }
         let needed = if self.event_idx {
             let avail_event = self.read_used_u16(4 + 8 * u64::from(self.size));
-            // vring_need_event(event, new, old)
-            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+            need_event(avail_event, new, old)
         } else {
             self.read_used_u16(0) & USED_F_NO_NOTIFY == 0
         };
@@ -308,7 +401,11 @@ impl SplitQueue {
             let id = self.read_used_u32(4 + 8 * slot);
             let len = self.read_used_u32(8 + 8 * slot);
             self.last_used = self.last_used.wrapping_add(1);
-            if self.event_idx {
+            if self.event_idx
+                && (self.discipline == Discipline::Ours
+                    || self.last_used.wrapping_sub(self.used_event_base)
+                        >= FIXED_USED_EVENT_REFRESH)
+            {
                 self.set_used_event();
             }
             let chain = match self.chains.get_mut(id as usize) {
@@ -320,9 +417,17 @@ impl SplitQueue {
             };
             chain.busy = false;
             let (ids, n, token) = (chain.ids, usize::from(chain.len), chain.token);
-            for &desc in &ids[..n] {
-                self.free[usize::from(self.nr_free)] = desc;
-                self.nr_free += 1;
+            match self.discipline {
+                Discipline::Ours => {
+                    for &desc in &ids[..n] {
+                        self.free[usize::from(self.nr_free)] = desc;
+                        self.nr_free += 1;
+                    }
+                }
+                Discipline::Fixed => {
+                    self.free[usize::from(self.nr_free)] = ids[0] / FIXED_CHAIN;
+                    self.nr_free += 1;
+                }
             }
             return Some(Used { token, len });
         }

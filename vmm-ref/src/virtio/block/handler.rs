@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{DiskBackend, DiskCompletion};
 use super::request::{parse_request, DiskLimits, Prepared, Request, VIRTIO_BLK_ID_BYTES};
+use crate::sigbus::LossWatch;
 use crate::virtio::device::VirtioInterrupt;
 use crate::virtio::guest_warn;
 
@@ -60,6 +61,8 @@ pub struct QueueWorker {
     /// Notifications were left disabled because the backend was full.
     stalled: bool,
     broken: bool,
+    /// Notices guest memory lost under its mapping (SIGBUS).
+    lost: LossWatch,
     counters: Arc<QueueCounters>,
 }
 
@@ -90,6 +93,7 @@ impl QueueWorker {
             polling: false,
             stalled: false,
             broken: false,
+            lost: LossWatch::default(),
             counters,
         }
     }
@@ -137,6 +141,22 @@ impl QueueWorker {
             self.broken = true;
             self.interrupt.set_needs_reset();
         }
+    }
+
+    /// Whether guest memory lost pages under its mapping (a vhost-user
+    /// front-end shrank its memory file; see [`crate::sigbus`]). What was
+    /// read from there is zeroes, what was written is gone: the request
+    /// fails and the queue stops (needs reset), the process lives on.
+    fn memory_lost(&mut self) -> bool {
+        if !self.lost.lost(&self.mem) {
+            return false;
+        }
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.fail(
+            "guest memory",
+            &"pages lost under the mapping (the front-end shrank its memory file)",
+        );
+        true
     }
 
     /// Takes every available request (as far as the backend has room),
@@ -190,7 +210,11 @@ impl QueueWorker {
                 break;
             };
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let req = match parse_request(chain, &self.limits) {
+            let parsed = parse_request(chain, &self.limits);
+            if self.memory_lost() {
+                return;
+            }
+            let req = match parsed {
                 Ok(r) => r,
                 Err(rej) => {
                     guest_warn!("virtio-blk queue {}: {}", self.index, rej.error);
@@ -203,7 +227,11 @@ impl QueueWorker {
                     continue;
                 }
             };
-            match req.prepare(&mem, &self.id) {
+            let prepared = req.prepare(&mem, &self.id);
+            if self.memory_lost() {
+                return;
+            }
+            match prepared {
                 Prepared::Done { used_len } => {
                     added = true;
                     if let Err(e) = self.queue.add_used(&*mem, req.head_index, used_len) {
@@ -236,6 +264,7 @@ impl QueueWorker {
         self.backend.reap(&mut reaped);
         let mut added = false;
         let mut failure = None;
+        let mut lost = false;
         for c in reaped.drain(..) {
             let slot = usize::try_from(c.user_data).unwrap_or(usize::MAX);
             let Some(req) = self.inflight.get_mut(slot).and_then(Option::take) else {
@@ -250,6 +279,11 @@ impl QueueWorker {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
             let used = req.finish(&*self.mem, &c.result);
+            if lost || self.lost.lost(&self.mem) {
+                // Not published: the queue stops below.
+                lost = true;
+                continue;
+            }
             added = true;
             if failure.is_none() {
                 if let Err(e) = self.queue.add_used(&*self.mem, req.head_index, used) {
@@ -258,6 +292,9 @@ impl QueueWorker {
             }
         }
         self.reaped = reaped;
+        if lost && self.memory_lost() {
+            return;
+        }
         if let Some(e) = failure {
             return self.fail("add_used", &e);
         }

@@ -11,162 +11,44 @@
 //! The price of reading through a mapping is SIGBUS: if another process
 //! truncates the image, touching a page past the new end of file raises
 //! SIGBUS, whose default action would kill the process with every guest
-//! disk it serves. [`MappedImage::new`] therefore installs, once per
-//! process, a SIGBUS handler that recognises faults inside registered
-//! mappings: it marks the mapping poisoned and maps an anonymous zero page
-//! over the faulting page, so the interrupted copy completes. The reader
-//! checks the mark after every copy; a poisoned mapping is never trusted
-//! again, and the read is redone with `preadv` (which zero-fills past end of
-//! file, as for an image that was short from the start). Faults anywhere
-//! else go to the handler that was installed before ours (Rust's
-//! stack-overflow handler, or the default action).
+//! disk it serves. The mapping is therefore registered with the
+//! process-wide guard of [`sigbus`](crate::sigbus): a fault inside it marks
+//! it poisoned and maps an anonymous zero page over the faulting page, so
+//! the interrupted copy completes. The reader checks the mark after every
+//! copy; a poisoned mapping is never trusted again, and the read is redone
+//! with `preadv` (which zero-fills past end of file, as for an image that
+//! was short from the start).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
 use vm_memory::VolatileSlice;
 
-/// Mappings the SIGBUS handler can recognise at once; further images are
-/// read with `preadv`.
-const SLOTS: usize = 64;
+use crate::sigbus::{guard_owned, OwnedGuard};
 
-/// One registered mapping. `len == 0` means free (or being set up).
+/// An `mmap`ed range, unmapped on drop.
 #[derive(Debug)]
-struct Slot {
-    claimed: AtomicBool,
-    start: AtomicUsize,
-    len: AtomicUsize,
-    poisoned: AtomicBool,
+struct Mapping {
+    base: *mut u8,
+    len: usize,
 }
 
-impl Slot {
-    const fn new() -> Slot {
-        Slot {
-            claimed: AtomicBool::new(false),
-            start: AtomicUsize::new(0),
-            len: AtomicUsize::new(0),
-            poisoned: AtomicBool::new(false),
-        }
-    }
-}
-
-static REGISTRY: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
-static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
-/// The SIGBUS action that was installed before ours.
-static PREVIOUS: OnceLock<Result<libc::sigaction, i32>> = OnceLock::new();
-
-/// Installs the SIGBUS handler (once per process). Fails if `sigaction`
-/// does; the caller then does not map anything.
-fn install_guard() -> io::Result<()> {
-    let installed = PREVIOUS.get_or_init(|| {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if let Ok(page) = usize::try_from(page) {
-            if page.is_power_of_two() {
-                PAGE_SIZE.store(page, Ordering::Relaxed);
-            }
-        }
-        // SAFETY: a zeroed sigaction is a valid value (empty mask, no flags);
-        // the fields that matter are set below.
-        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = on_sigbus as *const () as libc::sighandler_t;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-        // SAFETY: as above, a valid out-parameter.
-        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
-        // SAFETY: both pointers are valid sigaction structs; the handler is an
-        // `extern "C"` function with the SA_SIGINFO signature.
-        let rc = unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) };
-        if rc == 0 {
-            Ok(previous)
-        } else {
-            Err(io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EINVAL))
-        }
-    });
-    match installed {
-        Ok(_) => Ok(()),
-        Err(errno) => Err(io::Error::from_raw_os_error(*errno)),
-    }
-}
-
-/// The SIGBUS handler. Async-signal-safe: atomics, `mmap` and `sigaction`
-/// only, no allocation, no locks.
-extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let page = PAGE_SIZE.load(Ordering::Relaxed);
-    for slot in &REGISTRY {
-        let len = slot.len.load(Ordering::Acquire);
-        if len == 0 {
-            continue;
-        }
-        let start = slot.start.load(Ordering::Acquire);
-        if addr < start || addr - start >= len {
-            continue;
-        }
-        // Poison first: a reader that sees the zero page below also sees this.
-        slot.poisoned.store(true, Ordering::SeqCst);
-        let at = addr & !(page - 1);
-        // SAFETY: `at` is a page inside our own mapping (registered and not
-        // yet unmapped: a mapping leaves the registry before munmap). Mapping
-        // an anonymous page over it with MAP_FIXED only replaces that page of
-        // our mapping; no other memory is touched.
-        let p = unsafe {
-            libc::mmap(
-                at as *mut libc::c_void,
-                page,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if p != libc::MAP_FAILED {
-            return; // the faulting copy resumes and reads zeros
-        }
-        break;
-    }
-    // Not ours (or the page could not be replaced): what was there before.
-    match PREVIOUS.get() {
-        Some(Ok(previous))
-            if previous.sa_sigaction != libc::SIG_DFL && previous.sa_sigaction != libc::SIG_IGN =>
-        {
-            if previous.sa_flags & libc::SA_SIGINFO != 0 {
-                // SAFETY: the previous handler was installed with SA_SIGINFO,
-                // so it has this signature; we pass the kernel's arguments on.
-                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                    unsafe { std::mem::transmute(previous.sa_sigaction) };
-                f(sig, info, ctx);
-            } else {
-                // SAFETY: a handler installed without SA_SIGINFO takes the
-                // signal number only.
-                let f: extern "C" fn(libc::c_int) =
-                    unsafe { std::mem::transmute(previous.sa_sigaction) };
-                f(sig);
-            }
-        }
-        _ => {
-            // Default action: reinstate it and return; the faulting access
-            // runs again and the process ends as it would have without us.
-            // SAFETY: a zeroed sigaction with SIG_DFL is valid.
-            let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
-            dfl.sa_sigaction = libc::SIG_DFL;
-            // SAFETY: valid sigaction pointer; the old action is not wanted.
-            unsafe { libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut()) };
-        }
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are our own mapping, unmapped exactly once; no
+        // reference into it outlives the `MappedImage` that owns it.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
 /// A read-only shared mapping of a whole image, guarded against SIGBUS.
 #[derive(Debug)]
 pub struct MappedImage {
-    base: *mut u8,
-    len: usize,
-    slot: &'static Slot,
+    // Field order matters: the guard leaves the SIGBUS registry (drop)
+    // before the mapping is unmapped.
+    guard: OwnedGuard,
+    map: Mapping,
 }
 
 // SAFETY: the mapping is read-only shared memory owned by this struct; the
@@ -186,15 +68,6 @@ impl MappedImage {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty image"));
         }
-        install_guard()?;
-        let slot = REGISTRY
-            .iter()
-            .find(|s| {
-                s.claimed
-                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            })
-            .ok_or_else(|| io::Error::other("all SIGBUS guard slots in use"))?;
         // SAFETY: a fresh shared read-only mapping of an open file; the kernel
         // picks the address, so no existing memory is affected.
         let base = unsafe {
@@ -208,34 +81,30 @@ impl MappedImage {
             )
         };
         if base == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            slot.claimed.store(false, Ordering::Release);
-            return Err(e);
+            return Err(io::Error::last_os_error());
         }
-        slot.poisoned.store(false, Ordering::Relaxed);
-        slot.start.store(base as usize, Ordering::Release);
-        slot.len.store(len, Ordering::Release);
-        Ok(MappedImage {
+        let map = Mapping {
             base: base.cast(),
             len,
-            slot,
-        })
+        };
+        let guard = guard_owned(map.base, len, false)?;
+        Ok(MappedImage { guard, map })
     }
 
     /// Whether a SIGBUS (the file shrank under the mapping) replaced some of
     /// its pages. A poisoned mapping serves no more reads.
     pub fn is_poisoned(&self) -> bool {
-        self.slot.poisoned.load(Ordering::SeqCst)
+        self.guard.is_poisoned()
     }
 
     /// The mapped length (the file's length when it was mapped).
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len
     }
 
     /// Always false: empty files are not mapped.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len == 0
     }
 
     /// Copies `offset..` of the image into `iovecs`. `None` when the range is
@@ -255,15 +124,15 @@ impl MappedImage {
             .iter()
             .try_fold(0usize, |n, v| n.checked_add(v.iov_len))?;
         let start = usize::try_from(offset).ok()?;
-        if start.checked_add(total)? > self.len {
+        if start.checked_add(total)? > self.map.len {
             return None;
         }
         let mut pos = start;
         for v in iovecs {
-            // SAFETY: `pos + iov_len <= self.len` (checked above), so the
+            // SAFETY: `pos + iov_len <= self.map.len` (checked above), so the
             // source lies inside our live mapping; a page the file lost is
             // replaced by the SIGBUS handler, so the copy cannot fault fatally.
-            let src = unsafe { VolatileSlice::new(self.base.add(pos), v.iov_len) };
+            let src = unsafe { VolatileSlice::new(self.map.base.add(pos), v.iov_len) };
             // SAFETY: the caller guarantees the iovec is mapped, writable and
             // accessed volatile-style by others.
             let dst = unsafe { VolatileSlice::new(v.iov_base.cast(), v.iov_len) };
@@ -274,19 +143,6 @@ impl MappedImage {
             return None; // some of what we copied may be the zero page
         }
         Some(total)
-    }
-}
-
-impl Drop for MappedImage {
-    fn drop(&mut self) {
-        // Leave the registry before unmapping: the handler must never
-        // patch an address range that may have been reused.
-        self.slot.len.store(0, Ordering::Release);
-        self.slot.start.store(0, Ordering::Release);
-        // SAFETY: `base`/`len` are our own mapping, unmapped exactly once; no
-        // reference into it outlives `&self` borrows, which have ended.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-        self.slot.claimed.store(false, Ordering::Release);
     }
 }
 

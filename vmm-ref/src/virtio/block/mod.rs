@@ -9,14 +9,17 @@
 //!   in-memory backend for fuzzing;
 //! - [`handler`]: per-queue processing and the aio-poll handlers;
 //! - this module: the [`Block`] device (features, configuration space,
-//!   activation on IOThreads, reset, shutdown) and its [`BlockHandle`].
+//!   activation on IOThreads, reset, shutdown, live re-mapping) and its
+//!   [`BlockHandle`].
 //!
-//! Holders ([`HolderPolicy`]): by default, on activation the device
-//! acquires every IOThread that serves at least one enabled queue **once**
-//! (as QEMU does), as `qom-object /machine/peripheral/<id>/virtio-backend`,
-//! and releases all of them on reset and shutdown. A block export holds
-//! the IOThreads itself (as `block-node`) for its whole life, so the device
-//! it drives takes no holder of its own ([`HolderPolicy::External`]).
+//! Holders follow attachment: [`Block::new`] registers
+//! [`BlockConfig::holder`] (`qom-object /machine/peripheral/<id>/virtio-backend`
+//! for a guest drive, `block-node <node-name>` for a block export) on every
+//! IOThread its mapping lists, and keeps them until the device is shut down
+//! or dropped (detached), whatever the driver does: queue handlers come and
+//! go with activation and reset, holders do not. Every use of an IOThread
+//! (handler registration and removal) goes through those holder guards.
+//! [`BlockHandle::set_iothreads`] moves a running drive to other IOThreads.
 
 pub mod backend;
 pub mod handler;
@@ -30,25 +33,26 @@ pub mod uring;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::collections::btree_map::Entry;
-use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use aio_poll::{HandlerId, Interest};
-use iothread_registry::{HolderGuard, IoThreadHolder, IoThreadRegistry};
+use iothread_registry::{
+    HolderGuard, IoThreadHolder, IoThreadRegistry, IoThreadVqMapping, VqAssignment,
+};
 use virtio_bindings::virtio_blk::*;
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::EventFd;
 
 use self::backend::{create_backend, resolve_engine, BackendError, BlockEngine, EngineKind};
 use self::handler::{CompletionHandler, QueueCounters, QueueHandler, QueueWorker};
 use self::raw::RawFile;
 use self::request::{DiskLimits, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES};
 use crate::virtio::device::{
-    feature, read_config_bytes, ActivateContext, ActivateError, VirtioDevice, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    feature, read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::mmio::error_chain;
 
@@ -78,28 +82,17 @@ pub struct BlockConfig {
     pub readonly: bool,
     /// Open with `O_DIRECT`.
     pub direct: bool,
-    /// IOThread id per queue (`iothread_registry::assign_vqs`).
-    pub queue_iothreads: Vec<String>,
+    /// The IOThreads serving the queues, as QEMU's `iothread-vq-mapping` (a
+    /// single `iothread=` is a one-entry mapping). Every IOThread listed is
+    /// held, even one that round-robin leaves without a queue.
+    pub iothreads: Vec<IoThreadVqMapping>,
     /// I/O engine.
     pub engine: BlockEngine,
     /// `GET_ID` string (at most 20 bytes used); the drive id when `None`.
     pub serial: Option<String>,
-    /// Who holds the IOThreads while the queues run.
-    pub holders: HolderPolicy,
-}
-
-/// Who holds the IOThreads that serve a [`Block`]'s queues.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum HolderPolicy {
-    /// The device, as `qom-object /machine/peripheral/<id>/virtio-backend`,
-    /// from activation to reset (a guest-facing device: `vmm-ref run`).
-    #[default]
-    Device,
-    /// The owner of the device holds them for longer than the device runs
-    /// (a block export holds `block-node <drive>` from its start to its
-    /// deletion); the device takes no holder and reaches the IOThreads
-    /// through the registry. If one is deleted anyway, activation fails.
-    External,
+    /// Who the device is in `query-iothreads` while attached (see the module
+    /// documentation): [`Block::device_holder`] for a guest drive.
+    pub holder: IoThreadHolder,
 }
 
 /// Errors creating a block device.
@@ -122,23 +115,32 @@ pub enum BlockError {
         /// Value.
         value: u16,
     },
-    /// The IOThread mapping does not cover each queue exactly.
-    #[error("drive '{id}': {got} queue IOThreads given for {num_queues} queues")]
-    Mapping {
+    /// The IOThreads of the mapping cannot be held (the mapping is invalid, or
+    /// an IOThread does not exist).
+    #[error("drive '{id}': invalid IOThread mapping")]
+    IoThreads {
         /// Drive id.
         id: String,
-        /// Entries given.
-        got: usize,
-        /// Queues.
-        num_queues: u16,
+        /// Cause, with QEMU's `iothread-vq-mapping` message.
+        #[source]
+        source: iothread_registry::Error,
     },
-    /// A mapped IOThread does not exist.
-    #[error("drive '{id}': IOThread '{iothread}' does not exist")]
-    NoSuchIoThread {
+    /// The device was shut down (detached): it holds no IOThreads any more.
+    #[error("drive '{id}' is detached")]
+    Detached {
         /// Drive id.
         id: String,
-        /// IOThread id.
-        iothread: String,
+    },
+    /// A queue notification eventfd could not be duplicated.
+    #[error("drive '{id}': cannot duplicate the notification eventfd of queue {queue}")]
+    Kick {
+        /// Drive id.
+        id: String,
+        /// Queue.
+        queue: u16,
+        /// Cause.
+        #[source]
+        source: io::Error,
     },
     /// The image cannot be opened.
     #[error("drive '{id}': cannot open '{}'", path.display())]
@@ -168,7 +170,7 @@ pub enum BlockError {
         #[source]
         source: BackendError,
     },
-    /// Acquiring or using an IOThread failed during activation.
+    /// Using an IOThread failed (it stopped or panicked).
     #[error("drive '{id}': IOThread '{iothread}'")]
     IoThread {
         /// Drive id.
@@ -242,15 +244,32 @@ struct Shared {
     capacity: u64,
     num_queues: u16,
     engine: EngineKind,
-    queue_iothreads: Vec<String>,
+    registry: IoThreadRegistry,
+    /// IOThread id per queue (follows re-mapping).
+    queue_iothreads: Mutex<Vec<String>>,
     counters: Vec<Arc<QueueCounters>>,
     activated: AtomicBool,
     /// io_uring could not be set up for a queue and the sync engine runs it.
     uring_fallback: AtomicBool,
+    /// Held IOThreads and running queues. Lock order: the transport's lock (when
+    /// the transport calls in), then this one; handlers on IOThreads never take it.
+    attachment: Mutex<Attachment>,
+}
+
+/// What the device holds and runs.
+struct Attachment {
+    /// The held IOThreads; `None` once detached (shut down).
+    iothreads: Option<VqAssignment>,
+    /// The queues being served, while the driver has the device activated.
+    active: Option<Active>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A cloneable handle on a block device for the control plane: status for
-/// `query-block`, and flush for a clean shutdown.
+/// `query-block`, flush for a clean shutdown, and live re-mapping.
 #[derive(Clone)]
 pub struct BlockHandle {
     shared: Arc<Shared>,
@@ -260,6 +279,7 @@ impl BlockHandle {
     /// Current status.
     pub fn info(&self) -> BlockInfo {
         let s = &self.shared;
+        let iothreads = lock(&s.queue_iothreads).clone();
         BlockInfo {
             id: s.id.clone(),
             file: s.file.path().display().to_string(),
@@ -276,11 +296,11 @@ impl BlockHandle {
             queues: s
                 .counters
                 .iter()
-                .zip(&s.queue_iothreads)
+                .zip(iothreads)
                 .enumerate()
                 .map(|(i, (c, io))| QueueInfo {
                     index: i as u16,
-                    iothread: io.clone(),
+                    iothread: io,
                     requests: c.requests.load(Ordering::Relaxed),
                     notifications: c.notifications.load(Ordering::Relaxed),
                     interrupts: c.interrupts.load(Ordering::Relaxed),
@@ -297,41 +317,229 @@ impl BlockHandle {
         }
         self.shared.file.fdatasync()
     }
+
+    /// Moves the drive's queues to the IOThreads of `mapping` while it runs
+    /// (`x-drive-set-iothreads`).
+    ///
+    /// `mapping` is validated like at start-up (QEMU's six `iothread-vq-mapping`
+    /// rules against the IOThreads that exist now) before anything stops. Then
+    /// every running queue quiesces: its handlers leave its IOThread (so it takes
+    /// no new request there) and its in-flight requests complete; the holder
+    /// moves from the old IOThreads to the new ones in one step (a concurrent
+    /// `query-iothreads` sees the drive on the old set or on the new set, never
+    /// on neither or both); the queues resume on their new IOThreads and first
+    /// take what the driver queued meanwhile. Not activated, or after a reset,
+    /// only the holders move. On error the old mapping stays in place and the
+    /// queues resume there.
+    pub fn set_iothreads(&self, mapping: &[IoThreadVqMapping]) -> Result<(), BlockError> {
+        let s = &*self.shared;
+        let mapping_err = |source| BlockError::IoThreads {
+            id: s.id.clone(),
+            source,
+        };
+        let mut att = lock(&s.attachment);
+        let Attachment { iothreads, active } = &mut *att;
+        let assignment = iothreads
+            .as_mut()
+            .ok_or_else(|| BlockError::Detached { id: s.id.clone() })?;
+        // Refuse a bad mapping before disturbing the queues (the move re-checks it
+        // atomically, in case an IOThread disappears in between).
+        iothread_registry::assign_vqs(mapping, s.num_queues, |id| s.registry.contains(id))
+            .map_err(mapping_err)?;
+        let old_mapping = assignment.mapping().to_vec();
+        if let Some(active) = active.as_mut() {
+            active.quiesce(&s.id, assignment);
+        }
+        let moved = assignment.remap(mapping).map_err(mapping_err);
+        let mut result = moved;
+        if let Some(active) = active.as_mut() {
+            if let Err(e) = active.resume(&s.id, assignment) {
+                // Could not start on the new IOThreads: go back to the old ones.
+                log::error!("drive '{}': {}", s.id, error_chain(&e));
+                active.quiesce(&s.id, assignment);
+                let back = assignment.remap(&old_mapping).map_err(mapping_err);
+                if let Err(e2) = back.and_then(|()| active.resume(&s.id, assignment)) {
+                    log::error!(
+                        "drive '{}': cannot resume on the old IOThreads: {}",
+                        s.id,
+                        error_chain(&e2)
+                    );
+                    active.interrupt.set_needs_reset();
+                }
+                result = Err(e);
+            }
+        }
+        *lock(&s.queue_iothreads) = per_queue(assignment, s.num_queues);
+        result
+    }
+}
+
+/// The IOThread id of every queue.
+fn per_queue(assignment: &VqAssignment, num_queues: u16) -> Vec<String> {
+    (0..num_queues)
+        .map(|q| {
+            assignment
+                .iothread_for_queue(q)
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The guard of the IOThread serving `queue`.
+fn guard_for<'a>(
+    id: &str,
+    assignment: &'a VqAssignment,
+    queue: u16,
+) -> Result<&'a HolderGuard, BlockError> {
+    assignment
+        .guard_for_queue(queue)
+        .ok_or_else(|| BlockError::Detached { id: id.to_owned() })
 }
 
 struct ActiveQueue {
     index: u16,
-    iothread: String,
+    /// Handlers registered on the queue's IOThread (empty while quiesced).
     handlers: Vec<HandlerId>,
     worker: Arc<Mutex<QueueWorker>>,
+    /// A duplicate of the queue's notification eventfd, to register it again
+    /// (the registered handler owns and closes its own).
+    kick: EventFd,
+    counters: Arc<QueueCounters>,
 }
 
 struct Active {
-    /// Held IOThreads ([`HolderPolicy::Device`]; empty for `External`).
-    guards: BTreeMap<String, HolderGuard>,
     queues: Vec<ActiveQueue>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl ActiveQueue {
+    /// Registers the queue's handlers on `guard`'s IOThread; with `resume`, the
+    /// queue is processed once there right away (requests the driver added while
+    /// no handler ran, possibly without a notification).
+    fn register(&mut self, id: &str, guard: &HolderGuard, resume: bool) -> Result<(), BlockError> {
+        let kick = self.kick.try_clone().map_err(|source| BlockError::Kick {
+            id: id.to_owned(),
+            queue: self.index,
+            source,
+        })?;
+        let qh = QueueHandler::new(self.worker.clone(), kick, self.counters.clone());
+        let completion_fd = lock(&self.worker).completion_fd();
+        let ch = completion_fd.map(|fd| (fd, CompletionHandler::new(self.worker.clone())));
+        let worker = self.worker.clone();
+        let registered = guard
+            .call(move |aio| -> Result<Vec<HandlerId>, aio_poll::Error> {
+                let ids = add_queue_handlers(aio, qh, ch)?;
+                if resume {
+                    let mut w = lock(&worker);
+                    w.set_max_batch(aio.aio_max_batch());
+                    w.process_queue();
+                }
+                Ok(ids)
+            })
+            .map_err(|source| BlockError::IoThread {
+                id: id.to_owned(),
+                iothread: guard.iothread_id().to_owned(),
+                source,
+            })?;
+        self.handlers = registered.map_err(|source| BlockError::Handler {
+            id: id.to_owned(),
+            queue: self.index,
+            iothread: guard.iothread_id().to_owned(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Removes the queue's handlers from `guard`'s IOThread (after this returns
+    /// none of them runs), leaves poll mode and completes the in-flight requests.
+    fn quiesce(&mut self, id: &str, guard: Option<&HolderGuard>) {
+        let ids = std::mem::take(&mut self.handlers);
+        if !ids.is_empty() {
+            let removed = match guard {
+                Some(g) => g.call(move |aio| {
+                    for id in ids {
+                        if let Err(e) = aio.remove_fd_handler(id) {
+                            log::error!("removing virtio-blk handler: {e}");
+                        }
+                    }
+                }),
+                None => Ok(()),
+            };
+            if let Err(e) = removed {
+                log::error!(
+                    "drive '{id}' queue {}: cannot remove handlers: {}",
+                    self.index,
+                    error_chain(&e)
+                );
+            }
+        }
+        let mut w = lock(&self.worker);
+        // Removal does not call poll_end: restore notifications ourselves.
+        w.set_polling(false);
+        let drained = w.drain();
+        if drained > 0 {
+            log::debug!(
+                "drive '{id}' queue {}: drained {drained} requests",
+                self.index
+            );
+        }
+    }
+}
+
+/// Adds a queue's handlers to `aio` (completion handler first); nothing stays
+/// registered on error.
+fn add_queue_handlers(
+    aio: &mut aio_poll::AioContext,
+    qh: QueueHandler,
+    ch: Option<(std::os::unix::io::RawFd, CompletionHandler)>,
+) -> Result<Vec<HandlerId>, aio_poll::Error> {
+    let mut ids = Vec::new();
+    if let Some((fd, ch)) = ch {
+        ids.push(aio.add_fd_handler(fd, Interest::READABLE, Box::new(ch))?);
+    }
+    let kick_fd = qh.kick_fd();
+    match aio.add_fd_handler(kick_fd, Interest::READABLE, Box::new(qh)) {
+        Ok(id) => ids.push(id),
+        Err(e) => {
+            for id in ids {
+                let _ = aio.remove_fd_handler(id);
+            }
+            return Err(e);
+        }
+    }
+    Ok(ids)
 }
 
 impl Active {
-    /// Runs `f` in IOThread `id`'s loop: through this device's guard when
-    /// it holds one, else through the registry.
-    fn call<R: Send + 'static>(
-        &self,
-        registry: &IoThreadRegistry,
-        id: &str,
-        f: impl FnOnce(&mut aio_poll::AioContext) -> R + Send + 'static,
-    ) -> Result<R, iothread_registry::Error> {
-        match self.guards.get(id) {
-            Some(g) => g.call(f),
-            None => registry.call(id, f),
+    /// Quiesces every queue on its current IOThread.
+    fn quiesce(&mut self, id: &str, assignment: &VqAssignment) {
+        for q in &mut self.queues {
+            q.quiesce(id, assignment.guard_for_queue(q.index));
         }
+    }
+
+    /// Registers every queue on its IOThread in `assignment` and processes it
+    /// once; on error the queues registered so far are quiesced again.
+    fn resume(&mut self, id: &str, assignment: &VqAssignment) -> Result<(), BlockError> {
+        for i in 0..self.queues.len() {
+            let Some(q) = self.queues.get_mut(i) else {
+                break;
+            };
+            let registered =
+                guard_for(id, assignment, q.index).and_then(|g| q.register(id, g, true));
+            if let Err(e) = registered {
+                self.quiesce(id, assignment);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }
 
 /// The virtio-blk device.
 pub struct Block {
     cfg: BlockConfig,
-    registry: IoThreadRegistry,
     file: Arc<RawFile>,
     capacity_sectors: u64,
     avail_features: u64,
@@ -339,12 +547,13 @@ pub struct Block {
     queue_sizes: Vec<u16>,
     id_bytes: [u8; VIRTIO_BLK_ID_BYTES],
     shared: Arc<Shared>,
-    active: Option<Active>,
 }
 
 impl Block {
-    /// Opens the image and builds the device. Nothing runs until the
-    /// driver activates it.
+    /// Opens the image, builds the device and attaches it to its IOThreads:
+    /// `cfg.holder` is registered on every IOThread of `cfg.iothreads` (validated
+    /// like QEMU's `iothread-vq-mapping`) until the device is shut down or
+    /// dropped. No queue runs until the driver activates it.
     pub fn new(cfg: BlockConfig, registry: IoThreadRegistry) -> Result<Block, BlockError> {
         let id = cfg.id.clone();
         if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
@@ -357,19 +566,6 @@ impl Block {
             return Err(BlockError::QueueSize {
                 id,
                 value: cfg.queue_size,
-            });
-        }
-        if cfg.queue_iothreads.len() != usize::from(cfg.num_queues) {
-            return Err(BlockError::Mapping {
-                id,
-                got: cfg.queue_iothreads.len(),
-                num_queues: cfg.num_queues,
-            });
-        }
-        if let Some(missing) = cfg.queue_iothreads.iter().find(|t| !registry.contains(t)) {
-            return Err(BlockError::NoSuchIoThread {
-                id,
-                iothread: missing.clone(),
             });
         }
         if cfg.engine == BlockEngine::IoUring {
@@ -425,33 +621,43 @@ impl Block {
         let n = serial.len().min(VIRTIO_BLK_ID_BYTES);
         id_bytes[..n].copy_from_slice(&serial[..n]);
 
+        // Attach last: nothing above can fail after the holders are registered.
+        let assignment = registry
+            .acquire_vq_mapping(&cfg.iothreads, cfg.num_queues, cfg.holder.clone())
+            .map_err(|source| BlockError::IoThreads {
+                id: id.clone(),
+                source,
+            })?;
         let shared = Arc::new(Shared {
             id: cfg.id.clone(),
             file: file.clone(),
             capacity: capacity_sectors << SECTOR_SHIFT,
             num_queues: cfg.num_queues,
             engine,
-            queue_iothreads: cfg.queue_iothreads.clone(),
+            registry,
+            queue_iothreads: Mutex::new(per_queue(&assignment, cfg.num_queues)),
             counters: (0..cfg.num_queues).map(|_| Arc::default()).collect(),
             activated: AtomicBool::new(false),
             uring_fallback: AtomicBool::new(false),
+            attachment: Mutex::new(Attachment {
+                iothreads: Some(assignment),
+                active: None,
+            }),
         });
         Ok(Block {
             queue_sizes: vec![cfg.queue_size; usize::from(cfg.num_queues)],
             cfg,
-            registry,
             file,
             capacity_sectors,
             avail_features,
             config_space,
             id_bytes,
             shared,
-            active: None,
         })
     }
 
-    /// A handle for `query-block` and flush (usable after the device was
-    /// boxed into its transport).
+    /// A handle for `query-block`, flush and re-mapping (usable after the device
+    /// was boxed into its transport).
     pub fn handle(&self) -> BlockHandle {
         BlockHandle {
             shared: self.shared.clone(),
@@ -468,12 +674,15 @@ impl Block {
         self.handle().flush()
     }
 
-    /// The QOM path used as IOThread holder.
-    pub fn holder(&self) -> IoThreadHolder {
-        IoThreadHolder::qom_object(format!(
-            "/machine/peripheral/{}/virtio-backend",
-            self.cfg.id
-        ))
+    /// The holder of a guest-facing drive `id`:
+    /// `qom-object /machine/peripheral/<id>/virtio-backend`.
+    pub fn device_holder(id: &str) -> IoThreadHolder {
+        IoThreadHolder::qom_object(format!("/machine/peripheral/{id}/virtio-backend"))
+    }
+
+    /// The holder the device is registered as.
+    pub fn holder(&self) -> &IoThreadHolder {
+        &self.cfg.holder
     }
 
     fn limits(&self, acked: u64) -> DiskLimits {
@@ -489,48 +698,30 @@ impl Block {
         }
     }
 
-    /// Acquires the IOThreads and registers the queue handlers, recording
-    /// everything in `active` (so that a failure part-way can be undone by
-    /// [`Block::stop`]).
-    fn start(&self, ctx: ActivateContext, active: &mut Active) -> Result<(), BlockError> {
+    /// Builds the workers of the enabled queues and registers their handlers on
+    /// the held IOThreads, recording everything in `active` (so that a failure
+    /// part-way can be undone by [`Block::stop`]).
+    fn start(
+        &self,
+        ctx: ActivateContext,
+        assignment: &VqAssignment,
+        active: &mut Active,
+    ) -> Result<(), BlockError> {
         let mem = ctx.mem.memory().into_inner();
         let limits = self.limits(ctx.acked_features);
-        let holder = self.holder();
+        let id = self.cfg.id.as_str();
         let parts = ctx.queues.into_iter().zip(ctx.queue_evts).enumerate();
         for (i, (queue, kick)) in parts {
             let index = i as u16;
             if !virtio_queue::QueueT::ready(&queue) {
                 continue;
             }
-            let iothread = self.cfg.queue_iothreads.get(i).cloned().unwrap_or_default();
-            let io_err = |source| BlockError::IoThread {
-                id: self.cfg.id.clone(),
-                iothread: iothread.clone(),
-                source,
-            };
-            let max_batch = if self.cfg.holders == HolderPolicy::Device {
-                let guard = match active.guards.entry(iothread.clone()) {
-                    Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(e) => e.insert(
-                        self.registry
-                            .acquire(&iothread, holder.clone())
-                            .map_err(io_err)?,
-                    ),
-                };
-                guard.context().aio_max_batch()
-            } else {
-                let batch = self
-                    .registry
-                    .params(&iothread)
-                    .map_err(io_err)?
-                    .aio_max_batch;
-                u64::try_from(batch).unwrap_or(0)
-            };
+            let guard = guard_for(id, assignment, index)?;
             let size = virtio_queue::QueueT::size(&queue);
             let backend =
                 create_backend(self.file.clone(), self.cfg.engine, size).map_err(|source| {
                     BlockError::Engine {
-                        id: self.cfg.id.clone(),
+                        id: id.to_owned(),
                         source,
                     }
                 })?;
@@ -548,93 +739,51 @@ impl Block {
                 self.id_bytes,
                 counters.clone(),
             );
-            w.set_max_batch(max_batch);
-            let completion_fd = w.completion_fd();
-            let worker = Arc::new(Mutex::new(w));
-            let qh = QueueHandler::new(worker.clone(), kick, counters);
-            let ch = completion_fd.map(|fd| (fd, CompletionHandler::new(worker.clone())));
-            let registered = active
-                .call(
-                    &self.registry,
-                    &iothread,
-                    move |aio| -> Result<Vec<HandlerId>, aio_poll::Error> {
-                        let mut ids = Vec::new();
-                        if let Some((fd, ch)) = ch {
-                            ids.push(aio.add_fd_handler(fd, Interest::READABLE, Box::new(ch))?);
-                        }
-                        let kick_fd = qh.kick_fd();
-                        match aio.add_fd_handler(kick_fd, Interest::READABLE, Box::new(qh)) {
-                            Ok(id) => ids.push(id),
-                            Err(e) => {
-                                for id in ids {
-                                    let _ = aio.remove_fd_handler(id);
-                                }
-                                return Err(e);
-                            }
-                        }
-                        Ok(ids)
-                    },
-                )
-                .map_err(io_err)?;
-            let handlers = registered.map_err(|source| BlockError::Handler {
-                id: self.cfg.id.clone(),
-                queue: index,
-                iothread: iothread.clone(),
-                source,
-            })?;
+            w.set_max_batch(guard.aio_max_batch());
             active.queues.push(ActiveQueue {
                 index,
-                iothread,
-                handlers,
-                worker,
+                handlers: Vec::new(),
+                worker: Arc::new(Mutex::new(w)),
+                kick,
+                counters,
             });
+            if let Some(q) = active.queues.last_mut() {
+                q.register(id, guard, false)?;
+            }
         }
         Ok(())
     }
 
-    /// Removes the handlers from their IOThreads, waits for in-flight I/O,
-    /// flushes, and releases the holders.
+    /// Stops the queues: removes the handlers from their IOThreads, waits for
+    /// in-flight I/O and flushes. The IOThreads stay held.
     ///
     /// `activated` is cleared first and set last in `activate`, so an
-    /// observer that sees `activated` also sees the holders.
-    fn stop(&mut self) {
-        let Some(active) = self.active.take() else {
+    /// observer that sees `activated` also sees the handlers.
+    fn stop(&self, att: &mut Attachment) {
+        let Some(mut active) = att.active.take() else {
             return;
         };
         self.shared.activated.store(false, Ordering::SeqCst);
-        for q in &active.queues {
-            let ids = q.handlers.clone();
-            let removed = active.call(&self.registry, &q.iothread, move |aio| {
-                for id in ids {
-                    if let Err(e) = aio.remove_fd_handler(id) {
-                        log::error!("removing virtio-blk handler: {e}");
-                    }
-                }
-            });
-            if let Err(e) = removed {
-                log::error!(
-                    "drive '{}' queue {}: cannot remove handlers: {}",
-                    self.cfg.id,
-                    q.index,
-                    error_chain(&e)
-                );
-            }
-            let drained = q.worker.lock().unwrap_or_else(|e| e.into_inner()).drain();
-            if drained > 0 {
-                log::debug!(
-                    "drive '{}' queue {}: drained {drained} requests",
-                    self.cfg.id,
-                    q.index
-                );
-            }
+        for q in &mut active.queues {
+            let guard = att
+                .iothreads
+                .as_ref()
+                .and_then(|a| a.guard_for_queue(q.index));
+            q.quiesce(&self.cfg.id, guard);
         }
         if let Err(e) = self.flush() {
             log::error!("drive '{}': flush failed: {e}", self.cfg.id);
         }
-        for (id, g) in active.guards {
-            if let Err(e) = g.release() {
+    }
+
+    /// Stops the queues and releases the IOThreads (detach).
+    fn detach(&mut self) {
+        let mut att = lock(&self.shared.attachment);
+        self.stop(&mut att);
+        if let Some(assignment) = att.iothreads.take() {
+            if let Err(e) = assignment.release() {
                 log::error!(
-                    "drive '{}': releasing IOThread '{id}': {}",
+                    "drive '{}': releasing its IOThreads: {}",
                     self.cfg.id,
                     error_chain(&e)
                 );
@@ -702,43 +851,51 @@ impl VirtioDevice for Block {
                 evts: ctx.queue_evts.len(),
             });
         }
-        self.stop();
+        let shared = self.shared.clone();
+        let mut att = lock(&shared.attachment);
+        self.stop(&mut att);
         let mut active = Active {
-            guards: BTreeMap::new(),
             queues: Vec::new(),
+            interrupt: ctx.interrupt.clone(),
         };
-        let result = self.start(ctx, &mut active);
-        self.active = Some(active);
+        let result = match att.iothreads.as_ref() {
+            Some(assignment) => self.start(ctx, assignment, &mut active),
+            None => Err(BlockError::Detached {
+                id: self.cfg.id.clone(),
+            }),
+        };
+        att.active = Some(active);
         match result {
             Ok(()) => {
                 self.shared.activated.store(true, Ordering::SeqCst);
                 Ok(())
             }
             Err(e) => {
-                self.stop();
+                self.stop(&mut att);
                 Err(ActivateError::Device(Box::new(e)))
             }
         }
     }
 
     fn reset(&mut self) {
-        self.stop();
+        let shared = self.shared.clone();
+        self.stop(&mut lock(&shared.attachment));
     }
 
     fn shutdown(&mut self) {
-        self.stop();
+        self.detach();
     }
 }
 
 impl Drop for Block {
     fn drop(&mut self) {
-        self.stop();
+        self.detach();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use iothread_registry::IoThreadParams;
+    use iothread_registry::{IoThreadParams, IoThreadVqMapping};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
     use vmm_sys_util::eventfd::EventFd;
 
@@ -768,10 +925,10 @@ mod tests {
             queue_size: QSIZE,
             readonly: false,
             direct: false,
-            queue_iothreads: ["io0", "io1", "io0", "io1"].map(String::from).to_vec(),
+            iothreads: vec![IoThreadVqMapping::new("io0"), IoThreadVqMapping::new("io1")],
             engine,
             serial: Some("serial-0".into()),
-            holders: HolderPolicy::Device,
+            holder: Block::device_holder("d0"),
         }
     }
 
@@ -951,7 +1108,9 @@ mod tests {
         let disk = temp_disk(DISK, 0);
         let block = Block::new(cfg(disk.as_path(), engine), reg.clone()).unwrap();
         let mut v = vm(block);
-        assert!(reg.holders("io0").unwrap().is_empty());
+        // Attached: held before the driver touches the device.
+        assert_eq!(reg.holders("io0").unwrap(), vec![holder()]);
+        assert!(!v.handle.info().activated);
         let gm = v.mem.memory();
         let s = bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
         assert_eq!(s & dev_status::DRIVER_OK, dev_status::DRIVER_OK);
@@ -987,14 +1146,16 @@ mod tests {
         assert!(info.queues.iter().map(|q| q.requests).sum::<u64>() >= 10);
         assert_eq!(info.queues[1].iothread, "io1");
 
-        // Reset releases the holders; activation takes them again.
+        // Reset stops the queues; the holders stay (attachment, not activation).
         wr(&mut v.t, regs::STATUS, 0);
-        assert!(reg.holders("io0").unwrap().is_empty());
-        assert!(reg.holders("io1").unwrap().is_empty());
+        assert_eq!(reg.holders("io0").unwrap(), vec![holder()]);
+        assert_eq!(reg.holders("io1").unwrap(), vec![holder()]);
         assert!(!v.handle.info().activated);
-        reg.delete("io1")
-            .unwrap_or_else(|e| panic!("io1 still held: {e}"));
-        reg.create("io1", IoThreadParams::default()).unwrap();
+        let err = reg.delete("io1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "IOThread 'io1' is in use by qom-object /machine/peripheral/d0/virtio-backend"
+        );
         let s = bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
         assert_eq!(s & dev_status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(reg.holders("io1").unwrap(), vec![holder()]);
@@ -1053,10 +1214,10 @@ mod tests {
                     post(&gm, q, QSIZE, &reqs, 0);
                     v.kicks[q as usize].write(1).unwrap();
                 }
-                // Reset at once: handlers go, in-flight I/O drains, holders go.
+                // Reset at once: handlers go, in-flight I/O drains, holders stay.
                 wr(&mut v.t, regs::STATUS, 0);
-                assert!(reg.holders("io0").unwrap().is_empty(), "round {round}");
-                assert!(reg.holders("io1").unwrap().is_empty(), "round {round}");
+                assert_eq!(reg.holders("io0").unwrap(), vec![holder()], "round {round}");
+                assert_eq!(reg.holders("io1").unwrap(), vec![holder()], "round {round}");
                 for q in 0..NQ {
                     let used = super::testing::driver::Rings::of(q, QSIZE).used_idx(&gm);
                     assert!(used <= 5, "queue {q}: used {used}");
@@ -1066,45 +1227,232 @@ mod tests {
     }
 
     #[test]
-    fn external_holder_policy_serves_without_holders() {
+    fn block_node_holder_serves_and_holds_for_the_device_life() {
         let reg = registry();
         let disk = temp_disk(DISK, 0);
         let mut c = cfg(disk.as_path(), BlockEngine::Auto);
-        c.holders = HolderPolicy::External;
+        let node = IoThreadHolder::block_node("disk0");
+        c.holder = node.clone();
         let mut v = vm(Block::new(c, reg.clone()).unwrap());
+        assert_eq!(reg.holders("io0").unwrap(), vec![node.clone()]);
         let gm = v.mem.memory();
         bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
-        assert!(v.handle.info().activated);
-        // Someone else holds the IOThreads: the device adds nobody...
-        assert!(reg.holders("io0").unwrap().is_empty());
-        assert!(reg.holders("io1").unwrap().is_empty());
-        // ...and still serves every queue through the registry.
         run_workload(&mut v);
         assert!(v.handle.info().queues.iter().all(|q| q.requests > 0));
-        // Reset removes its handlers; the IOThreads stay (nobody held them).
         wr(&mut v.t, regs::STATUS, 0);
-        assert!(!v.handle.info().activated);
-        assert!(reg.contains("io0") && reg.contains("io1"));
-        // Activation fails cleanly when an IOThread is gone.
-        reg.delete("io1").unwrap();
-        bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
-        assert!(!v.handle.info().activated);
+        assert_eq!(reg.holders("io1").unwrap(), vec![node]);
+        drop(v);
+        assert!(reg.holders("io0").unwrap().is_empty());
+        assert!(reg.holders("io1").unwrap().is_empty());
     }
 
     #[test]
-    fn only_enabled_queues_take_holders() {
+    fn every_listed_iothread_is_held_whatever_the_driver_enables() {
         let reg = registry();
+        let ids = ["io0", "io1", "io2", "io3", "io4"];
+        for id in &ids[2..] {
+            reg.create(id, IoThreadParams::default()).unwrap();
+        }
         let disk = temp_disk(DISK, 0);
         let mut c = cfg(disk.as_path(), BlockEngine::Auto);
-        c.queue_iothreads = ["io0", "io0", "io0", "io1"].map(String::from).to_vec();
+        // io4 gets no queue at all (4 queues, 5 IOThreads, round-robin).
+        c.iothreads = ids.map(IoThreadVqMapping::new).to_vec();
         let mut v = vm(Block::new(c, reg.clone()).unwrap());
+        for id in ids {
+            assert_eq!(reg.holders(id).unwrap(), vec![holder()], "{id}");
+        }
         let gm = v.mem.memory();
-        // The driver enables only queues 0 and 1 (both on io0).
-        bring_up(&mut v.t, &gm, WANT, 2, QSIZE);
-        assert_eq!(reg.holders("io0").unwrap(), vec![holder()]);
-        assert!(reg.holders("io1").unwrap().is_empty());
-        let err = reg.delete("io0").unwrap_err();
-        assert!(err.to_string().contains("virtio-backend"), "{err}");
+        // The driver enables only queue 0.
+        bring_up(&mut v.t, &gm, WANT, 1, QSIZE);
+        assert!(v.handle.info().activated);
+        for id in ids {
+            let err = reg.delete(id).unwrap_err();
+            assert!(err.to_string().contains("virtio-backend"), "{err}");
+        }
+    }
+
+    /// Which IOThreads list d0 (sorted), from one consistent snapshot.
+    fn held_by_d0(reg: &IoThreadRegistry) -> Vec<String> {
+        let mut on: Vec<String> = reg
+            .all_holders()
+            .into_iter()
+            .filter(|(_, hs)| {
+                let n = hs.iter().filter(|h| **h == holder()).count();
+                assert!(n <= 1, "d0 listed {n} times");
+                n == 1
+            })
+            .map(|(id, _)| id)
+            .collect();
+        on.sort();
+        on
+    }
+
+    fn names(ids: &[&str]) -> Vec<IoThreadVqMapping> {
+        ids.iter().map(|id| IoThreadVqMapping::new(*id)).collect()
+    }
+
+    #[test]
+    fn remap_not_activated_idle_mid_io_and_after_reset() {
+        for engine in [BlockEngine::IoUring, BlockEngine::Sync] {
+            let reg = registry();
+            reg.create("io2", IoThreadParams::default()).unwrap();
+            reg.create("io3", IoThreadParams::default()).unwrap();
+            let disk = temp_disk(DISK, 0);
+            let mut v = vm(Block::new(cfg(disk.as_path(), engine), reg.clone()).unwrap());
+            let h = v.handle.clone();
+            let sides = [names(&["io0", "io1"]), names(&["io2", "io3"])];
+            let side_ids = [vec!["io0", "io1"], vec!["io2", "io3"]];
+            // A watcher sees d0 on one whole side at every instant.
+            let stop = Arc::new(AtomicBool::new(false));
+            let watcher = {
+                let (reg, stop) = (reg.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let on = held_by_d0(&reg);
+                        assert!(
+                            on == ["io0", "io1"] || on == ["io2", "io3"],
+                            "d0 on neither or both sides: {on:?}"
+                        );
+                        n += 1;
+                    }
+                    n
+                })
+            };
+            // Not activated: only the holders move.
+            h.set_iothreads(&sides[1]).unwrap();
+            assert_eq!(held_by_d0(&reg), side_ids[1]);
+            let iothreads: Vec<String> = h.info().queues.into_iter().map(|q| q.iothread).collect();
+            assert_eq!(iothreads, ["io2", "io3", "io2", "io3"]);
+            reg.delete("io0")
+                .unwrap_or_else(|e| panic!("io0 still held: {e}"));
+            reg.create("io0", IoThreadParams::default()).unwrap();
+            let gm = v.mem.memory();
+            bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
+            // Idle, activated: the queues serve on their new IOThreads.
+            h.set_iothreads(&sides[0]).unwrap();
+            run_workload(&mut v);
+            let mut used = [0u16; NQ as usize];
+            let rings = |q: u16| super::testing::driver::Rings::of(q, QSIZE);
+            for q in 0..NQ {
+                used[q as usize] = rings(q).used_idx(&gm);
+            }
+            // Mid-I/O: requests on every queue when the re-mapping starts; every
+            // other round they are not even kicked (the driver relies on the
+            // device to pick them up).
+            for round in 0..40u16 {
+                let mut reqs = Vec::new();
+                for q in 0..NQ {
+                    let r: Vec<Req> = (0..4u64)
+                        .map(|k| Req {
+                            t: if k % 2 == 0 {
+                                req_type::OUT
+                            } else {
+                                req_type::IN
+                            },
+                            sector: u64::from(q) * 64 + k * 8,
+                            buf: 0x20_0000 + (u64::from(q) * 4 + k) * 0x2000,
+                            len: 4096,
+                            write: k % 2 == 1,
+                        })
+                        .collect();
+                    for (k, req) in r.iter().enumerate() {
+                        let fill = vec![(round as u8) ^ (q as u8 * 16 + k as u8); 4096];
+                        if req.t == req_type::OUT {
+                            gm.write_slice(&fill, GuestAddress(req.buf)).unwrap();
+                        }
+                    }
+                    post(&gm, q, QSIZE, &r, 0);
+                    if round % 2 == 0 {
+                        v.kicks[q as usize].write(1).unwrap();
+                    }
+                    reqs.extend(r);
+                }
+                let to = usize::from(round % 2 == 0);
+                h.set_iothreads(&sides[to]).unwrap();
+                for q in 0..NQ {
+                    used[q as usize] = used[q as usize].wrapping_add(4);
+                    assert!(
+                        wait_used(&gm, q, QSIZE, used[q as usize]),
+                        "round {round} queue {q}: used {} want {}",
+                        rings(q).used_idx(&gm),
+                        used[q as usize]
+                    );
+                }
+                assert!(
+                    reqs.iter().all(|r| status_of(&gm, r) == status::OK),
+                    "round {round}"
+                );
+                assert_eq!(held_by_d0(&reg), side_ids[to]);
+                // Handlers left the old IOThreads and run on the new ones (each
+                // serves two queues: two kick handlers, plus two completion
+                // handlers with io_uring).
+                for (side, ids) in side_ids.iter().enumerate() {
+                    for id in ids {
+                        let probe = reg
+                            .acquire(id, IoThreadHolder::block_node("probe"))
+                            .unwrap();
+                        let n = probe.call(|ctx| ctx.handler_count()).unwrap();
+                        if side == to {
+                            assert!(n >= 2, "round {round}: {n} handlers on {id}");
+                        } else {
+                            assert_eq!(n, 0, "round {round}: handlers left on {id}");
+                        }
+                    }
+                }
+            }
+            // No request was completed twice.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            for q in 0..NQ {
+                assert_eq!(rings(q).used_idx(&gm), used[q as usize], "queue {q}");
+            }
+            v.handle.flush().unwrap();
+            let img = std::fs::read(disk.as_path()).unwrap();
+            for q in 0..NQ as usize {
+                for k in [0usize, 2] {
+                    let at = (q * 64 + k * 8) * 512;
+                    assert!(
+                        img[at..at + 4096]
+                            .iter()
+                            .all(|&b| b == 39u8 ^ (q as u8 * 16 + k as u8)),
+                        "queue {q} write {k}: last round's data"
+                    );
+                }
+            }
+            // A bad mapping is refused and changes nothing; the queues still run.
+            let before = held_by_d0(&reg);
+            let e = h.set_iothreads(&names(&["io9"])).unwrap_err();
+            assert_eq!(
+                error_chain(&e),
+                "drive 'd0': invalid IOThread mapping: IOThread \"io9\" object does not exist"
+            );
+            assert_eq!(held_by_d0(&reg), before);
+            for q in 0..NQ {
+                let r = Req {
+                    t: req_type::IN,
+                    sector: 0,
+                    buf: 0x40_0000,
+                    len: 512,
+                    write: true,
+                };
+                post(&gm, q, QSIZE, &[r], 0);
+                v.kicks[q as usize].write(1).unwrap();
+                used[q as usize] = used[q as usize].wrapping_add(1);
+                assert!(wait_used(&gm, q, QSIZE, used[q as usize]), "queue {q}");
+                assert_eq!(status_of(&gm, &r), status::OK);
+            }
+            // After a reset: the holders move, the re-activated queues use them.
+            wr(&mut v.t, regs::STATUS, 0);
+            h.set_iothreads(&sides[1]).unwrap();
+            assert_eq!(held_by_d0(&reg), side_ids[1]);
+            bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
+            run_workload(&mut v);
+            stop.store(true, Ordering::SeqCst);
+            assert!(watcher.join().unwrap() > 0);
+            drop(v);
+            assert!(held_by_d0(&reg).is_empty());
+            // Detached: nothing left to move.
+        }
     }
 
     #[test]
@@ -1125,17 +1473,20 @@ mod tests {
             Err(BlockError::QueueSize { .. })
         ));
         let mut c = ok.clone();
-        c.queue_iothreads.pop();
-        assert!(matches!(
-            Block::new(c, reg.clone()),
-            Err(BlockError::Mapping { .. })
-        ));
+        c.iothreads = vec![IoThreadVqMapping::with_vqs("io0", [0, 1])];
+        let e = Block::new(c, reg.clone()).err().unwrap();
+        assert_eq!(
+            error_chain(&e),
+            "drive 'd0': invalid IOThread mapping: missing vq 2 IOThread assignment in iothread-vq-mapping"
+        );
         let mut c = ok.clone();
-        c.queue_iothreads[2] = "nope".into();
+        c.iothreads[1] = IoThreadVqMapping::new("nope");
         assert!(matches!(
             Block::new(c, reg.clone()),
-            Err(BlockError::NoSuchIoThread { .. })
+            Err(BlockError::IoThreads { .. })
         ));
+        // A refused device holds nothing.
+        assert!(reg.holders("io0").unwrap().is_empty());
         let mut c = ok.clone();
         c.path = "/nonexistent/disk.img".into();
         let e = Block::new(c, reg.clone()).err().unwrap();
@@ -1197,7 +1548,7 @@ mod tests {
         assert_eq!(b.info().capacity, DISK as u64);
         c.readonly = true;
         c.num_queues = 1;
-        c.queue_iothreads.truncate(1);
+        c.iothreads.truncate(1);
         let b = Block::new(c, reg).unwrap();
         let f = b.avail_features();
         assert_ne!(f & feature(VIRTIO_BLK_F_RO), 0);
@@ -1248,21 +1599,31 @@ mod tests {
     }
 
     #[test]
-    fn activation_failure_releases_everything() {
+    fn activation_failure_stops_the_queues_and_keeps_the_holders() {
         let reg = registry();
         let disk = temp_disk(DISK, 0);
         let mut v = vm(Block::new(cfg(disk.as_path(), BlockEngine::Sync), reg.clone()).unwrap());
-        // io1 disappears after the device was built: activation fails
-        // part-way (queue 0 on io0 was already registered).
-        reg.delete("io1").unwrap();
+        // io1 dies after the device was built: activation fails part-way (queue 0
+        // on io0 was already registered).
+        let other = reg
+            .acquire("io1", IoThreadHolder::block_node("killer"))
+            .unwrap();
+        other.submit(|_| panic!("io1 dies"));
+        assert!(crate::virtio::block::testing::wait_for(|| {
+            reg.state("io1").unwrap() != iothread_registry::IoThreadState::Running
+        }));
+        drop(other);
         let gm = v.mem.memory();
         let s = bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
         assert_eq!(
             s & dev_status::DEVICE_NEEDS_RESET,
             dev_status::DEVICE_NEEDS_RESET
         );
-        assert!(reg.holders("io0").unwrap().is_empty());
         assert!(!v.handle.info().activated);
+        // Still attached: the holders stay until the device goes.
+        assert_eq!(reg.holders("io0").unwrap(), vec![holder()]);
+        drop(v);
+        assert!(reg.holders("io0").unwrap().is_empty());
         reg.delete("io0").unwrap();
     }
 }

@@ -101,6 +101,21 @@ pub struct RawFile {
     offset_align: u64,
     punch_hole: AtomicBool,
     zero_range: AtomicBool,
+    /// [`SKIP_FLUSH_ENV`] was set: flushes succeed without syncing.
+    skip_flush: bool,
+}
+
+/// Environment variable that, set to `1`, makes every image acknowledge
+/// flushes without `fdatasync` (both engines). A test hook: the
+/// power-cut tests (`tests/durability.rs`) use it to prove that they
+/// detect a FLUSH acknowledged before its data is durable. Never set it
+/// for real guests: a host crash then loses acknowledged writes.
+pub const SKIP_FLUSH_ENV: &str = "VMM_REF_TEST_SKIP_FLUSH";
+
+/// Whether [`SKIP_FLUSH_ENV`] is `1` (read once per process).
+fn skip_flush_requested() -> bool {
+    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SKIP.get_or_init(|| std::env::var_os(SKIP_FLUSH_ENV).is_some_and(|v| v == "1"))
 }
 
 fn dio_alignment(file: &File) -> (usize, u64) {
@@ -180,6 +195,13 @@ impl RawFile {
         } else {
             None
         };
+        let skip_flush = skip_flush_requested();
+        if skip_flush {
+            log::warn!(
+                "{}: {SKIP_FLUSH_ENV}=1: flushes are acknowledged WITHOUT syncing (test hook)",
+                path.display()
+            );
+        }
         Ok(RawFile {
             path: path.to_path_buf(),
             buffered,
@@ -191,6 +213,7 @@ impl RawFile {
             offset_align,
             punch_hole: AtomicBool::new(true),
             zero_range: AtomicBool::new(true),
+            skip_flush,
         })
     }
 
@@ -306,9 +329,18 @@ impl RawFile {
         Ok(())
     }
 
-    /// `fdatasync`.
+    /// `fdatasync` (nothing when [`SKIP_FLUSH_ENV`] is set).
     pub fn fdatasync(&self) -> io::Result<()> {
+        if self.skip_flush {
+            return Ok(());
+        }
         self.buffered.sync_data()
+    }
+
+    /// Flushes succeed without syncing ([`SKIP_FLUSH_ENV`]): an
+    /// asynchronous engine must not submit its own sync.
+    pub fn skips_flush(&self) -> bool {
+        self.skip_flush
     }
 
     /// Deallocates a range (punch hole, size kept). Discard is advisory:

@@ -145,6 +145,18 @@ impl DiskBackend for FaultyBackend {
     }
 }
 
+/// Polls `cond` every millisecond for up to 20 s; whether it became true.
+pub fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    cond()
+}
+
 /// A minimal virtio-mmio driver used by the end-to-end tests: it programs
 /// the transport through `BusDevice` reads and writes exactly like a guest
 /// driver, and builds split rings and requests in guest memory by hand
