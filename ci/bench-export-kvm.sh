@@ -21,7 +21,9 @@
 # threads incl. io_uring workers, from /proc/<pid>/stat) is sampled when the
 # guest starts the benchmark (its `seed:` line) and when it reports (its
 # `BENCH` line; `hold` then keeps the VM up for a second): back-end CPU per
-# I/O = that delta / the guest's I/O count. Reported per disk and
+# I/O = that delta / the guest's I/O count (per run also its IOThread and
+# io_uring-worker shares, by thread name: qemu-storage-daemon does not name
+# its IOThread, so only its io workers show). Reported per disk and
 # configuration: median IOPS and CPU per I/O, and the paired ratios to
 # qemu-storage-daemon (each run / the qsd run of the same round): median and
 # [min-max] over the rounds. CPU ratio < 1 = cheaper per I/O than QEMU.

@@ -3,8 +3,9 @@
 //! started by the test: `vmm-ref export` and `qemu-storage-daemon
 //! --export type=vhost-user-blk` (Debian's 7.2, installed by ci/setup.sh).
 //!
-//! - `verify`, `malformed` and `durability` on 1 and 4 queues; the image is
-//!   checked afterwards (every block `durability` wrote holds its pattern).
+//! - `malformed`, `verify`, `reset` (device reset and re-initialisation) and
+//!   `durability` on 1 and 4 queues; the image is checked afterwards (every
+//!   block `durability` wrote holds its pattern).
 //! - Each back-end killed with SIGKILL in the middle of `durability` and
 //!   restarted on the same socket: with `reconnect=1` the guest finishes and
 //!   passes, and vmm-ref logged the loss once and the reconnection once.
@@ -301,7 +302,7 @@ fn vmm_args(cmdline: &str, socket: &Path, device_opts: &str, extra: &[&str]) -> 
     a
 }
 
-/// `malformed`, `verify`, `durability` against `kind` with `queues` queues.
+/// `malformed`, `verify`, `reset`, `durability` against `kind` with `queues` queues.
 fn scenarios(kind: Kind, queues: u16) {
     let test = format!("scenarios_{kind:?}_{queues}q");
     if !kvm_available(&test) || (kind == Kind::Qsd && !qsd_available(&test)) {
@@ -313,7 +314,7 @@ fn scenarios(kind: Kind, queues: u16) {
     let backend = Backend::start(kind, &image, &socket, queues);
     const BLOCKS: u64 = 512;
     let cmdline = format!(
-        "scenario=malformed,verify,durability verify.seed={SEED} durability.blocks={BLOCKS} durability.every=128"
+        "scenario=malformed,verify,reset,durability verify.seed={SEED} durability.blocks={BLOCKS} durability.every=128"
     );
     // qemu-storage-daemon drops the connection on malformed chains.
     let opts = match kind {
@@ -338,6 +339,8 @@ fn scenarios(kind: Kind, queues: u16) {
         "{}",
         ctx()
     );
+    // The guest reset the device and drove it again (GET_VRING_BASE, new rings).
+    assert!(out.contains("RESULT reset PASS"), "{}", ctx());
     let malformed = out
         .lines()
         .find(|l| l.starts_with("RESULT malformed"))
