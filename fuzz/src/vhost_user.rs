@@ -129,6 +129,7 @@ fn fixture() -> &'static Mutex<Fixture> {
             readonly: false,
             direct: false,
             engine: BlockEngine::Sync,
+            locking: Default::default(),
         };
         let export = Export::start(cfg, &registry).expect("start export");
         Mutex::new(Fixture {

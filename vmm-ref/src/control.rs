@@ -9,6 +9,7 @@
 //! the debug-exit port, the i8042 or a triple fault).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -17,7 +18,7 @@ use crate::export::{BlockExportAddArgs, BlockExportDelArgs};
 use crate::export_daemon::ExportDaemon;
 use crate::qmp::{
     BlockExportInfo, BlockInfo, CommandError, ExportControl, QmpError, QmpMachine, QmpServer,
-    RunStatus,
+    QmpServerConfig, RunStatus,
 };
 use crate::vm::stop::StopReason;
 use crate::vmm::{RunState, Vmm, VmmEvent};
@@ -66,12 +67,37 @@ impl QmpMachine for QmpAdapter {
     }
 }
 
+/// Environment variable overriding the QMP capabilities-negotiation timeout,
+/// in milliseconds (`0`: no timeout). For tests and unusual clients; the
+/// default is [`crate::qmp::DEFAULT_NEGOTIATION_TIMEOUT`].
+pub const NEGOTIATION_TIMEOUT_ENV: &str = "VMM_REF_QMP_NEGOTIATION_TIMEOUT_MS";
+
+/// The QMP server limits: the defaults, with the negotiation timeout from
+/// [`NEGOTIATION_TIMEOUT_ENV`] if it is set (an invalid value is reported
+/// and ignored).
+fn server_config() -> QmpServerConfig {
+    let mut config = QmpServerConfig::default();
+    if let Some(raw) = std::env::var_os(NEGOTIATION_TIMEOUT_ENV) {
+        match raw.to_str().and_then(|v| v.parse::<u64>().ok()) {
+            Some(0) => config.negotiation_timeout = None,
+            Some(ms) => config.negotiation_timeout = Some(Duration::from_millis(ms)),
+            None => log::warn!(
+                "{NEGOTIATION_TIMEOUT_ENV}={}: not a number of milliseconds; using {:?}",
+                raw.to_string_lossy(),
+                crate::qmp::DEFAULT_NEGOTIATION_TIMEOUT
+            ),
+        }
+    }
+    config
+}
+
 /// Starts the QMP monitor for `vmm` on `addr`, forwarding guest-initiated
 /// lifecycle events. Keep the returned server alive until the VMM has shut down
 /// (dropping it flushes queued replies and events and removes the socket).
 pub fn start_qmp(vmm: &Vmm, addr: &QmpAddr) -> Result<QmpServer, QmpError> {
     let QmpAddr::Unix(path) = addr;
-    let server = QmpServer::start(path, Arc::new(QmpAdapter(vmm.clone())))?;
+    let server =
+        QmpServer::start_with_config(path, Arc::new(QmpAdapter(vmm.clone())), server_config())?;
     let events = server.events();
     vmm.add_event_listener(Box::new(move |ev| match ev {
         // Host-initiated events (quit, system_reset) are emitted by the dispatcher.
@@ -148,5 +174,9 @@ impl ExportControl for ExportQmpAdapter {
 /// server alive until the daemon has shut down.
 pub fn start_export_qmp(daemon: &ExportDaemon, addr: &QmpAddr) -> Result<QmpServer, QmpError> {
     let QmpAddr::Unix(path) = addr;
-    QmpServer::start(path, Arc::new(ExportQmpAdapter(daemon.clone())))
+    QmpServer::start_with_config(
+        path,
+        Arc::new(ExportQmpAdapter(daemon.clone())),
+        server_config(),
+    )
 }

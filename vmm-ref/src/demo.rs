@@ -97,6 +97,7 @@ pub fn demo_config(kernel: &Path, disk: &Path, bench_secs: u32) -> VmConfig {
             direct: false,
             aio: AioMode::Auto,
             serial: Some("vmm-ref-demo".to_owned()),
+            locking: Default::default(),
         }],
         qmp: None,
         chardevs: Vec::new(),

@@ -116,9 +116,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ExportDaemon {
-    /// Creates the IOThreads and starts the exports of `cfg` (the QMP monitor
-    /// is started by [`run`]). On error everything created is stopped again.
-    pub fn start(cfg: &ValidExportConfig) -> Result<ExportDaemon, DaemonError> {
+    /// Creates the IOThreads and starts the exports of `cfg` with the image
+    /// locks taken during validation (the QMP monitor is started by [`run`]).
+    /// On error everything created is stopped again.
+    pub fn start(cfg: ValidExportConfig) -> Result<ExportDaemon, DaemonError> {
         let registry = IoThreadRegistry::new();
         let daemon = ExportDaemon {
             inner: Arc::new(Inner {
@@ -141,12 +142,10 @@ impl ExportDaemon {
                         source,
                     })?;
             }
-            for e in &cfg.exports {
-                let export =
-                    Export::start(e.clone(), &registry).map_err(|source| DaemonError::Export {
-                        id: e.id.clone(),
-                        source,
-                    })?;
+            for (e, image_lock) in cfg.exports.into_iter().zip(cfg.image_locks) {
+                let id = e.id.clone();
+                let export = Export::start_locked(e, &registry, image_lock)
+                    .map_err(|source| DaemonError::Export { id, source })?;
                 lock(&daemon.inner.exports).running.push(export);
             }
             Ok(())
@@ -320,12 +319,18 @@ impl ExportDaemon {
 /// process exit status (0 after a clean stop).
 pub fn run(cfg: ValidExportConfig) -> Result<i32, DaemonError> {
     crate::signals::block_termination_signals().map_err(DaemonError::Signals)?;
-    let daemon = ExportDaemon::start(&cfg)?;
+    let qmp = cfg.qmp.clone();
+    let listening: Vec<String> = cfg
+        .exports
+        .iter()
+        .map(|e| format!("{} on unix:{}", e.id, e.socket.display()))
+        .collect();
+    let daemon = ExportDaemon::start(cfg)?;
     if let Err(e) = crate::signals::spawn_signal_thread(daemon.stop_signal().clone()) {
         daemon.shutdown();
         return Err(DaemonError::Signals(e));
     }
-    let qmp_server = match &cfg.qmp {
+    let qmp_server = match &qmp {
         Some(addr) => match crate::control::start_export_qmp(&daemon, addr) {
             Ok(server) => Some(server),
             Err(e) => {
@@ -335,11 +340,6 @@ pub fn run(cfg: ValidExportConfig) -> Result<i32, DaemonError> {
         },
         None => None,
     };
-    let listening: Vec<String> = cfg
-        .exports
-        .iter()
-        .map(|e| format!("{} on unix:{}", e.id, e.socket.display()))
-        .collect();
     let ready = format!(
         "vmm-ref export: ready ({})",
         if listening.is_empty() {

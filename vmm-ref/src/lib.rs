@@ -41,13 +41,18 @@ pub const EXIT_CONFIG_ERROR: i32 = 2;
 /// Exit status for VMM failures.
 pub const EXIT_FAILURE: i32 = 1;
 
-/// Formats an error with its whole `source()` chain, joined by `": "`.
+/// Formats an error with its whole `source()` chain, joined by `": "`. A
+/// cause whose text the message so far already ends with (errors that print
+/// their source themselves, as linux-loader's do) is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s

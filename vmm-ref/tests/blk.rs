@@ -60,9 +60,16 @@ fn run_verify(tag: &str, objects: &[&str], drive_opts: &str, queues: u64) {
     run_verify_with(tag, &[], objects, drive_opts, queues);
 }
 
-fn run_verify_with(tag: &str, extra: &[&str], objects: &[&str], drive_opts: &str, queues: u64) {
+/// Runs `verify` and checks the image; returns the run (`None`: no KVM).
+fn run_verify_with(
+    tag: &str,
+    extra: &[&str],
+    objects: &[&str],
+    drive_opts: &str,
+    queues: u64,
+) -> Option<Output> {
     if !kvm_available(tag) {
-        return;
+        return None;
     }
     let dir = TempDir::new(tag);
     let disk = make_disk(&dir);
@@ -83,20 +90,41 @@ fn run_verify_with(tag: &str, extra: &[&str], objects: &[&str], drive_opts: &str
         "{out:?}"
     );
     check_image(&disk, queues);
+    Some(out)
 }
 
-/// The same guest entered through its PVH note (32-bit protected mode,
-/// `hvm_start_info` with the command line and memory map) instead of the
-/// 64-bit entry.
+/// The guest entered through its PVH note (32-bit protected mode,
+/// `hvm_start_info` with the command line and memory map): what `--boot
+/// auto`, the default, chooses for an ELF with the note.
 #[test]
 fn verify_through_the_pvh_entry() {
-    run_verify_with(
-        "pvh",
-        &["--boot", "pvh"],
-        &["iothread,id=io0", "iothread,id=io1"],
-        "num-queues=2,iothread-vq-mapping=io0:io1",
-        2,
-    );
+    for (tag, extra) in [("pvh", &["--boot", "pvh"][..]), ("auto", &[][..])] {
+        let Some(out) = run_verify_with(
+            tag,
+            extra,
+            &["iothread,id=io0", "iothread,id=io1"],
+            "num-queues=2,iothread-vq-mapping=io0:io1",
+            2,
+        ) else {
+            return;
+        };
+        assert!(out.stdout.contains("boot: protocol=pvh "), "{tag}: {out:?}");
+    }
+}
+
+/// The same guest entered at its 64-bit entry (`--boot linux64`).
+#[test]
+fn verify_through_the_64_bit_entry() {
+    let Some(out) = run_verify_with(
+        "linux64",
+        &["--boot", "linux64"],
+        &["iothread,id=io0"],
+        "iothread=io0",
+        1,
+    ) else {
+        return;
+    };
+    assert!(out.stdout.contains("boot: protocol=linux64 "), "{out:?}");
 }
 
 #[test]

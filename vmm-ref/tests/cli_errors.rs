@@ -55,6 +55,12 @@ fn expect_error(args: &[&str], message: &str) -> Output {
         lines[0].contains(message),
         "{args:?}: want {message:?} in {out:?}"
     );
+    // No part of the cause chain printed twice ("x: y: y").
+    let parts: Vec<&str> = lines[0].split(": ").collect();
+    assert!(
+        parts.windows(2).all(|w| w[0] != w[1]),
+        "a cause is repeated: {out:?}"
+    );
     assert!(out.stdout.is_empty(), "{out:?}");
     out
 }
@@ -75,6 +81,7 @@ fn drive_option_errors_name_the_option_and_leave_the_disk_alone() {
         (format!("id=d0,file={},iothread=io0,serial=123456789012345678901", f.disk), "--drive id=d0: serial must be at most 20 bytes"),
         (format!("id=d0,file={}/missing.img,iothread=io0", f.dir.path().display()), "--drive id=d0: cannot open"),
         (format!("id=0bad,file={},iothread=io0", f.disk), "--drive id=0bad: invalid drive id"),
+        (format!("id=d0,file={},iothread=io0,locking=maybe", f.disk), "--drive id=d0: invalid value 'maybe' for 'locking': expected on, off or auto"),
     ];
     for (drive, msg) in &cases {
         expect_error(
@@ -172,4 +179,121 @@ fn json_config_errors() {
         "{out:?}"
     );
     f.assert_disk_untouched();
+}
+
+/// Everything the README promises is refused "before any VM exists" (status
+/// 2, one message) instead of failing after the VM was built (status 1).
+#[test]
+fn configuration_errors_exit_2_before_any_vm() {
+    let f = fixture("cli-config");
+    let d = f.dir.path();
+    let file = |name: &str, bytes: &[u8]| {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let elf = std::fs::read(&f.kernel).unwrap();
+    let text = file("notes.txt", b"not a kernel\n");
+    let empty = file("empty.elf", b"");
+    let short_header = file("short-header.elf", &elf[..40]);
+    let short_segment = file("short-segment.elf", &elf[..elf.len() - 8]);
+    let dir = d.to_str().unwrap().to_owned();
+    let disk0 = file("zero.img", b"");
+    let disk1 = file("one.img", b"x");
+    let initrd = d.join("big.initrd");
+    std::fs::File::create(&initrd)
+        .and_then(|f| f.set_len(20 << 20))
+        .unwrap();
+    let initrd = initrd.to_str().unwrap().to_owned();
+    let regular = file("qmp.txt", b"");
+    let long_cmdline = "a".repeat(100 * 1024);
+    let k = f.kernel.as_str();
+    let drive = |img: &str, extra: &str| format!("id=d0,file={img},iothread=io0{extra}");
+    let with_drive = |kernel: &str, drive: String| -> Vec<String> {
+        vec![
+            "--kernel".into(),
+            kernel.into(),
+            "--object".into(),
+            "iothread,id=io0".into(),
+            "--drive".into(),
+            drive,
+        ]
+    };
+    let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            owned(&["--kernel", &text]),
+            format!("--kernel: '{text}' is neither an ELF nor a bzImage kernel"),
+        ),
+        (
+            owned(&["--kernel", &empty]),
+            format!("--kernel: '{empty}' is empty"),
+        ),
+        (
+            owned(&["--kernel", &short_header]),
+            "truncated ELF: the ELF header needs 64 bytes".into(),
+        ),
+        (
+            owned(&["--kernel", &short_segment]),
+            "truncated ELF: segment 0".into(),
+        ),
+        (
+            owned(&["--kernel", &dir]),
+            format!("--kernel: cannot open '{dir}': Is a directory"),
+        ),
+        (
+            owned(&["--kernel", "/dev/null"]),
+            "--kernel: '/dev/null' is not a regular file".into(),
+        ),
+        (
+            owned(&["--kernel", k, "--boot", "pvh"]),
+            "--boot: --boot pvh: the kernel has no PVH entry".into(),
+        ),
+        (
+            with_drive(k, drive(&disk0, "")),
+            format!("--drive id=d0: '{disk0}' is 0 bytes long, smaller than one 512-byte sector"),
+        ),
+        (
+            with_drive(k, drive(&disk1, "")),
+            format!("--drive id=d0: '{disk1}' is 1 bytes long"),
+        ),
+        (
+            with_drive(k, drive(&f.disk, ",queue-size=2")),
+            "--drive id=d0: queue-size must be a power of 2 between 4 and 1024".into(),
+        ),
+        (
+            owned(&["--kernel", k, "--memory", "16M", "--initrd", &initrd]),
+            "--initrd: initrd of 20971520 bytes does not fit in guest RAM".into(),
+        ),
+        (
+            owned(&["--kernel", k, "--initrd", &dir]),
+            "--initrd: cannot open".into(),
+        ),
+        (
+            owned(&["--kernel", k, "--cmdline", &long_cmdline]),
+            "--cmdline: the kernel command line is 102".into(),
+        ),
+        (
+            owned(&["--kernel", k, "--cmdline", "caf\u{e9}"]),
+            "--cmdline: invalid kernel command line".into(),
+        ),
+        (
+            owned(&["--kernel", k, "--qmp", &format!("unix:{regular}")]),
+            format!("--qmp: '{regular}' exists and is not a socket"),
+        ),
+        (
+            owned(&["--kernel", k, "--qmp", "unix:/nonexistent-dir/q.sock"]),
+            "--qmp: directory '/nonexistent-dir' does not exist".into(),
+        ),
+    ];
+    for (args, message) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_error(&args, message);
+        f.assert_disk_untouched();
+    }
+    assert_eq!(
+        std::fs::read(&regular).unwrap(),
+        b"",
+        "the regular file is left alone"
+    );
 }

@@ -37,7 +37,7 @@ pub enum Command {
 /// Options of `run`.
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
-    /// Kernel image: ELF (64-bit entry, or PVH entry with `--boot pvh`) or bzImage.
+    /// Kernel image: ELF64 x86-64 (PVH entry if it has the note, else its 64-bit entry) or bzImage.
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
@@ -46,8 +46,8 @@ pub struct RunArgs {
     /// Kernel command line (virtio_mmio.device= and tsc_khz= are appended).
     #[arg(long, value_name = "STRING")]
     pub cmdline: Option<String>,
-    /// Boot protocol: `linux64` (64-bit entry, the default) or `pvh` (the ELF's PVH note).
-    #[arg(long, value_name = "linux64|pvh")]
+    /// Boot protocol: `auto` (the default: PVH if the ELF has the PVH note, else the 64-bit entry), `linux64` or `pvh`.
+    #[arg(long, value_name = "auto|linux64|pvh")]
     pub boot: Option<crate::vm::boot::BootProtocol>,
     /// Guest RAM, e.g. 256M or 1G.
     #[arg(long, value_name = "SIZE")]
@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// `iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N][,poll-weight=N][,aio-max-batch=N][,poll-algorithm=weighted|classic]` (repeatable).
     #[arg(long = "object", value_name = "iothread,id=ID,...")]
     pub objects: Vec<String>,
-    /// `id=ID,file=PATH[,num-queues=N][,queue-size=N][,iothread=ID | iothread-vq-mapping=ID:ID...][,readonly=on][,direct=on][,aio=io_uring|threads|auto][,serial=S]` (repeatable).
+    /// `id=ID,file=PATH[,num-queues=N][,queue-size=N][,iothread=ID | iothread-vq-mapping=ID:ID...][,readonly=on][,direct=on][,aio=io_uring|threads|auto][,serial=S][,locking=auto|on|off]` (repeatable).
     #[arg(long = "drive", value_name = "id=ID,file=PATH,...")]
     pub drives: Vec<String>,
     /// QMP monitor socket: `unix:/path`.
@@ -78,7 +78,7 @@ pub struct RunArgs {
 /// Options of `export` (QEMU's `qemu-storage-daemon` vocabulary).
 #[derive(Debug, Default, Args)]
 pub struct ExportArgs {
-    /// `id=ID,file=PATH[,readonly=on][,cache.direct=on][,aio=auto|io_uring|threads]` (repeatable): a drive (block node) exports refer to by `node-name`.
+    /// `id=ID,file=PATH[,readonly=on][,cache.direct=on][,aio=auto|io_uring|threads][,locking=auto|on|off]` (repeatable): a drive (block node) exports refer to by `node-name`.
     #[arg(long = "drive", value_name = "id=ID,file=PATH,...")]
     pub drives: Vec<String>,
     /// `iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N][,poll-weight=N][,aio-max-batch=N][,poll-algorithm=weighted|classic]` (repeatable).
@@ -178,6 +178,9 @@ pub fn parse_drive(s: &str) -> Result<DriveConfig, ConfigError> {
                 .take_with("aio", "io_uring, threads or auto", AioMode::parse)?
                 .unwrap_or_default(),
             serial: kv.take("serial"),
+            locking: kv
+                .take_with("locking", "on, off or auto", |v| v.parse().ok())?
+                .unwrap_or_default(),
         };
         kv.finish()?;
         Ok(d)

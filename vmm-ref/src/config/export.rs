@@ -9,21 +9,22 @@
 //! with QMP `block-export-add`.
 
 use std::collections::HashSet;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use iothread_registry::IoThreadParams;
 
 use super::cli::{parse_object, ExportArgs};
 use super::{
-    check_image_file, check_qmp, validate_objects, ConfigError, InvalidOption, Origin, QmpAddr,
+    check_image_file, check_qmp, check_socket_path, lock_image, validate_objects, ConfigError,
+    InvalidOption, Origin, QmpAddr, SocketPathError,
 };
 use crate::export::{DriveSpec, ExportConfig, ExportSpec};
 use crate::virtio::block::backend::BlockEngine;
+use crate::virtio::block::lock::ImageLock;
 
-/// A configuration of `vmm-ref export` that passed [`validate`].
-#[derive(Clone, Debug, PartialEq)]
+/// A configuration of `vmm-ref export` that passed [`validate`]. It holds
+/// the image locks of the exports to start.
+#[derive(Debug)]
 pub struct ValidExportConfig {
     /// IOThreads to create, in order, with their parameters.
     pub iothreads: Vec<(String, IoThreadParams)>,
@@ -31,6 +32,10 @@ pub struct ValidExportConfig {
     pub drives: Vec<DriveSpec>,
     /// The exports to start, in order.
     pub exports: Vec<ExportConfig>,
+    /// `image_locks[i]`: the lock on the image of `exports[i]`, taken during
+    /// validation so that a conflict is a configuration error; handed to the
+    /// export when it starts ([`crate::export::Export::start_locked`]).
+    pub image_locks: Vec<Option<ImageLock>>,
     /// `--qmp unix:/path`.
     pub qmp: Option<QmpAddr>,
 }
@@ -65,15 +70,9 @@ pub enum ExportConflict {
         /// The export of it.
         other: String,
     },
-    /// Something other than a socket is at the path.
-    #[error("'{0}' exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    /// A live server accepts connections on the path.
-    #[error("socket '{0}' is in use by a running server")]
-    InUse(PathBuf),
-    /// The socket's directory does not exist.
-    #[error("directory '{0}' does not exist")]
-    NoDirectory(PathBuf),
+    /// The socket path is unusable (no directory, not a socket, in use).
+    #[error(transparent)]
+    SocketPath(SocketPathError),
 }
 
 /// The path with its directory resolved (symlinks, `..`), for comparing
@@ -119,19 +118,7 @@ pub fn check_export(
     if qmp.is_some_and(|q| canonical_socket(q) == socket) {
         return Err(ExportConflict::SocketOfQmp(new.socket.clone()));
     }
-    if let Some(dir) = new.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(ExportConflict::NoDirectory(dir.to_owned()));
-        }
-    }
-    match std::fs::symlink_metadata(&new.socket) {
-        Ok(m) if !m.file_type().is_socket() => Err(ExportConflict::NotASocket(new.socket.clone())),
-        // A stale socket is replaced (as QEMU does); a live one is not.
-        Ok(_) if UnixStream::connect(&new.socket).is_ok() => {
-            Err(ExportConflict::InUse(new.socket.clone()))
-        }
-        _ => Ok(()),
-    }
+    check_socket_path(&new.socket).map_err(ExportConflict::SocketPath)
 }
 
 /// `--flag id=X` when the option string has an `id=`, else `--flag <s>`.
@@ -198,6 +185,7 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
 
     let ids: HashSet<&str> = object_ids.iter().map(String::as_str).collect();
     let mut exports: Vec<ExportConfig> = Vec::new();
+    let mut image_locks = Vec::new();
     for raw in &args.exports {
         let spec = ExportSpec::parse_cli(raw)
             .map_err(|e| ConfigError::option(label("--export", raw), InvalidOption::Export(e)))?;
@@ -215,7 +203,8 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
             .map_err(|e| ConfigError::option(lbl.clone(), InvalidOption::ExportConfig(e)))?;
         let existing: Vec<&ExportConfig> = exports.iter().collect();
         check_export(&cfg, &existing, qmp_path)
-            .map_err(|e| ConfigError::option(lbl, InvalidOption::ExportConflict(e)))?;
+            .map_err(|e| ConfigError::option(lbl.clone(), InvalidOption::ExportConflict(e)))?;
+        image_locks.push(lock_image(&lbl, &cfg.file, cfg.readonly, cfg.locking)?);
         exports.push(cfg);
     }
     if exports.is_empty() && qmp.is_none() {
@@ -228,6 +217,7 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
         iothreads,
         drives,
         exports,
+        image_locks,
         qmp,
     })
 }

@@ -10,12 +10,18 @@ pub mod vhost_user;
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use iothread_registry::{IoThreadParams, IoThreadVqMapping, Property};
 use serde::{Deserialize, Serialize};
 
+use crate::virtio::block::lock::{ImageLock, LockError, LockMode};
+use crate::vm::boot::{BootError, BootProtocol};
+use crate::vm::kernel::KernelInfo;
 use crate::vm::layout::{MAX_VCPUS, MAX_VIRTIO_DEVICES};
 pub use keyval::OptionError;
 
@@ -27,6 +33,11 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// Default virtqueue size.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Smallest virtqueue size: a request (header, data, status) takes 3
+/// descriptors without indirect ones (QEMU: "must be > 2").
+pub const MIN_QUEUE_SIZE: u16 = 4;
+/// Image sizes are counted in sectors of this many bytes.
+pub const SECTOR_SIZE: u64 = 512;
 /// Largest virtqueue size (QEMU's VIRTQUEUE_MAX_SIZE).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Largest number of virtqueues per drive.
@@ -90,9 +101,10 @@ pub struct VmConfig {
     /// Kernel command line (device arguments are appended).
     #[serde(default)]
     pub cmdline: String,
-    /// Boot protocol: `linux64` (default) or `pvh`.
+    /// Boot protocol: `auto` (default: PVH if the ELF has the note),
+    /// `linux64` or `pvh`.
     #[serde(default)]
-    pub boot: crate::vm::boot::BootProtocol,
+    pub boot: BootProtocol,
     /// Guest RAM.
     #[serde(default = "default_memory")]
     pub memory: ByteSize,
@@ -243,6 +255,9 @@ pub struct DriveConfig {
     /// GET_ID serial (at most 20 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Image locking, compatible with QEMU's (`on`, `off`, `auto`).
+    #[serde(default)]
+    pub locking: LockMode,
 }
 
 /// Where the QMP monitor listens.
@@ -314,6 +329,18 @@ pub enum InvalidOption {
     /// An export conflicts with another export, the QMP socket or a file.
     #[error(transparent)]
     ExportConflict(export::ExportConflict),
+    /// The kernel image cannot be booted.
+    #[error(transparent)]
+    Kernel(crate::vm::kernel::KernelError),
+    /// The boot layout (initrd placement, command line) does not work out.
+    #[error(transparent)]
+    Boot(crate::vm::boot::BootError),
+    /// A socket cannot be created at the path.
+    #[error(transparent)]
+    Socket(SocketPathError),
+    /// The image is locked by another user (or cannot be locked).
+    #[error(transparent)]
+    Lock(LockError),
     /// A file cannot be opened.
     #[error("cannot open '{path}'{how}")]
     File {
@@ -375,8 +402,9 @@ impl ConfigError {
     }
 }
 
-/// A drive after validation: its configuration and, per queue, its IOThread.
-#[derive(Clone, Debug, PartialEq)]
+/// A drive after validation: its configuration, per queue its IOThread,
+/// and the lock on its image (held as long as any clone of this lives).
+#[derive(Clone, Debug)]
 pub struct ValidDrive {
     /// The drive.
     pub config: DriveConfig,
@@ -384,6 +412,8 @@ pub struct ValidDrive {
     pub mapping: Vec<IoThreadVqMapping>,
     /// `queue_iothreads[q]` serves queue `q`.
     pub queue_iothreads: Vec<String>,
+    /// The image lock (`None` with `locking=off`, or `auto` without OFD locks).
+    pub lock: Option<Arc<ImageLock>>,
 }
 
 /// A drive's IOThreads from its `iothread` or `iothread-vq-mapping` property
@@ -405,8 +435,8 @@ pub fn drive_mapping(
     }
 }
 
-/// A configuration that passed [`validate`].
-#[derive(Clone, Debug, PartialEq)]
+/// A configuration that passed [`validate`]. It holds the image locks.
+#[derive(Clone, Debug)]
 pub struct ValidConfig {
     /// The configuration as given.
     pub vm: VmConfig,
@@ -430,8 +460,15 @@ pub fn load_json(path: &Path) -> Result<VmConfig, ConfigError> {
     })
 }
 
-fn check_readable(option: &str, path: &Path) -> Result<(), ConfigError> {
-    File::open(path).map(drop).map_err(|source| {
+/// Checks that the initrd is a readable file that fits in guest RAM above
+/// the kernel (the placement rule of [`crate::vm::boot::initrd_address`]).
+fn check_initrd(
+    option: &str,
+    path: &Path,
+    mem_size: u64,
+    kernel: &KernelInfo,
+) -> Result<(), ConfigError> {
+    let file_err = |source: std::io::Error| {
         ConfigError::option(
             option,
             InvalidOption::File {
@@ -440,7 +477,27 @@ fn check_readable(option: &str, path: &Path) -> Result<(), ConfigError> {
                 source,
             },
         )
-    })
+    };
+    let meta = File::open(path)
+        .and_then(|f| f.metadata())
+        .map_err(file_err)?;
+    if meta.is_dir() {
+        return Err(file_err(std::io::Error::from_raw_os_error(libc::EISDIR)));
+    }
+    if !meta.is_file() {
+        return Err(ConfigError::msg(
+            option,
+            format!("'{}' is not a regular file", path.display()),
+        ));
+    }
+    crate::vm::boot::initrd_address(
+        mem_size,
+        kernel.kernel_end,
+        meta.len(),
+        kernel.initrd_addr_max,
+    )
+    .map(drop)
+    .map_err(|e| ConfigError::option(option, InvalidOption::Boot(e)))
 }
 
 /// Opens the image the way the block device will (read-only or read-write,
@@ -494,7 +551,39 @@ pub(crate) fn check_image_file(
             format!("'{}' is not a regular file or block device", file.display()),
         ));
     }
+    // The end offset is the size of block devices too (their st_size is 0).
+    let size = (&handle).seek(SeekFrom::End(0)).map_err(|source| {
+        ConfigError::option(
+            option,
+            InvalidOption::File {
+                path: file.to_owned(),
+                how,
+                source,
+            },
+        )
+    })?;
+    if size < SECTOR_SIZE {
+        return Err(ConfigError::msg(
+            option,
+            format!(
+                "'{}' is {size} bytes long, smaller than one {SECTOR_SIZE}-byte sector",
+                file.display()
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Locks an image the way a virtio-blk device of QEMU does (see
+/// [`crate::virtio::block::lock`]); a conflict is a configuration error.
+pub(crate) fn lock_image(
+    option: &str,
+    file: &Path,
+    readonly: bool,
+    mode: LockMode,
+) -> Result<Option<ImageLock>, ConfigError> {
+    ImageLock::acquire(file, readonly, mode)
+        .map_err(|e| ConfigError::option(option, InvalidOption::Lock(e)))
 }
 
 /// IOThreads to create, in order, with their parameters.
@@ -529,32 +618,53 @@ pub(crate) fn validate_objects(
     Ok((iothreads, ids))
 }
 
-/// Checks that the directory of the `--qmp` socket exists.
-pub(crate) fn check_qmp(label: String, addr: &QmpAddr) -> Result<(), ConfigError> {
-    let QmpAddr::Unix(path) = addr;
-    check_socket_dir(label, path)
+/// Why a listening Unix socket cannot be created at a path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SocketPathError {
+    /// The socket's directory does not exist.
+    #[error("directory '{0}' does not exist")]
+    NoDirectory(PathBuf),
+    /// Something other than a socket is at the path.
+    #[error("'{0}' exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// A live server accepts connections on the path.
+    #[error("socket '{0}' is in use by a running server")]
+    InUse(PathBuf),
 }
 
-/// Checks that the directory of a socket path exists.
-pub(crate) fn check_socket_dir(label: String, path: &Path) -> Result<(), ConfigError> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(dir) = parent {
+/// Checks that a server may listen on `path`: its directory exists and
+/// nothing but a stale socket (which is replaced) is there.
+pub fn check_socket_path(path: &Path) -> Result<(), SocketPathError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
-            return Err(ConfigError::msg(
-                label,
-                format!("directory '{}' does not exist", dir.display()),
-            ));
+            return Err(SocketPathError::NoDirectory(dir.to_owned()));
         }
     }
-    Ok(())
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => Err(SocketPathError::NotASocket(path.to_owned())),
+        Ok(_) if UnixStream::connect(path).is_ok() => Err(SocketPathError::InUse(path.to_owned())),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that the QMP monitor can listen on `addr`.
+pub(crate) fn check_qmp(label: String, addr: &QmpAddr) -> Result<(), ConfigError> {
+    let QmpAddr::Unix(path) = addr;
+    check_socket_path(path).map_err(|e| ConfigError::option(label, InvalidOption::Socket(e)))
 }
 
 /// Checks everything that can be checked before the VM exists.
 pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigError> {
     let top = |flag: &str, key: &str| origin.label(flag.to_owned(), key.to_owned());
-    check_readable(&top("--kernel", "kernel"), &vm.kernel)?;
-    if let Some(initrd) = &vm.initrd {
-        check_readable(&top("--initrd", "initrd"), initrd)?;
+    let kernel_label = top("--kernel", "kernel");
+    let kernel = crate::vm::kernel::probe(&vm.kernel)
+        .map_err(|e| ConfigError::option(kernel_label.clone(), InvalidOption::Kernel(e)))?;
+    if vm.boot == BootProtocol::Pvh && kernel.pvh_entry.is_none() {
+        return Err(ConfigError::option(
+            top("--boot", "boot"),
+            InvalidOption::Boot(BootError::NoPvhEntry),
+        ));
     }
     let mem = vm.memory.0;
     if !(MIN_MEMORY..=MAX_MEMORY).contains(&mem) || mem % 4096 != 0 {
@@ -572,6 +682,12 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
             top("--vcpus", "vcpus"),
             format!("number of vCPUs must be between 1 and {MAX_VCPUS}"),
         ));
+    }
+    kernel
+        .check_fits(&vm.kernel, mem)
+        .map_err(|e| ConfigError::option(kernel_label, InvalidOption::Kernel(e)))?;
+    if let Some(initrd) = &vm.initrd {
+        check_initrd(&top("--initrd", "initrd"), initrd, mem, &kernel)?;
     }
 
     let (iothreads, ids) = validate_objects(&vm.objects, origin)?;
@@ -601,10 +717,16 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
                 format!("num-queues must be between 1 and {MAX_NUM_QUEUES}"),
             ));
         }
-        if d.queue_size < 2 || d.queue_size > MAX_QUEUE_SIZE || !d.queue_size.is_power_of_two() {
+        if d.queue_size < MIN_QUEUE_SIZE
+            || d.queue_size > MAX_QUEUE_SIZE
+            || !d.queue_size.is_power_of_two()
+        {
             return Err(ConfigError::msg(
                 label,
-                format!("queue-size must be a power of 2 between 2 and {MAX_QUEUE_SIZE}"),
+                format!(
+                    "queue-size must be a power of 2 between {MIN_QUEUE_SIZE} and {MAX_QUEUE_SIZE} \
+                     (a request takes 3 descriptors)"
+                ),
             ));
         }
         if let Some(s) = &d.serial {
@@ -635,14 +757,25 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
             ));
         }
         files.push((canonical, d.readonly, d.id.clone()));
+        // Last: the lock is held from here on (and released if a later check fails).
+        let lock = lock_image(&label, &d.file, d.readonly, d.locking)?;
         drives.push(ValidDrive {
             config: d.clone(),
             mapping,
             queue_iothreads,
+            lock: lock.map(Arc::new),
         });
     }
     let taken: HashSet<String> = ids.union(&drive_ids).cloned().collect();
     let vhost_user = vhost_user::validate(&vm.chardevs, &vm.devices, origin, &taken, drives.len())?;
+    // The command line as the boot will write it (a slot per drive and per
+    // vhost-user device), with the widest tsc_khz=.
+    let slots: Vec<(u64, u32)> = (0..drives.len() + vhost_user.len())
+        .filter_map(crate::vm::layout::virtio_mmio_slot)
+        .collect();
+    let full = crate::vmm::kernel_cmdline(&vm.cmdline, &slots, Some(u32::MAX));
+    crate::vm::boot::checked_cmdline(&full)
+        .map_err(|e| ConfigError::option(top("--cmdline", "cmdline"), InvalidOption::Boot(e)))?;
     if let Some(addr) = &vm.qmp {
         check_qmp(top("--qmp", "qmp"), addr)?;
     }
@@ -665,12 +798,13 @@ mod tests {
             "objects": [{"qom-type": "iothread", "id": "io0", "poll-max-ns": 0}],
             "drives": [{"id": "d0", "file": "/tmp/x.img", "num-queues": 2,
                         "iothread-vq-mapping": [{"iothread": "io0", "vqs": [0, 1]}],
-                        "aio": "io_uring", "readonly": true}],
+                        "aio": "io_uring", "readonly": true, "locking": "off"}],
             "qmp": "unix:/tmp/q.sock"
         }"#;
         let c: VmConfig = serde_json::from_str(text).unwrap();
         assert_eq!(c.memory, ByteSize(64 << 20));
         assert_eq!(c.drives[0].aio, AioMode::IoUring);
+        assert_eq!(c.drives[0].locking, LockMode::Off);
         assert_eq!(c.qmp, Some(QmpAddr::Unix("/tmp/q.sock".into())));
         let again: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(again, c);

@@ -34,6 +34,7 @@ use iothread_registry::{HolderGuard, IoThreadHolder, IoThreadRegistry};
 use serde::Serialize;
 
 use crate::virtio::block::backend::BlockEngine;
+use crate::virtio::block::lock::{ImageLock, LockError, LockMode};
 use crate::virtio::block::{BlockHandle, BlockInfo};
 use crate::virtio::device::VirtioDevice;
 pub use backend::{BackendStats, DeviceBackend, RequestError, VIRTIO_BLK_CONFIG_SIZE};
@@ -69,6 +70,8 @@ pub struct ExportConfig {
     pub direct: bool,
     /// I/O engine (`aio=` of the drive).
     pub engine: BlockEngine,
+    /// Image locking (`locking=` of the drive).
+    pub locking: LockMode,
 }
 
 impl ExportConfig {
@@ -97,6 +100,7 @@ impl ExportConfig {
             file: drive.file.clone(),
             readonly: drive.readonly || spec.writable == Some(false),
             direct: drive.direct,
+            locking: drive.locking,
             engine: match drive.aio.as_deref() {
                 None => BlockEngine::Auto,
                 Some(a) => a
@@ -153,6 +157,9 @@ pub enum ExportError {
     /// The block device could not be created.
     #[error("cannot open the block device")]
     Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The image is locked by another user (or cannot be locked).
+    #[error(transparent)]
+    Lock(LockError),
     /// The socket or thread could not be set up.
     #[error("cannot start the export server")]
     Server(#[source] ServerError),
@@ -214,6 +221,8 @@ pub struct Export {
     server: server::Server,
     holders: Vec<HolderGuard>,
     block: Option<BlockHandle>,
+    /// The image lock, released after the final flush.
+    lock: Option<ImageLock>,
     stopped: bool,
 }
 
@@ -228,12 +237,26 @@ impl std::fmt::Debug for Export {
 }
 
 impl Export {
-    /// Opens the drive as a virtio-blk device model and starts serving it.
+    /// Locks the image (as `cfg.locking` says), opens the drive as a
+    /// virtio-blk device model and starts serving it.
     pub fn start(cfg: ExportConfig, registry: &IoThreadRegistry) -> Result<Export, ExportError> {
+        let lock =
+            ImageLock::acquire(&cfg.file, cfg.readonly, cfg.locking).map_err(ExportError::Lock)?;
+        Self::start_locked(cfg, registry, lock)
+    }
+
+    /// [`Export::start`] with the image lock taken before (when the
+    /// configuration was checked); `None` if the image is not to be locked.
+    pub fn start_locked(
+        cfg: ExportConfig,
+        registry: &IoThreadRegistry,
+        lock: Option<ImageLock>,
+    ) -> Result<Export, ExportError> {
         // The device holds the IOThreads itself, as `block-node <node-name>`.
         let (device, handle) = device::open_block(&cfg, registry)?;
         let mut export = Self::start_inner(cfg, Vec::new(), device)?;
         export.block = Some(handle);
+        export.lock = lock;
         Ok(export)
     }
 
@@ -282,6 +305,7 @@ impl Export {
             server,
             holders,
             block: None,
+            lock: None,
             stopped: false,
         })
     }
@@ -359,6 +383,8 @@ impl Export {
                 log::error!("export '{}': releasing IOThread '{id}': {e}", self.cfg.id);
             }
         }
+        // The device is stopped and flushed: others may have the image now.
+        drop(self.lock.take());
         log::info!("vhost-user-blk export '{}' stopped", self.cfg.id);
     }
 }

@@ -9,6 +9,7 @@ use iothread_registry::{assign_vqs, IoThreadVqMapping};
 use serde::{Deserialize, Serialize};
 
 use crate::config::keyval::{KeyVals, OptionError as KeyValError};
+use crate::virtio::block::lock::LockMode;
 
 /// The only export type implemented.
 pub const EXPORT_TYPE: &str = "vhost-user-blk";
@@ -328,6 +329,8 @@ pub struct DriveSpec {
     pub direct: bool,
     /// `aio=io_uring|threads|sync|auto` (None = auto: io_uring when available).
     pub aio: Option<String>,
+    /// `locking=on|off|auto` (QEMU's `file` driver option; default auto).
+    pub locking: LockMode,
 }
 
 impl DriveSpec {
@@ -363,6 +366,9 @@ impl DriveSpec {
             }
         };
         let aio = kv.take("aio");
+        let locking = kv
+            .take_with("locking", "on, off or auto", |v| v.parse().ok())?
+            .unwrap_or_default();
         kv.finish()?;
         Ok(DriveSpec {
             id,
@@ -370,6 +376,7 @@ impl DriveSpec {
             readonly,
             direct,
             aio,
+            locking,
         })
     }
 }
@@ -480,6 +487,10 @@ mod tests {
         .unwrap();
         assert!(d.readonly && d.direct);
         assert_eq!(d.aio.as_deref(), Some("io_uring"));
+        assert_eq!(d.locking, LockMode::Auto);
+        let d = DriveSpec::parse_cli("id=d0,file=/x,locking=off").unwrap();
+        assert_eq!(d.locking, LockMode::Off);
+        assert!(DriveSpec::parse_cli("id=d0,file=/x,locking=maybe").is_err());
         assert!(DriveSpec::parse_cli("file=/x").is_err());
         assert!(DriveSpec::parse_cli("id=d0,file=/x,bogus=1").is_err());
         assert!(DriveSpec::parse_cli("id=d0").is_err());

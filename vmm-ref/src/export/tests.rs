@@ -168,6 +168,7 @@ fn fixture(tag: &str, registry: Option<IoThreadRegistry>) -> Fixture {
         readonly: false,
         direct: false,
         engine: Default::default(),
+        locking: Default::default(),
     };
     let export = Export::with_device(cfg, &registry, Box::new(device)).unwrap();
     Fixture {
@@ -449,6 +450,7 @@ fn start_fails_cleanly() {
         readonly: false,
         direct: false,
         engine: Default::default(),
+        locking: Default::default(),
     };
     // Unknown IOThread: nothing stays held.
     assert!(matches!(
@@ -837,6 +839,7 @@ fn block_device_serves_requests_over_vhost_user() {
         readonly: false,
         direct: false,
         engine: Default::default(),
+        locking: Default::default(),
     };
     let export = Export::start(cfg, &registry).unwrap();
     assert_eq!(

@@ -199,8 +199,97 @@ impl<'de> MapAccess<'de> for ArgsAccess {
             .pending
             .take()
             .ok_or_else(|| ArgError::Other("argument value without a name".to_string()))?;
-        seed.deserialize(value)
+        seed.deserialize(MemberValue(value))
             .map_err(|e| from_member_error(&name, &e))
+    }
+}
+
+/// A member's JSON value as the member's `Deserialize` sees it: exactly the
+/// value, except that `null` does not make an optional member absent. QAPI has
+/// no null for optional members (QEMU: `"poll-max-ns": null` is "Invalid
+/// parameter type for 'poll-max-ns', expected: integer"), so the member's
+/// own type gets the null and refuses it. Members of type `any` (`Value`)
+/// still take it.
+struct MemberValue(Value);
+
+macro_rules! forward_to_value {
+    ($($method:ident)*) => {
+        $(
+            fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, serde_json::Error> {
+                self.0.$method(visitor)
+            }
+        )*
+    };
+}
+
+impl<'de> de::Deserializer<'de> for MemberValue {
+    type Error = serde_json::Error;
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        match self.0 {
+            Value::Null => visitor.visit_some(Value::Null),
+            other => other.deserialize_option(visitor),
+        }
+    }
+
+    forward_to_value! {
+        deserialize_any deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32
+        deserialize_i64 deserialize_i128 deserialize_u8 deserialize_u16 deserialize_u32
+        deserialize_u64 deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char
+        deserialize_str deserialize_string deserialize_bytes deserialize_byte_buf
+        deserialize_unit deserialize_seq deserialize_map deserialize_identifier
+        deserialize_ignored_any
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_unit_struct(name, visitor)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_newtype_struct(name, visitor)
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_tuple(len, visitor)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_tuple_struct(name, len, visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_struct(name, fields, visitor)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_enum(name, variants, visitor)
     }
 }
 
@@ -272,6 +361,20 @@ mod tests {
         assert_eq!(
             parse(json!({"id": "x", "kind": "memory"})),
             Err("Parameter 'kind' does not accept value 'memory'".into())
+        );
+        // null is not "absent" for an optional member, whatever its type.
+        assert_eq!(
+            parse(json!({"id": "x", "poll-weight": null})),
+            Err("Invalid parameter type for 'poll-weight', expected: integer".into())
+        );
+        assert_eq!(
+            parse(json!({"id": "x", "list": null})),
+            Err("Invalid parameter type for 'list', expected: array".into())
+        );
+        assert!(parse(json!({"id": "x", "kind": null})).is_err());
+        assert_eq!(
+            parse(json!({"id": null})),
+            Err("Invalid parameter type for 'id', expected: string".into())
         );
         let mut map = Map::new();
         map.insert("x".into(), json!(1));

@@ -22,7 +22,13 @@
 //!   buffering them ([`crate::qmp::protocol`]).
 //! * A client that closes its write side still gets its replies; one that goes away
 //!   entirely is removed (its already received complete requests still run).
-//! * At most [`QmpServerConfig::max_clients`] connections; more are accepted and closed.
+//! * At most [`QmpServerConfig::max_clients`] connections; one more is accepted,
+//!   answered with a `GenericError` line ("too many QMP clients") and closed.
+//! * A client must finish capabilities negotiation within
+//!   [`QmpServerConfig::negotiation_timeout`] (default 10 s): clients that connect and
+//!   never send `qmp_capabilities` cannot hold every slot and lock management out.
+//!   Past the deadline the client gets a `GenericError` line and is disconnected;
+//!   negotiated clients may stay idle for as long as they like.
 
 use std::collections::VecDeque;
 use std::fs;
@@ -41,9 +47,9 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::qmp::commands::{Dispatcher, FollowUp};
-use crate::qmp::error::QmpError;
+use crate::qmp::error::{CommandError, QmpError};
 use crate::qmp::event::{Event, EventSender, EVENT_QUEUE_CAPACITY};
-use crate::qmp::protocol::{JsonStreamDecoder, MAX_MESSAGE_SIZE};
+use crate::qmp::protocol::{encode_error, JsonStreamDecoder, MAX_MESSAGE_SIZE};
 use crate::qmp::session::{Output, Session};
 use crate::qmp::socket::{bind_listener, poll, send_nosignal};
 use crate::qmp::QmpMachine;
@@ -56,6 +62,8 @@ const READS_PER_ROUND: usize = 4;
 const ACCEPTS_PER_ROUND: usize = 16;
 /// How long stopping the server keeps flushing queued output.
 const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default of [`QmpServerConfig::negotiation_timeout`].
+pub const DEFAULT_NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Limits of a [`QmpServer`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +77,10 @@ pub struct QmpServerConfig {
     pub max_clients: usize,
     /// Mode of the socket file (default `0o600`).
     pub socket_mode: u32,
+    /// How long a new client may take to complete capabilities negotiation
+    /// (`qmp_capabilities`) before it is disconnected (default
+    /// [`DEFAULT_NEGOTIATION_TIMEOUT`], 10 s; `None`: no limit).
+    pub negotiation_timeout: Option<Duration>,
 }
 
 impl Default for QmpServerConfig {
@@ -78,6 +90,7 @@ impl Default for QmpServerConfig {
             max_output_queue: 4 << 20,
             max_clients: 16,
             socket_mode: 0o600,
+            negotiation_timeout: Some(DEFAULT_NEGOTIATION_TIMEOUT),
         }
     }
 }
@@ -250,6 +263,8 @@ impl Drop for QmpServer {
 struct Client {
     id: u64,
     stream: UnixStream,
+    /// When capabilities negotiation must be complete (`None`: no limit).
+    negotiation_deadline: Option<Instant>,
     session: Session,
     out: VecDeque<u8>,
     /// The peer closed its write side (EOF read).
@@ -329,7 +344,7 @@ impl Worker {
                 }
                 fds.push(pollfd(c.stream.as_raw_fd(), events));
             }
-            if let Err(e) = poll(&mut fds, -1) {
+            if let Err(e) = poll(&mut fds, self.poll_timeout_ms(Instant::now())) {
                 log::error!("qmp: poll failed, stopping the server: {e}");
                 break;
             }
@@ -366,6 +381,7 @@ impl Worker {
             if fds[1].revents & libc::POLLIN != 0 {
                 self.accept_clients();
             }
+            self.expire_negotiations(Instant::now());
             for c in &mut self.clients {
                 c.flush();
             }
@@ -378,6 +394,53 @@ impl Worker {
             });
         }
         self.flush_before_stop();
+    }
+
+    /// The `poll` timeout: until the earliest negotiation deadline (rounded up to
+    /// a millisecond, so that the deadline has passed on wake-up), else forever.
+    fn poll_timeout_ms(&self, now: Instant) -> i32 {
+        self.clients
+            .iter()
+            .filter(|c| !c.dead && !c.session.negotiated())
+            .filter_map(|c| c.negotiation_deadline)
+            .min()
+            .map_or(-1, |deadline| {
+                let ms = deadline
+                    .saturating_duration_since(now)
+                    .as_micros()
+                    .div_ceil(1000);
+                i32::try_from(ms).unwrap_or(i32::MAX)
+            })
+    }
+
+    /// Disconnects the clients whose negotiation deadline has passed, after
+    /// telling them why (one non-blocking write: a client that does not read
+    /// does not get to keep its slot).
+    fn expire_negotiations(&mut self, now: Instant) {
+        let Some(limit) = self.config.negotiation_timeout else {
+            return;
+        };
+        for c in &mut self.clients {
+            let expired = c.negotiation_deadline.is_some_and(|d| now >= d);
+            if c.dead || c.session.negotiated() || !expired {
+                continue;
+            }
+            log::warn!(
+                "qmp: client {} did not negotiate capabilities within {limit:?}, disconnecting it",
+                c.id
+            );
+            if !c.hung_up {
+                c.out.extend(encode_error(
+                    &CommandError::generic(format!(
+                        "QMP capabilities negotiation did not complete within {limit:?}; \
+                         closing the connection"
+                    )),
+                    None,
+                ));
+                c.flush();
+            }
+            c.dead = true;
+        }
     }
 
     fn read_client(&mut self, i: usize, buf: &mut [u8]) {
@@ -504,6 +567,18 @@ impl Worker {
                 "qmp: refusing a connection: {} clients connected",
                 self.clients.len()
             );
+            // Say why before closing (one MSG_DONTWAIT write; the new socket's
+            // buffer is empty, so it fits).
+            let refusal = encode_error(
+                &CommandError::generic(format!(
+                    "too many QMP clients (at most {}); closing the connection",
+                    self.config.max_clients
+                )),
+                None,
+            );
+            if let Err(e) = send_nosignal(stream.as_raw_fd(), &refusal) {
+                log::debug!("qmp: cannot tell a refused client why: {e}");
+            }
             return;
         }
         if let Err(e) = stream.set_nonblocking(true) {
@@ -516,6 +591,10 @@ impl Worker {
         let mut client = Client {
             id,
             stream,
+            negotiation_deadline: self
+                .config
+                .negotiation_timeout
+                .and_then(|t| Instant::now().checked_add(t)),
             session: Session::with_decoder(JsonStreamDecoder::with_limit(
                 self.config.max_message_size,
             )),

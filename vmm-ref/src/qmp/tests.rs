@@ -905,14 +905,108 @@ fn too_many_clients_are_refused() {
     });
     let mut a = f.client();
     let _b = f.client();
-    let mut extra = UnixStream::connect(f.server.path()).unwrap();
-    extra
-        .set_read_timeout(Some(crate::qmp::test_util::IO_TIMEOUT))
-        .unwrap();
-    let mut buf = Vec::new();
-    extra.read_to_end(&mut buf).unwrap();
-    assert!(buf.is_empty(), "refused client got {buf:?}");
+    assert_eq!(
+        refused_with(f.server.path()),
+        json!({"error": {"class": "GenericError",
+            "desc": "too many QMP clients (at most 2); closing the connection"}})
+    );
     assert_eq!(a.ok("query-status", None)["running"], true);
+}
+
+/// Connects, expects one message and then EOF; returns the message.
+fn refused_with(path: &std::path::Path) -> Value {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(crate::qmp::test_util::IO_TIMEOUT))
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let lines: Vec<&str> = buf.lines().collect();
+    assert_eq!(lines.len(), 1, "one message, then the close: {buf:?}");
+    serde_json::from_str(lines[0]).unwrap()
+}
+
+/// Clients that connect and never negotiate cannot lock management out:
+/// past the negotiation timeout each gets an error and is disconnected, the
+/// slots free up; a negotiated client stays however idle it is.
+#[test]
+fn clients_that_never_negotiate_are_disconnected() {
+    let f = Fixture::with_config(QmpServerConfig {
+        max_clients: 4,
+        negotiation_timeout: Some(std::time::Duration::from_millis(300)),
+        ..QmpServerConfig::default()
+    });
+    let mut manager = f.client();
+    // Three idlers fill the other slots; each read its greeting.
+    let mut idlers: Vec<TestClient> = (0..3)
+        .map(|_| TestClient::connect(f.server.path()).0)
+        .collect();
+    for idler in &mut idlers {
+        let msg = idler.read_msg();
+        assert_eq!(
+            msg,
+            json!({"error": {"class": "GenericError",
+                "desc": "QMP capabilities negotiation did not complete within 300ms; closing the connection"}})
+        );
+        let mut rest = String::new();
+        idler.reader.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "", "closed after the error");
+    }
+    // The slots are free again, and the negotiated client was not touched.
+    let mut late = f.client();
+    assert_eq!(late.ok("query-status", None)["running"], true);
+    assert_eq!(manager.ok("query-status", None)["running"], true);
+}
+
+#[test]
+fn null_is_refused_for_every_integer_member() {
+    let f = Fixture::new();
+    let mut c = f.client();
+    let export = json!({"type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+        "addr": {"type": "unix", "path": "/tmp/e0.sock"}, "iothread": "io0"});
+    let cases: [(&str, Value, &[&str]); 4] = [
+        (
+            "object-add",
+            json!({"qom-type": "iothread", "id": "io9"}),
+            &[
+                "poll-max-ns",
+                "poll-grow",
+                "poll-shrink",
+                "poll-weight",
+                "aio-max-batch",
+            ],
+        ),
+        (
+            "block-export-add",
+            export,
+            &["num-queues", "logical-block-size"],
+        ),
+        (
+            "human-monitor-command",
+            json!({"command-line": "info iothreads"}),
+            &["cpu-index"],
+        ),
+        (
+            "qom-set",
+            json!({"path": "/objects/io1", "property": "poll-max-ns"}),
+            &["value"],
+        ),
+    ];
+    for (cmd, base, members) in cases {
+        for member in members {
+            let mut args = base.clone();
+            args[*member] = Value::Null;
+            let err = c.err(cmd, Some(args.clone()));
+            let want = if *member == "value" {
+                "Invalid parameter type for 'poll-max-ns', expected: integer".to_owned()
+            } else {
+                format!("Invalid parameter type for '{member}', expected: integer")
+            };
+            assert_eq!(err, ("GenericError".to_owned(), want), "{cmd} {args}");
+        }
+    }
+    // Nothing was created or changed.
+    let threads = c.ok("query-iothreads", None);
+    assert_eq!(threads.as_array().unwrap().len(), 2, "{threads}");
 }
 
 #[test]

@@ -80,9 +80,17 @@ pub enum BootError {
     /// Writing the command line into guest memory failed.
     #[error("cannot write the kernel command line into guest memory")]
     CmdlineLoad(#[source] loader::Error),
-    /// The command line is invalid or too long.
+    /// The command line is invalid.
     #[error("invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line does not fit (with what vmm-ref appends).
+    #[error("the kernel command line is {len} bytes long (with the arguments vmm-ref appends); at most {max} fit")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The most that fits (without the NUL).
+        max: usize,
+    },
     /// Writing a boot structure into guest memory failed.
     #[error("cannot write {what} into guest memory")]
     GuestWrite {
@@ -158,8 +166,30 @@ pub fn load_kernel_file(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKern
     load_kernel(mem, &mut file)
 }
 
-/// Loads the initrd at the top of low RAM (page aligned, above the kernel).
-/// Returns `(address, size)`.
+/// Where an initrd of `size` bytes goes: page-aligned at the top of RAM below
+/// the MMIO gap (and below `initrd_addr_max + 1` when the kernel gives one),
+/// above `kernel_end`. The same rule is checked before the VM exists.
+pub fn initrd_address(
+    mem_size: u64,
+    kernel_end: u64,
+    size: u64,
+    initrd_addr_max: Option<u32>,
+) -> Result<u64, BootError> {
+    let mut limit = mem_size.min(MMIO_GAP_START);
+    if let Some(max) = initrd_addr_max.filter(|m| *m != 0) {
+        limit = limit.min(u64::from(max) + 1);
+    }
+    match limit.checked_sub(size) {
+        Some(a) if a & !0xfff >= kernel_end => Ok(a & !0xfff),
+        _ => Err(BootError::InitrdTooLarge {
+            size,
+            limit,
+            kernel_end,
+        }),
+    }
+}
+
+/// Loads the initrd at [`initrd_address`]. Returns `(address, size)`.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
@@ -173,25 +203,10 @@ pub fn load_initrd(
     };
     let mut file = File::open(path).map_err(file_err)?;
     let size = file.metadata().map_err(file_err)?.len();
-    let mut limit = mem_size.min(MMIO_GAP_START);
-    if let Some(max) = initrd_addr_max.filter(|m| *m != 0) {
-        limit = limit.min(u64::from(max) + 1);
-    }
-    let too_large = BootError::InitrdTooLarge {
-        size,
-        limit,
-        kernel_end,
-    };
-    let addr = match limit.checked_sub(size) {
-        Some(a) => a & !0xfff,
-        None => return Err(too_large),
-    };
-    if addr < kernel_end {
-        return Err(too_large);
-    }
+    let addr = initrd_address(mem_size, kernel_end, size, initrd_addr_max)?;
     let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge {
         size,
-        limit,
+        limit: addr,
         kernel_end,
     })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
@@ -202,14 +217,27 @@ pub fn load_initrd(
     Ok((addr, size))
 }
 
-/// Writes the NUL-terminated command line at [`CMDLINE_START`]; returns its length
-/// without the NUL.
-pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, BootError> {
+/// The command line as linux-loader checks it: printable ASCII, at most
+/// [`CMDLINE_MAX_SIZE`] bytes with the NUL. Also used before the VM exists.
+pub fn checked_cmdline(cmdline: &str) -> Result<linux_loader::cmdline::Cmdline, BootError> {
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX_SIZE - 1,
+        });
+    }
     let mut cl =
         linux_loader::cmdline::Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     if !cmdline.is_empty() {
         cl.insert_str(cmdline).map_err(BootError::Cmdline)?;
     }
+    Ok(cl)
+}
+
+/// Writes the NUL-terminated command line at [`CMDLINE_START`]; returns its length
+/// without the NUL.
+pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, BootError> {
+    let cl = checked_cmdline(cmdline)?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::CmdlineLoad)?;
     Ok(cmdline.len())
 }
@@ -356,10 +384,13 @@ pub struct BootSetup {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootProtocol {
+    /// PVH when the ELF has the PVH note (as cloud-hypervisor chooses),
+    /// the 64-bit entry otherwise (bzImage: always the 64-bit entry).
+    #[default]
+    Auto,
     /// Linux 64-bit boot protocol: ELF `e_entry` or bzImage + 0x200, long
     /// mode, `rsi` = zero page (the fewest emulated ring-0 instructions on a
     /// paravirtual nested KVM).
-    #[default]
     Linux64,
     /// PVH: the ELF's `XEN_ELFNOTE_PHYS32_ENTRY`, 32-bit protected mode,
     /// `ebx` = `hvm_start_info` (as cloud-hypervisor and QEMU boot an ELF).
@@ -370,10 +401,11 @@ impl std::str::FromStr for BootProtocol {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(BootProtocol::Auto),
             "linux64" => Ok(BootProtocol::Linux64),
             "pvh" => Ok(BootProtocol::Pvh),
             other => Err(format!(
-                "unknown boot protocol '{other}' (expected linux64 or pvh)"
+                "unknown boot protocol '{other}' (expected auto, linux64 or pvh)"
             )),
         }
     }
@@ -453,12 +485,20 @@ pub fn prepare(mem: &GuestMemoryMmap, setup: &BootSetup) -> Result<BootEntry, Bo
     )?;
     write_gdt(mem)?;
     write_page_tables(mem)?;
-    match setup.protocol {
-        BootProtocol::Linux64 => Ok(BootEntry::Linux64 { rip: kernel.entry }),
-        BootProtocol::Pvh => {
-            let rip = kernel.pvh_entry.ok_or(BootError::NoPvhEntry)?;
+    match (setup.protocol, kernel.pvh_entry) {
+        (BootProtocol::Pvh, None) => Err(BootError::NoPvhEntry),
+        (BootProtocol::Pvh | BootProtocol::Auto, Some(rip)) => {
+            log::info!("boot: PVH entry {rip:#x} (--boot {:?})", setup.protocol);
             let start_info = write_pvh_start_info(mem, setup.mem_size, initrd)?;
             Ok(BootEntry::Pvh { rip, start_info })
+        }
+        (BootProtocol::Linux64, _) | (BootProtocol::Auto, None) => {
+            log::info!(
+                "boot: 64-bit entry {:#x} (--boot {:?})",
+                kernel.entry,
+                setup.protocol
+            );
+            Ok(BootEntry::Linux64 { rip: kernel.entry })
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod cpu;
 pub mod iobus;
+pub mod kernel;
 pub mod layout;
 pub mod memory;
 pub mod mptable;

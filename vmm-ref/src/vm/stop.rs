@@ -12,10 +12,13 @@ pub enum StopReason {
     DebugExit(u32),
     /// The guest asked the i8042 controller for a CPU reset (0xFE to port 0x64).
     I8042Reset,
-    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed (or
+    /// reset itself the hard way, e.g. Linux `reboot=t`). Not a clean stop.
     TripleFault {
         /// The vCPU.
         vcpu: u8,
+        /// Its registers at the exit (`; rip=... rsp=...`, empty if unknown).
+        regs: String,
     },
     /// KVM reported a system event (shutdown / reset / crash).
     SystemEvent {
@@ -40,13 +43,14 @@ const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
 impl StopReason {
     /// Process exit status for this stop: the debug-exit value (clamped to 255),
-    /// 0 for clean guest stops, 1 for failures.
+    /// 0 for clean stops (an i8042 reset is the guest asking to stop), 1 for
+    /// failures, a triple fault among them (the guest crashed).
     pub fn exit_status(&self) -> i32 {
         match self {
             StopReason::DebugExit(v) => (*v).min(255) as i32,
-            StopReason::I8042Reset | StopReason::TripleFault { .. } | StopReason::Quit => 0,
+            StopReason::I8042Reset | StopReason::Quit => 0,
             StopReason::SystemEvent { kind, .. } => i32::from(*kind == KVM_SYSTEM_EVENT_CRASH),
-            StopReason::VcpuError { .. } => 1,
+            StopReason::TripleFault { .. } | StopReason::VcpuError { .. } => 1,
         }
     }
 
@@ -61,9 +65,11 @@ impl fmt::Display for StopReason {
         match self {
             StopReason::DebugExit(v) => write!(f, "guest wrote {v} to the debug-exit port"),
             StopReason::I8042Reset => write!(f, "guest requested a reset through the i8042"),
-            StopReason::TripleFault { vcpu } => {
-                write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)")
-            }
+            StopReason::TripleFault { vcpu, regs } => write!(
+                f,
+                "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed \
+                 (a guest that means to stop resets through the i8042 or the debug-exit port){regs}"
+            ),
             StopReason::SystemEvent { vcpu, kind } => {
                 write!(f, "vCPU {vcpu} reported KVM system event {kind}")
             }
@@ -162,7 +168,12 @@ mod tests {
         assert_eq!(StopReason::DebugExit(7).exit_status(), 7);
         assert_eq!(StopReason::DebugExit(1000).exit_status(), 255);
         assert_eq!(StopReason::I8042Reset.exit_status(), 0);
-        assert_eq!(StopReason::TripleFault { vcpu: 0 }.exit_status(), 0);
+        let tf = StopReason::TripleFault {
+            vcpu: 0,
+            regs: String::new(),
+        };
+        assert_eq!(tf.exit_status(), 1);
+        assert!(tf.is_guest_initiated());
         let e = StopReason::VcpuError {
             vcpu: 0,
             detail: "x".into(),

@@ -398,7 +398,10 @@ impl Runner {
                 Next::Park
             }
             Exit::Shutdown => {
-                ctx.stop.request(StopReason::TripleFault { vcpu: id });
+                ctx.stop.request(StopReason::TripleFault {
+                    vcpu: id,
+                    regs: self.regs_summary(),
+                });
                 Next::Park
             }
             Exit::SystemEvent(kind, data) => {

@@ -112,9 +112,19 @@ pub fn run_vmm(args: &[&str], timeout: Duration) -> Output {
 
 /// A minimal ELF64 with one PT_LOAD segment at 1 MiB whose entry is its start.
 pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    tiny_elf_with_pvh_note(code, None)
+}
+
+/// [`tiny_elf`], plus a PT_NOTE with the PVH entry note
+/// (`XEN_ELFNOTE_PHYS32_ENTRY`, name "Xen", an 8-byte descriptor) when
+/// `pvh_entry` is given.
+pub fn tiny_elf_with_pvh_note(code: &[u8], pvh_entry: Option<u64>) -> Vec<u8> {
     const LOAD: u64 = 0x10_0000;
     let phoff: u64 = 64;
-    let code_off: u64 = 64 + 56;
+    let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
+    let code_off: u64 = 64 + 56 * u64::from(phnum);
+    let note_off = code_off + code.len() as u64;
+    let note_len: u64 = 12 + 4 + 8;
     let mut e = Vec::new();
     e.extend_from_slice(b"\x7fELF");
     e.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV
@@ -128,7 +138,7 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
     e.extend_from_slice(&0u32.to_le_bytes()); // e_flags
     e.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
     e.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    e.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    e.extend_from_slice(&phnum.to_le_bytes()); // e_phnum
     e.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
     e.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
     e.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
@@ -141,9 +151,45 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
     e.extend_from_slice(&(code.len() as u64).to_le_bytes());
     e.extend_from_slice(&(code.len() as u64).to_le_bytes());
     e.extend_from_slice(&0x1000u64.to_le_bytes());
+    if pvh_entry.is_some() {
+        e.extend_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        e.extend_from_slice(&4u32.to_le_bytes()); // R
+        e.extend_from_slice(&note_off.to_le_bytes());
+        e.extend_from_slice(&0u64.to_le_bytes()); // p_vaddr
+        e.extend_from_slice(&0u64.to_le_bytes()); // p_paddr
+        e.extend_from_slice(&note_len.to_le_bytes());
+        e.extend_from_slice(&note_len.to_le_bytes());
+        e.extend_from_slice(&4u64.to_le_bytes());
+    }
     assert_eq!(e.len() as u64, code_off);
     e.extend_from_slice(code);
+    if let Some(entry) = pvh_entry {
+        e.extend_from_slice(&4u32.to_le_bytes()); // n_namesz
+        e.extend_from_slice(&8u32.to_le_bytes()); // n_descsz
+        e.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        e.extend_from_slice(b"Xen\0");
+        e.extend_from_slice(&entry.to_le_bytes());
+    }
     e
+}
+
+/// 32-bit protected-mode code (a PVH entry): writes `status` to the
+/// debug-exit port. Entered in 64-bit mode instead, the same bytes decode
+/// differently (`dec eax; mov eax, imm32` become `mov rax, imm64`) and run
+/// into `ud2`: with no usable IDT, a triple fault.
+pub fn pvh_stub_code(status: u8) -> Vec<u8> {
+    vec![
+        0x48, // 32-bit: dec eax | 64-bit: REX.W of the next instruction
+        0xb8, 0x66, 0xba, 0xf4, 0x00, // mov eax, imm32 | mov rax, imm64 (8 bytes)...
+        0xeb, 0x08, // 32-bit: jmp +8 (to offset 16) | ...imm64
+        0x90, 0x90, // ...imm64
+        0x0f, 0x0b, // 64-bit: ud2 (offset 10)
+        0x90, 0x90, 0x90, 0x90, // padding
+        0x66, 0xba, 0xf4, 0x00, // offset 16 (32-bit): mov dx,0xf4
+        0xb8, status, 0, 0, 0,    // mov eax, status
+        0xef, // out dx,eax
+        0xf4, 0xeb, 0xfd, // hlt; jmp $-1
+    ]
 }
 
 /// 64-bit code: prints "OK:" and the kernel command line (via the zero page's
@@ -197,13 +243,18 @@ pub struct Running {
 
 impl Running {
     pub fn spawn(args: &[&str]) -> Running {
-        Self::spawn_with(args, Stdio::null())
+        Self::spawn_with(args, Stdio::null(), &[])
+    }
+
+    /// [`Running::spawn`] with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Running {
+        Self::spawn_with(args, Stdio::null(), env)
     }
 
     /// Like [`Running::spawn`], with stdin piped (the guest's serial input): see
     /// [`Running::send_input`].
     pub fn spawn_interactive(args: &[&str]) -> Running {
-        Self::spawn_with(args, Stdio::piped())
+        Self::spawn_with(args, Stdio::piped(), &[])
     }
 
     /// Writes `bytes` to vmm-ref's stdin (the guest's serial console).
@@ -218,10 +269,11 @@ impl Running {
         stdin.flush().unwrap();
     }
 
-    fn spawn_with(args: &[&str], stdin: Stdio) -> Running {
+    fn spawn_with(args: &[&str], stdin: Stdio, env: &[(&str, &str)]) -> Running {
         use std::io::BufRead;
         let mut child = Command::new(VMM_REF)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -23,6 +23,7 @@
 
 pub mod backend;
 pub mod handler;
+pub mod lock;
 pub mod mapped;
 pub mod mem_disk;
 pub mod raw;
@@ -107,8 +108,9 @@ pub enum BlockError {
         /// Value.
         value: u16,
     },
-    /// `queue-size` not a power of two in 2..=32768.
-    #[error("drive '{id}': queue-size {value} must be a power of two between 2 and 32768")]
+    /// `queue-size` not a power of two in 4..=32768 (a request takes 3
+    /// descriptors; QEMU: "must be > 2").
+    #[error("drive '{id}': queue-size {value} must be a power of two between 4 and 32768")]
     QueueSize {
         /// Drive id.
         id: String,
@@ -562,7 +564,7 @@ impl Block {
                 value: cfg.num_queues,
             });
         }
-        if cfg.queue_size < 2 || !cfg.queue_size.is_power_of_two() || cfg.queue_size > 32768 {
+        if cfg.queue_size <= 2 || !cfg.queue_size.is_power_of_two() || cfg.queue_size > 32768 {
             return Err(BlockError::QueueSize {
                 id,
                 value: cfg.queue_size,
