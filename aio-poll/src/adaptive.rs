@@ -17,8 +17,18 @@
 //! is treated as 0, so no `i64` input can overflow or panic, and the window is
 //! always within `[0, max_ns]`.
 //!
+//! The window may legitimately be huge (`poll-max-ns` up to `i64::MAX`,
+//! ~292 years). [`PollWindow`] is the deadline arithmetic of one polling
+//! phase: whatever the window, it asks the loop to look at its fds, idle
+//! handlers and timers at least every [`POLL_CHECK_INTERVAL_NS`], so a
+//! handler that is not (yet) on the poll list is never starved by polling.
+//!
+//! This module is internal; the `unstable` feature re-exports it from
+//! `aio_poll::unstable` for the fuzz targets and the benchmark.
+//!
 //! ```
-//! use aio_poll::adaptive::Adaptive;
+//! # #[cfg(feature = "unstable")] {
+//! use aio_poll::unstable::Adaptive;
 //! use aio_poll::PollParams;
 //!
 //! let mut a = Adaptive::new(PollParams::default()).unwrap();
@@ -27,6 +37,7 @@
 //! a.update(10_000, ns.iter_mut().map(|n| (n, true)));
 //! assert_eq!(ns[0], 10_000);
 //! assert_eq!(a.poll_ns(), 10_000);
+//! # }
 //! ```
 
 use crate::error::Result;
@@ -34,6 +45,65 @@ use crate::params::{PollAlgorithm, PollParams};
 
 /// Classic algorithm: first polling time when growing from 0.
 pub const CLASSIC_GROW_START_NS: i64 = 4000;
+
+/// Longest stretch a polling phase runs without the loop looking at its fds
+/// (a non-blocking `epoll_wait`), idle poll handlers and the clock; a nested
+/// context returns to its outer loop at this interval.
+pub const POLL_CHECK_INTERVAL_NS: u64 = 1_000_000;
+
+/// What the loop does next in a polling phase (see [`PollWindow::step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollStep {
+    /// Keep calling the poll handlers.
+    Poll,
+    /// Look at the fds, idle handlers and timers now, then keep polling.
+    Check,
+    /// The window has elapsed: stop polling.
+    Expired,
+}
+
+/// The deadline arithmetic of one polling phase: a window of `window` ns
+/// from `start`, with a [`PollStep::Check`] at least every
+/// [`POLL_CHECK_INTERVAL_NS`]. Overflow-free for any `start` and `window`
+/// (including `u64::MAX`); a clock that goes backwards is taken as standing
+/// still.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PollWindow {
+    start: u64,
+    window: u64,
+    next_check: u64,
+}
+
+impl PollWindow {
+    /// A window of `window` ns starting at `start`.
+    pub fn new(start: u64, window: u64) -> PollWindow {
+        PollWindow {
+            start,
+            window,
+            next_check: start.saturating_add(POLL_CHECK_INTERVAL_NS),
+        }
+    }
+
+    /// Time spent in the window at `now`.
+    pub fn elapsed(&self, now: u64) -> u64 {
+        now.saturating_sub(self.start)
+    }
+
+    /// What to do at `now`: [`PollStep::Expired`] once `window` ns have
+    /// elapsed, else [`PollStep::Check`] whenever [`POLL_CHECK_INTERVAL_NS`]
+    /// passed since the start or the last check, else [`PollStep::Poll`].
+    #[inline]
+    pub fn step(&mut self, now: u64) -> PollStep {
+        if self.elapsed(now) >= self.window {
+            return PollStep::Expired;
+        }
+        if now >= self.next_check {
+            self.next_check = now.saturating_add(POLL_CHECK_INTERVAL_NS);
+            return PollStep::Check;
+        }
+        PollStep::Poll
+    }
+}
 
 /// What one [`Adaptive::update`] did (for statistics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -541,6 +611,65 @@ mod tests {
     }
 
     #[test]
+    fn poll_window_checks_and_expires() {
+        let mut w = PollWindow::new(1_000, 3_500_000);
+        assert_eq!(w.step(1_000), PollStep::Poll);
+        assert_eq!(w.step(1_000_999), PollStep::Poll);
+        assert_eq!(w.step(1_001_000), PollStep::Check);
+        assert_eq!(w.step(1_500_000), PollStep::Poll);
+        assert_eq!(w.step(2_001_000), PollStep::Check);
+        assert_eq!(w.step(3_501_000), PollStep::Expired);
+        // A short window never checks.
+        let mut w = PollWindow::new(0, 32_768);
+        assert_eq!(w.step(32_767), PollStep::Poll);
+        assert_eq!(w.step(32_768), PollStep::Expired);
+        // The issue #16 window: poll_ns = i64::MAX, start near the end of time.
+        let mut w = PollWindow::new(u64::MAX - 10, i64::MAX as u64);
+        assert_eq!(w.step(u64::MAX - 10), PollStep::Poll);
+        assert_eq!(w.step(u64::MAX), PollStep::Check, "saturated check time");
+        assert_eq!(w.step(u64::MAX), PollStep::Check);
+        // Clock going back: standing still.
+        let mut w = PollWindow::new(5_000_000, 10);
+        assert_eq!(w.step(0), PollStep::Poll);
+    }
+
+    /// Issue #16: with `poll-max-ns` and `poll-grow` at `i64::MAX` the window
+    /// jumps to `i64::MAX` (~292 years), and the polling phase must still
+    /// hand control back every [`POLL_CHECK_INTERVAL_NS`].
+    #[test]
+    fn huge_grow_and_max_window_still_checks() {
+        for algorithm in [PollAlgorithm::Weighted, PollAlgorithm::Classic] {
+            let mut a = Adaptive::new(
+                PollParams::default()
+                    .with_max_ns(i64::MAX)
+                    .with_grow_shrink(i64::MAX, 2)
+                    .with_algorithm(algorithm),
+            )
+            .unwrap();
+            let mut hs = [(0i64, true)];
+            // Intervals that lengthen a little: one grow step saturates.
+            for block_ns in [20_000, 40_000] {
+                run(&mut a, block_ns, &mut hs);
+            }
+            assert_eq!(a.poll_ns(), i64::MAX, "{algorithm}");
+            let window = u64::try_from(a.poll_ns()).unwrap();
+            let mut w = PollWindow::new(7, window);
+            let mut now = 7u64;
+            let mut checks = 0;
+            for _ in 0..10_000 {
+                now += 997;
+                match w.step(now) {
+                    PollStep::Poll => {}
+                    PollStep::Check => checks += 1,
+                    PollStep::Expired => panic!("a 292-year window expired"),
+                }
+            }
+            // 9.97 ms of polling: a check every ms.
+            assert_eq!(checks, 9, "{algorithm}");
+        }
+    }
+
+    #[test]
     fn block_ns_from_injected_timestamps() {
         let mut a = weighted(32768, 3);
         a.start(1_000);
@@ -604,6 +733,34 @@ mod tests {
             prop_assert_eq!(below_quotient(adj, poll_ns, shrink), adj < poll_ns / shrink);
             let small = (adj % 100_000, poll_ns % 100_000, shrink % 9 + 1);
             prop_assert_eq!(below_quotient(small.0, small.1, small.2), small.0 < small.1 / small.2);
+        }
+
+        #[test]
+        fn poll_window_never_polls_past_a_check(
+            start in 0u64..u64::MAX / 2,
+            window in prop_oneof![0u64..100_000_000, any::<u64>()],
+            deltas in proptest::collection::vec(0u64..3_000_000, 1..200),
+        ) {
+            let mut w = PollWindow::new(start, window);
+            let mut now = start;
+            let mut last_check = start;
+            for d in deltas {
+                now = now.saturating_add(d);
+                match w.step(now) {
+                    PollStep::Expired => {
+                        prop_assert!(now - start >= window);
+                        break;
+                    }
+                    PollStep::Check => {
+                        prop_assert!(now - last_check >= POLL_CHECK_INTERVAL_NS);
+                        last_check = now;
+                    }
+                    PollStep::Poll => {
+                        prop_assert!(now - start < window);
+                        prop_assert!(now - last_check < POLL_CHECK_INTERVAL_NS);
+                    }
+                }
+            }
         }
 
         #[test]

@@ -66,7 +66,7 @@ impl Drop for BhOwner {
 /// let bh = ctx.new_bh(move |_ctx| { r.fetch_add(1, Ordering::SeqCst); });
 /// bh.schedule();
 /// bh.schedule(); // still one pending run
-/// assert!(ctx.poll(false));
+/// assert!(ctx.poll(false).unwrap());
 /// assert_eq!(runs.load(Ordering::SeqCst), 1);
 /// ```
 #[derive(Clone)]

@@ -34,6 +34,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// CPU time consumed by the calling thread (`CLOCK_THREAD_CPUTIME_ID`) in ns.
+#[cfg(any(test, feature = "unstable"))]
 pub fn thread_cpu_time_ns() -> u64 {
     clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }

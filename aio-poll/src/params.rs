@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+#[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -20,8 +21,9 @@ pub const DEFAULT_WEIGHT: i64 = 3;
 pub const MAX_WEIGHT: i64 = 63;
 
 /// Which adaptive polling algorithm the context uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum PollAlgorithm {
     /// QEMU 10.x per-handler grow/shrink (design note §2).
     Classic,
@@ -133,7 +135,8 @@ impl ParamError {
 ///     "poll-max-ns value must be in range [0, 9223372036854775807]"
 /// );
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 #[non_exhaustive]
 pub struct PollParams {
     /// Upper bound of the polling window in ns (`poll-max-ns`).
@@ -315,6 +318,11 @@ mod tests {
         );
         assert_eq!(PollAlgorithm::Classic.to_string(), "classic");
         assert!("fast".parse::<PollAlgorithm>().is_err());
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn serde_round_trip() {
         let json = serde_json::to_string(&PollParams::default()).unwrap();
         assert!(json.contains("\"weighted\""), "{json}");
         let back: PollParams = serde_json::from_str(&json).unwrap();

@@ -1,10 +1,11 @@
-//! Statistics as data (serde): loop counters, the adaptive state and a
+//! Statistics as data (serde with the `serde` feature): loop counters, the adaptive state and a
 //! histogram of the polling window.
 //!
 //! See [`PollNsHistogram`] for the definitions of the derived statistics.
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
+#[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
 
 use crate::params::PollParams;
@@ -33,7 +34,9 @@ pub const HISTOGRAM_BUCKETS: usize = 65;
 ///   `>= 0.9 * max_ns` (each iteration weighs 1);
 ///   [`PollNsHistogram::near_max_time_share`] weighs each iteration by its
 ///   wall-clock duration instead.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[non_exhaustive]
 pub struct PollNsHistogram {
     /// Iteration counts per log2 bucket of `poll_ns` (see [`HISTOGRAM_BUCKETS`]).
     pub buckets: Vec<u64>,
@@ -74,7 +77,8 @@ impl Default for PollNsHistogram {
     }
 }
 
-/// The bucket index of a value.
+/// The histogram bucket index of a `poll_ns` value (internal; re-exported
+/// by the `unstable` feature).
 pub fn bucket_of(poll_ns: u64) -> usize {
     (u64::BITS - poll_ns.leading_zeros()) as usize
 }
@@ -115,7 +119,7 @@ impl PollNsHistogram {
     }
 
     /// Records one iteration's window.
-    pub fn record(&mut self, poll_ns: u64, max_ns: u64, duration_ns: u64) {
+    pub(crate) fn record(&mut self, poll_ns: u64, max_ns: u64, duration_ns: u64) {
         if let Some(b) = self.buckets.get_mut(bucket_of(poll_ns)) {
             *b += 1;
         }
@@ -181,7 +185,9 @@ impl PollNsHistogram {
 }
 
 /// Per poll-list handler statistics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[non_exhaustive]
 pub struct HandlerStats {
     /// [`HandlerId::as_u64`](crate::HandlerId::as_u64) of the handler.
     pub id: u64,
@@ -192,7 +198,9 @@ pub struct HandlerStats {
 }
 
 /// A snapshot of the loop's statistics.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[non_exhaustive]
 pub struct Stats {
     /// Loop iterations (`poll()` calls).
     pub iterations: u64,
@@ -224,7 +232,8 @@ pub struct Stats {
     pub param_updates: u64,
     /// The parameters in use.
     pub params: PollParams,
-    /// `epoll_wait` failures (other than EINTR).
+    /// `epoll_wait` failures (other than EINTR); each one is also returned
+    /// by [`AioContext::poll`](crate::AioContext::poll).
     pub epoll_errors: u64,
 }
 
@@ -502,8 +511,11 @@ mod tests {
                 ..o.clone()
             }
         );
-        let json = serde_json::to_string(&s).unwrap();
-        let back: Stats = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, s);
+        #[cfg(feature = "serde")]
+        {
+            let json = serde_json::to_string(&s).unwrap();
+            let back: Stats = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, s);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! deadline order (ties in creation order).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
 
 use crate::bh::BhFn;
 
@@ -22,7 +22,10 @@ struct Entry {
 pub(crate) struct Timers {
     next_id: u64,
     heap: BinaryHeap<Reverse<(u64, u64)>>,
-    entries: HashMap<u64, Entry>,
+    /// A `BTreeMap`, not a `HashMap`: `RandomState` seeds itself with the
+    /// `getrandom` system call once per thread, which a seccomp allow-list
+    /// of the loop's system calls would otherwise have to include.
+    entries: BTreeMap<u64, Entry>,
 }
 
 impl Timers {

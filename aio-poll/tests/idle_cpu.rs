@@ -5,9 +5,8 @@ mod common;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use aio_poll::clock::thread_cpu_time_ns;
 use aio_poll::{AioContext, PollParams};
-use common::{add_queue, with_watchdog, Probe, Queue};
+use common::{add_queue, thread_cpu_time_ns, with_watchdog, Probe, Queue};
 
 /// Runs the loop on its own thread while it is idle for ~300 ms and returns
 /// the CPU time the loop thread consumed.
@@ -24,7 +23,7 @@ fn idle_cpu_ns(params: PollParams, with_poll_handler: bool) -> (u64, u64) {
                 add_queue(&mut ctx, &q, &probe);
                 for _ in 0..100 {
                     q.push();
-                    ctx.poll(true);
+                    ctx.poll(true).unwrap();
                 }
             }
             tx.send(ctx.handle()).unwrap();
@@ -34,7 +33,8 @@ fn idle_cpu_ns(params: PollParams, with_poll_handler: bool) -> (u64, u64) {
             ctx.run(|_| {
                 iterations += 1;
                 false
-            });
+            })
+            .unwrap();
             (thread_cpu_time_ns() - cpu0, iterations)
         });
         let handle = rx.recv().unwrap();

@@ -19,7 +19,7 @@ fn live_param_change_resets_state_and_shows_in_stats() {
         // Build up adaptive state: events ~1 ms apart.
         let q2 = q.clone();
         let loop_thread = std::thread::spawn(move || {
-            ctx.run(|_| false);
+            ctx.run(|_| false).unwrap();
             ctx
         });
         for i in 1..=20u64 {
@@ -101,7 +101,7 @@ fn disabling_polling_leaves_poll_mode() {
     let probe = Probe::default();
     let id = add_queue(&mut ctx, &q, &probe);
     q.push();
-    assert!(ctx.poll(true));
+    assert!(ctx.poll(true).unwrap());
     assert!(ctx.is_on_poll_list(id));
     ctx.set_poll_params(PollParams::disabled()).unwrap();
     assert!(!ctx.is_on_poll_list(id));

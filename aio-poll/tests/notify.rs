@@ -42,7 +42,7 @@ fn notify_stress(params: PollParams) {
             if p == NOTIFIES {
                 break;
             }
-            ctx.poll(true);
+            ctx.poll(true).unwrap();
             iterations += 1;
         }
         let syscalls = producer.join().unwrap();
@@ -52,7 +52,7 @@ fn notify_stress(params: PollParams) {
         // never more than one per notify.
         assert!(syscalls <= NOTIFIES, "syscalls {syscalls}");
         // Nothing is left behind: a non-blocking poll makes no progress.
-        assert!(!ctx.poll(false));
+        assert!(!ctx.poll(false).unwrap());
     });
 }
 
@@ -86,11 +86,12 @@ fn oneshot_bh_stress_exact_count() {
                 }
             }));
         }
-        ctx.run(|_| runs.load(Ordering::SeqCst) == 2 * PER_THREAD);
+        ctx.run(|_| runs.load(Ordering::SeqCst) == 2 * PER_THREAD)
+            .unwrap();
         for t in threads {
             t.join().unwrap();
         }
-        assert!(!ctx.poll(false));
+        assert!(!ctx.poll(false).unwrap());
         assert_eq!(runs.load(Ordering::SeqCst), 2 * PER_THREAD);
     });
 }
@@ -124,14 +125,14 @@ fn notify_is_free_while_loop_busy() {
                 std::hint::spin_loop();
             }
         });
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
         assert_eq!(
             notifier.join().unwrap(),
             0,
             "notify() made syscalls while the loop was busy"
         );
         // The pending notification makes the next blocking poll return at once.
-        assert!(!ctx.poll(true));
+        assert!(!ctx.poll(true).unwrap());
 
         // A sleeping loop, on the other hand, needs the eventfd write.
         let mut woke_by_syscall = false;
@@ -142,7 +143,7 @@ fn notify_is_free_while_loop_busy() {
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 h.notify();
             });
-            ctx.poll(true);
+            ctx.poll(true).unwrap();
             t.join().unwrap();
             if handle.notify_syscalls() > before {
                 woke_by_syscall = true;
@@ -180,7 +181,7 @@ fn virtqueue_producer_no_lost_events() {
                 }
             }
         });
-        ctx.run(|_| q.consumed.load(Ordering::SeqCst) == N);
+        ctx.run(|_| q.consumed.load(Ordering::SeqCst) == N).unwrap();
         producer.join().unwrap();
         assert_eq!(q.consumed.load(Ordering::SeqCst), N);
         assert!(ctx.is_on_poll_list(id));
@@ -194,7 +195,8 @@ fn virtqueue_producer_no_lost_events() {
             std::thread::sleep(std::time::Duration::from_millis(10));
             q3.push();
         });
-        ctx.run(|_| q.consumed.load(Ordering::SeqCst) == N + 1);
+        ctx.run(|_| q.consumed.load(Ordering::SeqCst) == N + 1)
+            .unwrap();
         t.join().unwrap();
     });
 }
@@ -205,8 +207,7 @@ fn virtqueue_producer_no_lost_events() {
 /// counted as progress.
 #[test]
 fn notify_during_polling_is_free_and_ends_the_window() {
-    use aio_poll::{ContextHandle, FdHandler};
-    use std::os::fd::AsRawFd;
+    use aio_poll::{ContextHandle, FdHandler, PollHandler, Readiness};
 
     struct Notifying {
         q: Arc<Queue>,
@@ -215,12 +216,11 @@ fn notify_during_polling_is_free_and_ends_the_window() {
         polls_while_armed: Arc<AtomicU64>,
     }
     impl FdHandler for Notifying {
-        fn read(&mut self, _ctx: &mut AioContext) {
+        fn ready(&mut self, _ctx: &mut AioContext, _ready: Readiness) {
             let _ = self.q.kick.read();
         }
-        fn has_poll(&self) -> bool {
-            true
-        }
+    }
+    impl PollHandler for Notifying {
         fn poll(&mut self) -> bool {
             if self.armed {
                 // First poll() after poll_begin: inside the polling loop.
@@ -230,6 +230,7 @@ fn notify_during_polling_is_free_and_ends_the_window() {
             }
             false
         }
+        fn poll_ready(&mut self, _ctx: &mut AioContext) {}
         fn poll_begin(&mut self) {
             self.armed = true;
         }
@@ -241,15 +242,15 @@ fn notify_during_polling_is_free_and_ends_the_window() {
             AioContext::with_params(PollParams::default().with_max_ns(10_000_000_000)).unwrap();
         let q = Queue::new();
         let polls = Arc::new(AtomicU64::new(0));
-        ctx.add_fd_handler(
-            q.kick.as_raw_fd(),
+        ctx.add_polled_fd_handler(
+            q.kick.clone(),
             aio_poll::Interest::READABLE,
-            Box::new(Notifying {
+            Notifying {
                 q: q.clone(),
                 handle: ctx.handle(),
                 armed: false,
                 polls_while_armed: polls.clone(),
-            }),
+            },
         )
         .unwrap();
         let q2 = q.clone();
@@ -257,13 +258,13 @@ fn notify_during_polling_is_free_and_ends_the_window() {
             std::thread::sleep(std::time::Duration::from_millis(20));
             q2.kick.write(1).unwrap();
         });
-        assert!(ctx.poll(true)); // dispatched: joins the poll list
+        assert!(ctx.poll(true).unwrap()); // dispatched: joins the poll list
         t.join().unwrap();
         assert!(ctx.poll_ns() > 0, "window {}", ctx.poll_ns());
         let syscalls = ctx.handle().notify_syscalls();
         let before = ctx.stats();
         // Polls (poll_begin arms, first poll() notifies), stops at once.
-        assert!(!ctx.poll(true), "a bare notify is not progress");
+        assert!(!ctx.poll(true).unwrap(), "a bare notify is not progress");
         assert_eq!(polls.load(Ordering::SeqCst), 1);
         assert_eq!(
             ctx.handle().notify_syscalls(),

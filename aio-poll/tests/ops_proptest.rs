@@ -5,12 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aio_poll::{
-    AioContext, FdHandler, HandlerId, Interest, ManualClock, PollAlgorithm, PollParams,
+    AioContext, FdHandler, HandlerId, Interest, ManualClock, PollAlgorithm, PollHandler,
+    PollParams, Readiness, SharedEventFd,
 };
 use proptest::prelude::*;
 use vmm_sys_util::eventfd::EventFd;
@@ -55,9 +55,8 @@ type Scripts = Arc<Mutex<HashMap<HandlerId, HandlerId>>>;
 
 struct H {
     me: Arc<Mutex<Option<HandlerId>>>,
-    efd: EventFd,
+    efd: SharedEventFd,
     scripts: Scripts,
-    poll: bool,
     calls: Arc<AtomicU64>,
 }
 
@@ -69,21 +68,19 @@ impl H {
         let target = me.and_then(|m| self.scripts.lock().unwrap().remove(&m));
         if let Some(t) = target {
             // May be ourselves, may be gone already: must never panic.
-            let _ = ctx.remove_fd_handler(t);
+            let _ = ctx.remove_handler(t);
         }
     }
 }
 
 impl FdHandler for H {
-    fn read(&mut self, ctx: &mut AioContext) {
+    fn ready(&mut self, ctx: &mut AioContext, ready: Readiness) {
+        assert!(!ready.is_empty());
         self.run(ctx);
     }
-    fn write(&mut self, ctx: &mut AioContext) {
-        self.run(ctx);
-    }
-    fn has_poll(&self) -> bool {
-        self.poll
-    }
+}
+
+impl PollHandler for H {
     fn poll(&mut self) -> bool {
         false
     }
@@ -101,17 +98,20 @@ proptest! {
         let scripts: Scripts = Arc::new(Mutex::new(HashMap::new()));
         let calls = Arc::new(AtomicU64::new(0));
         let mut ids: Vec<HandlerId> = Vec::new();
-        let mut writers: HashMap<HandlerId, EventFd> = HashMap::new();
+        let mut writers: HashMap<HandlerId, SharedEventFd> = HashMap::new();
         let mut timers = Vec::new();
         for op in ops {
             match op {
                 Op::Add { poll } => {
-                    let efd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-                    let writer = efd.try_clone().unwrap();
+                    let efd = SharedEventFd::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+                    let writer = efd.clone();
                     let me = Arc::new(Mutex::new(None));
-                    let fd = efd.as_raw_fd();
-                    let h = H { me: me.clone(), efd, scripts: scripts.clone(), poll, calls: calls.clone() };
-                    let id = ctx.add_fd_handler(fd, Interest::READABLE, Box::new(h)).unwrap();
+                    let h = H { me: me.clone(), efd: efd.clone(), scripts: scripts.clone(), calls: calls.clone() };
+                    let id = if poll {
+                        ctx.add_polled_fd_handler(efd, Interest::READABLE, h).unwrap()
+                    } else {
+                        ctx.add_fd_handler(efd, Interest::READABLE, h).unwrap()
+                    };
                     *me.lock().unwrap() = Some(id);
                     ids.push(id);
                     writers.insert(id, writer);
@@ -119,7 +119,7 @@ proptest! {
                 Op::Remove(i) => {
                     if let Some(id) = ids.get(i % ids.len().max(1)).copied() {
                         let existed = ctx.contains_handler(id);
-                        prop_assert_eq!(ctx.remove_fd_handler(id).is_ok(), existed);
+                        prop_assert_eq!(ctx.remove_handler(id).is_ok(), existed);
                         prop_assert!(!ctx.contains_handler(id));
                     }
                 }
@@ -132,7 +132,7 @@ proptest! {
                             _ => Interest::READABLE | Interest::WRITABLE,
                         };
                         let existed = ctx.contains_handler(id);
-                        prop_assert_eq!(ctx.modify_fd_handler(id, interest).is_ok(), existed);
+                        prop_assert_eq!(ctx.set_interest(id, interest).is_ok(), existed);
                     }
                 }
                 Op::Kick(i) => {
@@ -149,7 +149,7 @@ proptest! {
                     }
                 }
                 Op::Poll => {
-                    ctx.poll(false);
+                    ctx.poll(false).unwrap();
                 }
                 Op::Advance(d) => clock.advance(d),
                 Op::AddTimer(d, periodic) => {
@@ -192,7 +192,7 @@ proptest! {
         }
         // Drain; ends with a consistent, quiet context.
         for _ in 0..4 {
-            ctx.poll(false);
+            ctx.poll(false).unwrap();
         }
     }
 }

@@ -18,7 +18,7 @@ fn no_poll_list_when_polling_disabled() {
     let id = add_queue(&mut ctx, &q, &probe);
     for _ in 0..10 {
         q.push();
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
     }
     assert!(!ctx.is_on_poll_list(id));
     assert_eq!(Probe::get(&probe.begins), 0);
@@ -46,7 +46,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
         let id = add_queue(&mut ctx, &q, &probe);
         assert!(!ctx.is_on_poll_list(id));
         q.push();
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
         assert!(ctx.is_on_poll_list(id), "joins on first dispatch");
         assert_eq!(Probe::get(&probe.reads), 1);
         let s = ctx.stats();
@@ -56,7 +56,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
 
         // Entry published while the loop polls: found by poll(), no kick.
         q.push();
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
         assert!(Probe::get(&probe.poll_ready) >= 1 || Probe::get(&probe.reads) == 2);
 
         // Idle: a periodic timer keeps the loop iterating; after 30 ms without
@@ -65,7 +65,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
         ctx.add_timer(now + 2_000_000, Some(2_000_000), |_| {});
         let mut iterations = 0;
         while ctx.is_on_poll_list(id) {
-            ctx.poll(true);
+            ctx.poll(true).unwrap();
             iterations += 1;
             assert!(iterations < 100_000, "never left the poll list");
         }
@@ -79,7 +79,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
         // Rejoins on the next dispatch.
         q.push();
         while !ctx.is_on_poll_list(id) {
-            ctx.poll(true);
+            ctx.poll(true).unwrap();
         }
         assert_eq!(q.consumed.load(Ordering::SeqCst), 3);
     });
@@ -89,8 +89,7 @@ fn join_on_dispatch_poll_mode_and_idle_leave() {
 fn final_poll_catches_event_raced_with_poll_end() {
     // A handler whose poll_end publishes an entry (the race: the guest
     // added one while notifications were still suppressed, so no kick).
-    use aio_poll::FdHandler;
-    use std::os::fd::AsRawFd;
+    use aio_poll::{FdHandler, PollHandler, Readiness};
     use std::sync::Arc;
 
     struct Racy {
@@ -99,14 +98,13 @@ fn final_poll_catches_event_raced_with_poll_end() {
         ready_runs: u64,
     }
     impl FdHandler for Racy {
-        fn read(&mut self, _ctx: &mut AioContext) {
+        fn ready(&mut self, _ctx: &mut AioContext, _ready: Readiness) {
             let _ = self.q.kick.read();
             let p = self.q.produced.load(Ordering::SeqCst);
             self.q.consumed.store(p, Ordering::SeqCst);
         }
-        fn has_poll(&self) -> bool {
-            true
-        }
+    }
+    impl PollHandler for Racy {
         fn poll(&mut self) -> bool {
             self.q.produced.load(Ordering::SeqCst) > self.q.consumed.load(Ordering::SeqCst)
         }
@@ -136,29 +134,29 @@ fn final_poll_catches_event_raced_with_poll_end() {
         )
         .unwrap();
         let q = Queue::new();
-        ctx.add_fd_handler(
-            q.kick.as_raw_fd(),
+        ctx.add_polled_fd_handler(
+            q.kick.clone(),
             aio_poll::Interest::READABLE,
-            Box::new(Racy {
+            Racy {
                 q: q.clone(),
                 inject: true,
                 ready_runs: 0,
-            }),
+            },
         )
         .unwrap();
         q.push();
-        assert!(ctx.poll(true)); // joins, ns = 4000
-                                 // Next blocking poll: polls 4 µs, finds nothing, leaves poll mode;
-                                 // poll_end injects an entry without a kick. Without the final poll
-                                 // the loop would sleep forever (the watchdog would fire).
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap()); // joins, ns = 4000
+                                          // Next blocking poll: polls 4 µs, finds nothing, leaves poll mode;
+                                          // poll_end injects an entry without a kick. Without the final poll
+                                          // the loop would sleep forever (the watchdog would fire).
+        assert!(ctx.poll(true).unwrap());
         assert_eq!(q.consumed.load(Ordering::SeqCst), 2);
     });
 }
 
 #[test]
 fn poll_only_handler() {
-    use aio_poll::FdHandler;
+    use aio_poll::PollHandler;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
@@ -166,10 +164,7 @@ fn poll_only_handler() {
         pending: Arc<AtomicU64>,
         done: Arc<AtomicU64>,
     }
-    impl FdHandler for Ring {
-        fn has_poll(&self) -> bool {
-            true
-        }
+    impl PollHandler for Ring {
         fn poll(&mut self) -> bool {
             self.pending.load(Ordering::SeqCst) > 0
         }
@@ -184,14 +179,14 @@ fn poll_only_handler() {
         let done = Arc::new(AtomicU64::new(0));
         let mut ctx = AioContext::new().unwrap();
         let id = ctx
-            .add_poll_handler(Box::new(Ring {
+            .add_poll_handler(Ring {
                 pending: pending.clone(),
                 done: done.clone(),
-            }))
+            })
             .unwrap();
         assert!(ctx.is_on_poll_list(id));
         assert!(matches!(
-            ctx.modify_fd_handler(id, aio_poll::Interest::READABLE),
+            ctx.set_interest(id, aio_poll::Interest::READABLE),
             Err(aio_poll::Error::NoFd(_))
         ));
         // Completions found by polling; a notify() wakes a sleeping loop so
@@ -205,14 +200,113 @@ fn poll_only_handler() {
                 std::thread::sleep(Duration::from_micros(100));
             }
         });
-        ctx.run(|_| done.load(Ordering::SeqCst) == 100);
+        ctx.run(|_| done.load(Ordering::SeqCst) == 100).unwrap();
         t.join().unwrap();
         // Polling disabled: off the list; enabled again: back on it.
         ctx.set_poll_params(PollParams::disabled()).unwrap();
         assert!(!ctx.is_on_poll_list(id));
         ctx.set_poll_params(PollParams::default()).unwrap();
         assert!(ctx.is_on_poll_list(id));
-        ctx.remove_fd_handler(id).unwrap();
+        ctx.remove_handler(id).unwrap();
         assert_eq!(ctx.handler_count(), 0);
+    });
+}
+
+/// Issue #16: with `poll-max-ns` and `poll-grow` at `i64::MAX` the window
+/// grows to `i64::MAX` (~292 years) on the second dispatch. A handler on
+/// the poll list whose `poll()` finds nothing must not keep the loop from
+/// fd handlers that are not on the list, from timers, or from leaving the
+/// poll list when idle.
+#[test]
+fn huge_window_does_not_starve_fds_timers_or_idle_removal() {
+    use aio_poll::{FnHandler, Interest};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    with_watchdog(120, || {
+        let params = PollParams::default()
+            .with_max_ns(i64::MAX)
+            .with_grow_shrink(i64::MAX, 0);
+        let mut ctx = AioContext::with_params(params).unwrap();
+        ctx.set_poll_idle_timeout(Duration::from_millis(300));
+        let q = Queue::new();
+        let probe = Probe::default();
+        let qid = add_queue(&mut ctx, &q, &probe);
+        // Dispatches with lengthening intervals: as soon as the smoothed
+        // interval exceeds the window, one grow step (x i64::MAX) saturates it.
+        for i in 1..=12u64 {
+            let q2 = q.clone();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(1 << i.min(6)));
+                q2.push();
+            });
+            while q.consumed.load(Ordering::SeqCst) < i {
+                ctx.poll(true).unwrap();
+            }
+            t.join().unwrap();
+            if ctx.poll_ns() > 3_600_000_000_000 {
+                break;
+            }
+        }
+        assert!(
+            ctx.poll_ns() > 3_600_000_000_000,
+            "window {}",
+            ctx.poll_ns()
+        );
+        assert!(ctx.is_on_poll_list(qid));
+        // A plain fd handler, never on the poll list.
+        let (efd, writer) = common::eventfd();
+        let reader = efd.clone();
+        let reads = Arc::new(AtomicU64::new(0));
+        let r = reads.clone();
+        ctx.add_fd_handler(
+            efd,
+            Interest::READABLE,
+            FnHandler::new(move |_, _| {
+                // Writes may coalesce: count the eventfd's value.
+                r.fetch_add(reader.read().unwrap_or(0), Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        let t = std::thread::spawn(move || {
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(5));
+                writer.write(1).unwrap();
+            }
+        });
+        while reads.load(Ordering::SeqCst) < 3 {
+            // Each blocking iteration polls the huge window; the fd must end
+            // it through the periodic check.
+            ctx.poll(true).unwrap();
+        }
+        t.join().unwrap();
+        // A timer ends it too (the window is capped by the timeout).
+        let fired = Arc::new(AtomicU64::new(0));
+        let f = fired.clone();
+        let now = ctx.now_ns();
+        ctx.add_timer(now + 2_000_000, None, move |_| {
+            f.fetch_add(1, Ordering::SeqCst);
+        });
+        while fired.load(Ordering::SeqCst) == 0 {
+            ctx.poll(true).unwrap();
+        }
+        // Idle: the queue leaves the poll list (checked while polling), and
+        // then the loop sleeps instead of polling for 292 years. (A periodic
+        // timer wakes the sleeping loop so that this thread sees it.)
+        let now = ctx.now_ns();
+        let ticker = ctx.add_timer(now + 10_000_000, Some(10_000_000), |_| {});
+        while ctx.is_on_poll_list(qid) {
+            ctx.poll(true).unwrap();
+        }
+        let s = ctx.stats();
+        assert_eq!(s.handlers.len(), 0);
+        assert_eq!(Probe::get(&probe.begins), Probe::get(&probe.ends));
+        assert!(ctx.cancel_timer(ticker));
+        // The queue still works (through its kick, then by polling again).
+        let consumed = q.consumed.load(Ordering::SeqCst);
+        q.push();
+        while q.consumed.load(Ordering::SeqCst) < consumed + 1 {
+            ctx.poll(true).unwrap();
+        }
     });
 }

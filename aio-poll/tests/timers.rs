@@ -23,17 +23,17 @@ fn timer_order_deterministic_clock() {
         let o = order.clone();
         ctx.add_timer(deadline, None, move |_| o.lock().unwrap().push(name));
     }
-    assert!(!ctx.poll(false));
+    assert!(!ctx.poll(false).unwrap());
     clock.set(3_000);
-    assert!(ctx.poll(false));
+    assert!(ctx.poll(false).unwrap());
     assert_eq!(*order.lock().unwrap(), vec!["a", "b1", "b2"]);
     clock.set(9_999);
-    assert!(ctx.poll(false));
+    assert!(ctx.poll(false).unwrap());
     clock.set(10_000);
-    assert!(ctx.poll(false));
+    assert!(ctx.poll(false).unwrap());
     assert_eq!(*order.lock().unwrap(), vec!["a", "b1", "b2", "c", "d"]);
     assert_eq!(ctx.timer_count(), 0);
-    assert!(!ctx.poll(false));
+    assert!(!ctx.poll(false).unwrap());
 }
 
 #[test]
@@ -50,16 +50,16 @@ fn periodic_and_cancel() {
     assert!(!ctx.cancel_timer(cancelled));
     for now in [100u64, 200, 250, 300] {
         clock.set(now);
-        ctx.poll(false);
+        ctx.poll(false).unwrap();
     }
     assert_eq!(ticks.load(Ordering::SeqCst), 3);
     // Far behind: one run, missed periods skipped.
     clock.set(10_000);
-    ctx.poll(false);
+    ctx.poll(false).unwrap();
     assert_eq!(ticks.load(Ordering::SeqCst), 4);
     assert!(ctx.cancel_timer(periodic));
     clock.set(20_000);
-    assert!(!ctx.poll(false));
+    assert!(!ctx.poll(false).unwrap());
     assert_eq!(ticks.load(Ordering::SeqCst), 4);
 }
 
@@ -82,9 +82,9 @@ fn timer_cancels_itself_and_adds_another() {
     });
     *id_cell.lock().unwrap() = Some(id);
     clock.set(10);
-    assert!(ctx.poll(false));
+    assert!(ctx.poll(false).unwrap());
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert!(ctx.poll(false));
+    assert!(ctx.poll(false).unwrap());
     assert_eq!(runs.load(Ordering::SeqCst), 11);
     assert_eq!(ctx.timer_count(), 0);
 }
@@ -104,7 +104,7 @@ fn blocking_waits_for_timers_in_order() {
                     o.lock().unwrap().push((k, ctx.now_ns()));
                 });
             }
-            ctx.run(|ctx| ctx.timer_count() == 0);
+            ctx.run(|ctx| ctx.timer_count() == 0).unwrap();
             let order = order.lock().unwrap();
             let ks: Vec<u32> = order.iter().map(|x| x.0).collect();
             assert_eq!(ks, vec![1, 2, 3, 4]);
@@ -134,23 +134,23 @@ fn bottom_halves() {
         .join()
         .unwrap();
         assert!(bh.is_scheduled());
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(!bh.is_scheduled());
         // Cancel.
         bh.schedule();
         bh.cancel();
-        assert!(!ctx.poll(false));
+        assert!(!ctx.poll(false).unwrap());
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         // Idle BH: poll(true) wakes by itself (10 ms) and runs it; idle work
         // is not progress.
         bh.schedule_idle();
-        ctx.poll(true);
+        ctx.poll(true).unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 2);
         // A normal schedule upgrades an idle one.
         bh.schedule_idle();
         bh.schedule();
-        assert!(ctx.poll(true));
+        assert!(ctx.poll(true).unwrap());
         assert_eq!(runs.load(Ordering::SeqCst), 3);
         // A BH rescheduling itself runs once per iteration.
         let cell: Arc<Mutex<Option<aio_poll::Bh>>> = Arc::new(Mutex::new(None));
@@ -164,15 +164,15 @@ fn bottom_halves() {
         });
         *cell.lock().unwrap() = Some(again.clone());
         again.schedule();
-        assert!(ctx.poll(false));
+        assert!(ctx.poll(false).unwrap());
         assert_eq!(runs.load(Ordering::SeqCst), 4);
-        while ctx.poll(false) {}
+        while ctx.poll(false).unwrap() {}
         assert_eq!(runs.load(Ordering::SeqCst), 6);
         cell.lock().unwrap().take();
         // Dropping every clone deletes the BH: a pending run is skipped.
         bh.schedule();
         drop(bh);
-        assert!(!ctx.poll(false));
+        assert!(!ctx.poll(false).unwrap());
         assert_eq!(runs.load(Ordering::SeqCst), 6);
         assert_eq!(ctx.stats().bh_runs, 6);
     });

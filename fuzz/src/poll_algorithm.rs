@@ -1,5 +1,9 @@
 //! `poll_algorithm`: arbitrary parameters and `block_ns`/dispatch sequences through
-//! [`aio_poll::adaptive::Adaptive`], checking its invariants after every step.
+//! `aio_poll::unstable::Adaptive`, checking its invariants after every step, and the
+//! polling window the loop would run with the resulting `poll_ns` through
+//! `aio_poll::unstable::PollWindow` (issue #16: whatever the parameters, a polling
+//! phase hands control back to the fds, timers and idle handlers at least every
+//! `POLL_CHECK_INTERVAL_NS`).
 //!
 //! Format: one byte (bit 0: algorithm, bits 1..: handler count 1..=8), four raw `i64`
 //! parameters (`max_ns`, `grow`, `shrink`, `weight`, unvalidated), then steps. A step is a
@@ -7,7 +11,7 @@
 //! was dispatched, followed by an `i64` `block_ns`; `0xfe` = new raw parameters (four
 //! `i64`s) applied at run time; `0xff` = reset. At most [`MAX_STEPS`] steps.
 
-use aio_poll::adaptive::{weighted_ewma, Adaptive};
+use aio_poll::unstable::{weighted_ewma, Adaptive, PollStep, PollWindow, POLL_CHECK_INTERVAL_NS};
 use aio_poll::{PollAlgorithm, PollParams};
 
 use crate::bytes::{Reader, Writer};
@@ -119,11 +123,52 @@ impl Input {
     }
 }
 
+/// Simulates the polling phase the loop runs with window `poll_ns`, observing
+/// the clock at pseudo-random steps derived from `seed`, and checks that it
+/// never keeps polling past a due check nor past the window, and that checks
+/// are never more frequent than the interval (saturated clocks aside).
+fn check_window(poll_ns: i64, seed: i64) {
+    let window = u64::try_from(poll_ns).unwrap_or(0);
+    let mut x = seed.unsigned_abs() | 1;
+    let start = x.rotate_left(17) / 2;
+    let mut w = PollWindow::new(start, window);
+    let (mut now, mut last_check) = (start, start);
+    for _ in 0..64 {
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        now = now.saturating_add(x % (3 * POLL_CHECK_INTERVAL_NS));
+        match w.step(now) {
+            PollStep::Expired => {
+                assert!(now - start >= window, "window ended early");
+                return;
+            }
+            PollStep::Check => {
+                assert!(
+                    now - last_check >= POLL_CHECK_INTERVAL_NS || now == u64::MAX,
+                    "checks more often than the interval"
+                );
+                last_check = now;
+            }
+            PollStep::Poll => {
+                assert!(now - start < window, "polled past the window");
+                assert!(
+                    now - last_check < POLL_CHECK_INTERVAL_NS,
+                    "polled past a due check: fds, timers and idle handlers starve (issue #16)"
+                );
+            }
+        }
+    }
+}
+
 /// Runs an input and panics (a fuzzer finding) on any broken invariant:
 /// validation accepts exactly the documented ranges, effective values are never 0,
 /// `0 <= poll_ns <= max_ns`, every handler `ns` stays in `[0, max_ns]` for the weighted
-/// algorithm, the EWMA stays between its inputs, and nothing overflows (the crate is
-/// built with overflow checks in the fuzz profile).
+/// algorithm, the EWMA stays between its inputs, the polling window of the resulting
+/// `poll_ns` checks the fds at least every `POLL_CHECK_INTERVAL_NS` whatever its size
+/// (issue #16), and nothing overflows (the crate is built with overflow checks in the
+/// fuzz profile).
 pub fn check(input: &Input) {
     let mut state: Option<Adaptive> = None;
     apply_params(&mut state, input.params, input.algorithm);
@@ -158,6 +203,7 @@ pub fn check(input: &Input) {
                     a.poll_ns() >= 0 && a.poll_ns() <= p.max_ns,
                     "poll_ns out of range"
                 );
+                check_window(a.poll_ns(), block_ns);
                 if p.max_ns == 0 {
                     assert_eq!(a.poll_ns(), 0);
                     assert_eq!(ns, before, "max_ns == 0 must not touch handlers");
@@ -241,7 +287,27 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         dispatched: 1,
         block_ns: i64::MAX,
     });
+    // Issue #16: poll-max-ns and poll-grow at i64::MAX saturate the window on the
+    // second grow step; lengthening intervals make the smoothed value grow.
+    let live_lock: Vec<Step> = (0..32)
+        .map(|i| Step::Iteration {
+            dispatched: 1,
+            block_ns: 10_000 << (i % 16),
+        })
+        .collect();
     let mut out = Vec::new();
+    for (algorithm, name) in [
+        (PollAlgorithm::Weighted, "weighted"),
+        (PollAlgorithm::Classic, "classic"),
+    ] {
+        let input = Input {
+            algorithm,
+            handlers: 2,
+            params: [i64::MAX, i64::MAX, 2, 3],
+            steps: live_lock.clone(),
+        };
+        out.push((format!("{name}-issue16-huge-grow-and-max"), input.encode()));
+    }
     for (algorithm, name) in [
         (PollAlgorithm::Weighted, "weighted"),
         (PollAlgorithm::Classic, "classic"),
@@ -273,6 +339,25 @@ mod tests {
             let input = Input::decode(&bytes);
             assert_eq!(input.encode(), bytes, "{name}");
             check(&input);
+        }
+    }
+
+    #[test]
+    fn issue16_window_saturates_and_still_checks() {
+        let mut a = Adaptive::new(
+            PollParams::default()
+                .with_max_ns(i64::MAX)
+                .with_grow_shrink(i64::MAX, 2)
+                .with_algorithm(PollAlgorithm::Weighted),
+        )
+        .unwrap();
+        let mut ns = [0i64];
+        for block_ns in [20_000, 40_000] {
+            a.update(block_ns, ns.iter_mut().map(|n| (n, true)));
+        }
+        assert_eq!(a.poll_ns(), i64::MAX);
+        for seed in 0..64 {
+            check_window(a.poll_ns(), seed);
         }
     }
 

@@ -35,7 +35,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Life-cycle state of an IOThread's event loop.
 ///
-/// JSON: `"running"`, `"stopped"`, `{"panicked": {"message": "..."}}`.
+/// JSON: `"running"`, `"stopped"`, `{"panicked": {"message": "..."}}`,
+/// `{"failed": {"message": "..."}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
@@ -49,6 +50,12 @@ pub enum IoThreadState {
         /// The panic message, if it was a string.
         message: String,
     },
+    /// The event loop returned an error (e.g. `epoll_wait` failed); the
+    /// thread ended.
+    Failed {
+        /// The error and its causes.
+        message: String,
+    },
 }
 
 impl fmt::Display for IoThreadState {
@@ -57,6 +64,7 @@ impl fmt::Display for IoThreadState {
             IoThreadState::Running => f.write_str("running"),
             IoThreadState::Stopped => f.write_str("stopped"),
             IoThreadState::Panicked { message } => write!(f, "panicked: {message}"),
+            IoThreadState::Failed { message } => write!(f, "failed: {message}"),
         }
     }
 }
@@ -197,6 +205,18 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+/// `e` and its causes, `": "`-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
 /// Body of an IOThread.
 #[allow(clippy::too_many_arguments)]
 fn thread_main(
@@ -217,7 +237,7 @@ fn thread_main(
             Ok(ctx) => ctx,
             Err(e) => {
                 let _ = ready.send(Err(StartError::Poll(e)));
-                return;
+                return Ok(());
             }
         };
         ctx.set_aio_max_batch(batch);
@@ -231,23 +251,26 @@ fn thread_main(
             };
             if let Err(e) = outcome {
                 let _ = ready.send(Err(StartError::Hook(e)));
-                return;
+                return Ok(());
             }
         }
         if ready.send(Ok((tid, ctx.handle()))).is_err() {
-            return;
+            return Ok(());
         }
         // Runs inside the loop: `create` returns once the loop really turns.
         ctx.handle().schedule_oneshot(move |_| {
             let _ = running.send(());
         });
-        ctx.run(|_| stop.load(Ordering::Acquire));
+        ctx.run(|_| stop.load(Ordering::Acquire))
     }));
     let cpu_ns = sys::thread_cpu_time_ns(tid).unwrap_or(0);
     if let Some(remote) = lock(&remote_slot).as_ref() {
         remote.final_cpu_ns.store(cpu_ns, Ordering::Release);
         *lock(&remote.state) = match outcome {
-            Ok(()) => IoThreadState::Stopped,
+            Ok(Ok(())) => IoThreadState::Stopped,
+            Ok(Err(e)) => IoThreadState::Failed {
+                message: error_chain(&e),
+            },
             Err(payload) => IoThreadState::Panicked {
                 message: panic_message(payload.as_ref()),
             },

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use aio_poll::{AioContext, FdHandler, Interest};
+use aio_poll::{AioContext, FdHandler, Interest, PollHandler, Readiness};
 use common::{held, wait_until, TIMEOUT};
 use iothread_registry::aio_poll::PollParams;
 use iothread_registry::{IoThreadParams, IoThreadRegistry};
@@ -16,7 +16,7 @@ use iothread_registry::{IoThreadParams, IoThreadRegistry};
 /// A virtqueue-like handler: `kick()` adds work and writes an eventfd (like an
 /// ioeventfd); `poll()` sees the work without a syscall.
 struct Queue {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     pending: AtomicU64,
     handled: AtomicU64,
 }
@@ -28,7 +28,7 @@ impl Queue {
         assert!(raw >= 0, "eventfd: {}", std::io::Error::last_os_error());
         Arc::new(Queue {
             // SAFETY: `raw` is a fresh fd owned by nobody else.
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+            fd: Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }),
             pending: AtomicU64::new(0),
             handled: AtomicU64::new(0),
         })
@@ -51,15 +51,15 @@ impl Queue {
 struct QueueHandler(Arc<Queue>);
 
 impl FdHandler for QueueHandler {
-    fn read(&mut self, _ctx: &mut AioContext) {
+    fn ready(&mut self, _ctx: &mut AioContext, _ready: Readiness) {
         let mut buf = 0u64;
         // SAFETY: reads at most 8 bytes into a valid u64; EAGAIN is fine.
         let _ = unsafe { libc::read(self.0.fd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
         self.0.process();
     }
-    fn has_poll(&self) -> bool {
-        true
-    }
+}
+
+impl PollHandler for QueueHandler {
     fn poll(&mut self) -> bool {
         self.0.pending.load(Ordering::Acquire) > 0
     }
@@ -93,8 +93,9 @@ fn setup(poll_max_ns: i64) -> (IoThreadRegistry, Arc<Queue>) {
     // Registered from outside through the IOThread's loop.
     held(&r, "io0")
         .call(move |ctx| {
-            let fd = h.fd.as_raw_fd();
-            ctx.add_fd_handler(fd, Interest::READABLE, Box::new(QueueHandler(h)))
+            // The context keeps its own reference to the eventfd.
+            let fd = Arc::clone(&h.fd);
+            ctx.add_polled_fd_handler(fd, Interest::READABLE, QueueHandler(h))
         })
         .unwrap()
         .unwrap();

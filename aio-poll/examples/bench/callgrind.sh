@@ -5,13 +5,15 @@
 #
 # Each dispatch mode of `bench --dispatch-only` runs in its own valgrind
 # invocation; `--toggle-collect` limits counting to the per-mode loop
-# function (`dispatch_loop_aio` / `dispatch_loop_em`: eventfd write + one loop
+# function (`dispatch_loop_aio` / `dispatch_loop_em` / `dispatch_loop_nested`:
+# eventfd write + one loop
 # iteration, and everything they call), so set-up and teardown are excluded.
 # Kernel work inside syscalls is not counted (user space only).
 #
 # Usage: aio-poll/examples/bench/callgrind.sh [EVENTS] [MODE...]
 #   EVENTS  events per mode (default 50000)
-#   MODE    em blocking weighted em-wait blocking-wait weighted-wait (default: all)
+#   MODE    em blocking weighted em-wait blocking-wait weighted-wait
+#           nested-blocking nested-weighted (default: all)
 # Env: CARGO_TARGET_DIR (cargo's default if unset), KEEP=1 keeps the
 # callgrind.out files (for callgrind_annotate) in $OUT (default /tmp).
 set -euo pipefail
@@ -20,7 +22,7 @@ events=${1:-50000}
 shift || true
 modes=("$@")
 if [ ${#modes[@]} -eq 0 ]; then
-    modes=(em blocking weighted em-wait blocking-wait weighted-wait)
+    modes=(em blocking weighted em-wait blocking-wait weighted-wait nested-blocking nested-weighted)
 fi
 
 if ! command -v valgrind >/dev/null 2>&1; then
@@ -34,7 +36,7 @@ fi
 
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$root"
-cargo build --release -p aio-poll --example bench >&2
+cargo build --release -p aio-poll --features event-manager --example bench >&2
 target=${CARGO_TARGET_DIR:-$root/target}
 bin=$target/release/examples/bench
 out=${OUT:-/tmp}

@@ -1,15 +1,18 @@
 //! The device side in each benchmark mode, run on its own thread.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Barrier};
 
-use aio_poll::clock::thread_cpu_time_ns;
-use aio_poll::{AioContext, FdHandler, Interest, PollAlgorithm, PollParams, Stats};
+use aio_poll::{
+    AioContext, FdHandler, Interest, NestedContext, PollAlgorithm, PollHandler, PollParams,
+    Readiness, Stats,
+};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
 
-use crate::workload::{run_producer, setup_thread, Gap, Queue};
+use crate::workload::{
+    clock_ns, monotonic_ns, run_producer, setup_thread, thread_cpu_time_ns, Gap, Queue,
+};
 
 /// A benchmark mode.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -24,6 +27,9 @@ pub enum Mode {
     Weighted(i64),
     /// rust-vmm event-manager, epoll only.
     EventManager,
+    /// aio-poll, weighted with this weight, nested in event-manager
+    /// (`NestedContext`).
+    Nested(i64),
 }
 
 impl Mode {
@@ -34,6 +40,7 @@ impl Mode {
             Mode::Classic => "classic".into(),
             Mode::Weighted(w) => format!("weighted w={w}"),
             Mode::EventManager => "event-manager".into(),
+            Mode::Nested(w) => format!("nested in event-manager w={w}"),
         }
     }
 
@@ -41,7 +48,7 @@ impl Mode {
         match self {
             Mode::Blocking => Some(PollParams::disabled()),
             Mode::Classic => Some(PollParams::default().with_algorithm(PollAlgorithm::Classic)),
-            Mode::Weighted(w) => Some(PollParams::default().with_weight(*w)),
+            Mode::Weighted(w) | Mode::Nested(w) => Some(PollParams::default().with_weight(*w)),
             Mode::Busy | Mode::EventManager => None,
         }
     }
@@ -68,14 +75,14 @@ struct AioDev {
 }
 
 impl FdHandler for AioDev {
-    fn read(&mut self, _ctx: &mut AioContext) {
+    fn ready(&mut self, _ctx: &mut AioContext, _ready: Readiness) {
         let _ = self.q.kick.read();
         self.q
             .process(&mut self.consumed, &mut self.lat, self.work_ns);
     }
-    fn has_poll(&self) -> bool {
-        true
-    }
+}
+
+impl PollHandler for AioDev {
     fn poll(&mut self) -> bool {
         self.q.has_work(self.consumed)
     }
@@ -122,6 +129,30 @@ fn lat_capacity(duration_ns: u64) -> usize {
     usize::try_from(duration_ns / 1000)
         .unwrap_or(1 << 20)
         .min(1 << 24)
+}
+
+/// Registers one polled device handler per queue.
+fn add_devices(
+    ctx: &mut AioContext,
+    qs: &[Arc<Queue>],
+    cap: usize,
+    work_ns: u64,
+    tx: &Sender<Vec<u32>>,
+) {
+    for q in qs {
+        ctx.add_polled_fd_handler(
+            q.kick.clone(),
+            Interest::READABLE,
+            AioDev {
+                q: q.clone(),
+                consumed: 0,
+                lat: Vec::with_capacity(cap),
+                work_ns,
+                out: tx.clone(),
+            },
+        )
+        .expect("add handler");
+    }
 }
 
 /// Runs `mode` against `gaps` (one queue each) for `duration_ns`.
@@ -184,29 +215,42 @@ pub fn run(mode: Mode, gaps: &[Gap], duration_ns: u64, work_ns: u64) -> RunResul
                     }
                     (cpu, lat, None)
                 }
+                Mode::Nested(_) => {
+                    let params = mode.params().unwrap_or_default();
+                    let mut ctx = AioContext::with_params(params).expect("context");
+                    let (tx, rx) = channel();
+                    add_devices(&mut ctx, &qs, cap, work_ns, &tx);
+                    drop(tx);
+                    htx.send(ctx.handle()).expect("send handle");
+                    let mut em = EventManager::<NestedContext>::new().expect("event manager");
+                    use event_manager::SubscriberOps;
+                    let id = em.add_subscriber(NestedContext::new(ctx).expect("nest"));
+                    r2.wait();
+                    let cpu0 = thread_cpu_time_ns();
+                    while !s2.load(Ordering::Acquire) {
+                        let _ = em.run();
+                    }
+                    let cpu = thread_cpu_time_ns() - cpu0;
+                    let nested = em.remove_subscriber(id).expect("subscriber");
+                    let stats = nested.context().stats();
+                    drop(nested);
+                    drop(em);
+                    let mut lat = Vec::new();
+                    for mut l in rx.iter() {
+                        lat.append(&mut l);
+                    }
+                    (cpu, lat, Some(stats))
+                }
                 _ => {
                     let params = mode.params().unwrap_or_default();
                     let mut ctx = AioContext::with_params(params).expect("context");
                     let (tx, rx) = channel();
-                    for q in &qs {
-                        ctx.add_fd_handler(
-                            q.kick.as_raw_fd(),
-                            Interest::READABLE,
-                            Box::new(AioDev {
-                                q: q.clone(),
-                                consumed: 0,
-                                lat: Vec::with_capacity(cap),
-                                work_ns,
-                                out: tx.clone(),
-                            }),
-                        )
-                        .expect("add handler");
-                    }
+                    add_devices(&mut ctx, &qs, cap, work_ns, &tx);
                     drop(tx);
                     htx.send(ctx.handle()).expect("send handle");
                     r2.wait();
                     let cpu0 = thread_cpu_time_ns();
-                    ctx.run(|_| false);
+                    ctx.run(|_| false).expect("loop");
                     let cpu = thread_cpu_time_ns() - cpu0;
                     let stats = ctx.stats();
                     drop(ctx);
@@ -225,11 +269,13 @@ pub fn run(mode: Mode, gaps: &[Gap], duration_ns: u64, work_ns: u64) -> RunResul
         None
     };
     ready.wait();
-    let t0 = aio_poll::clock::monotonic_ns();
+    let t0 = monotonic_ns();
     run_producer(&queues, duration_ns, &AtomicBool::new(false));
-    let wall_ns = aio_poll::clock::monotonic_ns() - t0;
+    let wall_ns = monotonic_ns() - t0;
     stop.store(true, Ordering::Release);
     if let Some(h) = &handle {
+        // Standalone: leaves `run`; nested: wakes the outer loop, which then
+        // sees `stop`.
         h.request_stop();
     }
     if let Some((q, _)) = queues.first() {
@@ -258,10 +304,21 @@ pub fn run(mode: Mode, gaps: &[Gap], duration_ns: u64, work_ns: u64) -> RunResul
     }
 }
 
+/// Which consumer an idle measurement runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Idle {
+    /// rust-vmm event-manager.
+    EventManager,
+    /// aio-poll standalone with these parameters.
+    Aio(PollParams),
+    /// aio-poll with these parameters nested in event-manager.
+    Nested(PollParams),
+}
+
 /// CPU the consumer thread burns while idle for `idle_ms` right after some
-/// activity (aio-poll with `params`, or event-manager when `None`): includes
-/// the last polling window before the loop sleeps, excludes the final wake-up.
-pub fn idle_cpu_ns(params: Option<PollParams>, idle_ms: u64) -> u64 {
+/// activity: includes the last polling window before the loop sleeps,
+/// excludes the final wake-up.
+pub fn idle_cpu_ns(kind: Idle, idle_ms: u64) -> u64 {
     let q = Queue::new();
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = channel();
@@ -269,7 +326,7 @@ pub fn idle_cpu_ns(params: Option<PollParams>, idle_ms: u64) -> u64 {
     let s2 = stop.clone();
     let t = std::thread::spawn(move || {
         setup_thread(1);
-        idle_body(params, q2, s2, tx)
+        idle_body(kind, q2, s2, tx)
     });
     let (handle, clock) = rx.recv().expect("handle");
     // Read the idle thread's CPU clock from here, so that neither its final
@@ -299,52 +356,48 @@ fn own_cpu_clock() -> libc::clockid_t {
     id
 }
 
-fn clock_ns(id: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 fn idle_body(
-    params: Option<PollParams>,
+    kind: Idle,
     q2: Arc<Queue>,
     s2: Arc<AtomicBool>,
     tx: Sender<(Option<aio_poll::ContextHandle>, libc::clockid_t)>,
 ) {
-    match params {
-        Some(p) => {
+    use event_manager::SubscriberOps;
+    match kind {
+        Idle::Aio(p) | Idle::Nested(p) => {
             let mut ctx = AioContext::with_params(p).expect("context");
             let (ltx, _lrx) = channel();
-            ctx.add_fd_handler(
-                q2.kick.as_raw_fd(),
-                Interest::READABLE,
-                Box::new(AioDev {
-                    q: q2.clone(),
-                    consumed: 0,
-                    lat: Vec::new(),
-                    work_ns: 0,
-                    out: ltx,
-                }),
-            )
-            .expect("add");
-            // Some activity so the handler is on the poll list.
+            add_devices(&mut ctx, std::slice::from_ref(&q2), 0, 0, &ltx);
+            if let Idle::Nested(_) = kind {
+                let mut em = EventManager::<NestedContext>::new().expect("em");
+                let id = em.add_subscriber(NestedContext::new(ctx).expect("nest"));
+                // Some activity so the handler is on the poll list.
+                for i in 1..=100 {
+                    q2.publish_for_bench();
+                    while q2.consumed.load(Ordering::Acquire) < i {
+                        let _ = em.run();
+                    }
+                }
+                let handle = em
+                    .subscriber_mut(id)
+                    .expect("subscriber")
+                    .context()
+                    .handle();
+                tx.send((Some(handle), own_cpu_clock())).expect("send");
+                while !s2.load(Ordering::Acquire) {
+                    let _ = em.run();
+                }
+                return;
+            }
             for _ in 0..100 {
                 q2.publish_for_bench();
-                ctx.poll(true);
+                ctx.poll(true).expect("poll");
             }
             tx.send((Some(ctx.handle()), own_cpu_clock()))
                 .expect("send");
-            ctx.run(|_| false);
+            ctx.run(|_| false).expect("loop");
         }
-        None => {
-            use event_manager::SubscriberOps;
+        Idle::EventManager => {
             let mut em = EventManager::<EmDev>::new().expect("em");
             em.add_subscriber(EmDev {
                 q: q2.clone(),

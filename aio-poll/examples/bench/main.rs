@@ -2,11 +2,14 @@
 //! against the loop in every polling mode, plus event-manager as the anchor.
 //!
 //! ```text
-//! cargo run --release -p aio-poll --example bench            # ~90 s
-//! cargo run --release -p aio-poll --example bench -- --quick # ~25 s
-//! cargo run --release -p aio-poll --example bench -- --duration-ms 5000
+//! cargo run --release -p aio-poll --features event-manager --example bench            # ~100 s
+//! cargo run --release -p aio-poll --features event-manager --example bench -- --quick # ~30 s
+//! cargo run --release -p aio-poll --features event-manager --example bench -- --nested --rounds 5
 //! ```
-//! Options: `--dispatch-only` (just the same-thread dispatch cost of every
+//! Options: `--nested` (only the nested-in-event-manager comparison: paired
+//! rounds of busy poll / standalone / nested at 10 µs gaps, idle CPU and
+//! dispatch cost, with per-round ratios; `--rounds N`, default 5),
+//! `--dispatch-only` (just the same-thread dispatch cost of every
 //! dispatch mode; with `--dispatch-mode NAME` only that mode, once, for
 //! `callgrind.sh`; `--events N` events per run),
 //! `--pattern SUBSTR` (only matching patterns), `--quick` (or `AIO_BENCH_QUICK=1`), `--duration-ms N` per
@@ -18,9 +21,10 @@
 
 mod consumers;
 mod dispatch;
+mod nested;
 mod workload;
 
-use consumers::{idle_cpu_ns, run, Mode, RunResult};
+use consumers::{idle_cpu_ns, run, Idle, Mode, RunResult};
 use dispatch::{dispatch_cost_ns, dispatch_costs, print_dispatch_table, DispatchMode};
 use workload::Gap;
 
@@ -31,7 +35,7 @@ struct Row {
     r: RunResult,
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -67,6 +71,9 @@ fn parse_args() -> (u64, u64, bool) {
     if std::env::args().any(|a| a == "--dispatch-only") {
         dispatch_only();
     }
+    if std::env::args().any(|a| a == "--nested") {
+        nested::main();
+    }
     if std::env::var("AIO_BENCH_BOOST").is_ok_and(|v| v != "0" && !v.is_empty()) {
         workload::BOOST.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -95,6 +102,7 @@ fn parse_args() -> (u64, u64, bool) {
                 let _ = args.next();
             }
             "--dispatch-mode" | "--events" => usage(&format!("{a} needs --dispatch-only")),
+            "--rounds" => usage("--rounds needs --nested"),
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -153,14 +161,16 @@ fn dispatch_only() -> ! {
     std::process::exit(0)
 }
 
-fn usage(msg: &str) -> ! {
+pub(crate) fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("error: {msg}");
     }
     eprintln!(
         "usage: bench [--quick] [--boost] [--rt] [--duration-ms N] [--work-ns N] \
          [--pattern SUBSTR]\n       bench --dispatch-only [--dispatch-mode MODE] [--events N]\n       \
-         MODE: em, blocking, weighted, em-wait, blocking-wait, weighted-wait"
+         bench --nested [--rounds N] [--rt] [--duration-ms N]\n       \
+         MODE: em, blocking, weighted, em-wait, blocking-wait, weighted-wait, \
+         nested-blocking, nested-weighted"
     );
     std::process::exit(2)
 }
@@ -180,6 +190,7 @@ fn main() {
         Mode::Weighted(4),
         Mode::Weighted(5),
         Mode::EventManager,
+        Mode::Nested(3),
     ];
     let patterns: Vec<(&str, Vec<Gap>)> = vec![
         ("fixed 2 us", vec![Gap::Fixed(2_000)]),
@@ -268,13 +279,14 @@ fn main() {
 
     // Idle CPU and dispatch cost against event-manager.
     let idle_ms = if quick { 200 } else { 500 };
-    let idle_em = idle_cpu_ns(None, idle_ms);
-    let idle_w = idle_cpu_ns(Some(PollParams::default()), idle_ms);
+    let idle_em = idle_cpu_ns(Idle::EventManager, idle_ms);
+    let idle_w = idle_cpu_ns(Idle::Aio(PollParams::default()), idle_ms);
     let idle_c = idle_cpu_ns(
-        Some(PollParams::default().with_algorithm(PollAlgorithm::Classic)),
+        Idle::Aio(PollParams::default().with_algorithm(PollAlgorithm::Classic)),
         idle_ms,
     );
-    let idle_b = idle_cpu_ns(Some(PollParams::disabled()), idle_ms);
+    let idle_b = idle_cpu_ns(Idle::Aio(PollParams::disabled()), idle_ms);
+    let idle_n = idle_cpu_ns(Idle::Nested(PollParams::default()), idle_ms);
     let (dn, drounds) = if quick { (20_000, 5) } else { (100_000, 5) };
     let dcosts = dispatch_costs(dn, drounds);
     println!("## Idle CPU over {idle_ms} ms right after 100 events\n");
@@ -287,6 +299,10 @@ fn main() {
     );
     println!("| aio-poll weighted w=3 | {:.1} |", idle_w as f64 / 1e3);
     println!("| aio-poll classic | {:.1} |", idle_c as f64 / 1e3);
+    println!(
+        "| aio-poll weighted w=3 nested in event-manager | {:.1} |",
+        idle_n as f64 / 1e3
+    );
     println!();
     println!(
         "## Same-thread dispatch cost (eventfd write + one loop iteration that reads it; \
@@ -377,6 +393,52 @@ fn main() {
         },
         max_ns / 1000
     );
+    if let (Some(n), Some(w3), Some(b)) = (
+        find("fixed 10 us", Mode::Nested(3)),
+        find("fixed 10 us", Mode::Weighted(3)),
+        find("fixed 10 us", Mode::Busy),
+    ) {
+        let p50 = |r: &Row| {
+            let mut l = r.r.lat.clone();
+            l.sort_unstable();
+            percentile(&l, 0.5)
+        };
+        let (pn, pw, pb) = (p50(n), p50(w3), p50(b));
+        println!(
+            "- fixed 10 us, p50 nested {:.2} us vs busy poll {:.2} us: {:.2}x, vs standalone \
+             weighted(3) {:.2} us: {:.2}x (target <= 1.5x): {}",
+            pn,
+            pb,
+            pn / pb.max(1e-9),
+            pw,
+            pn / pw.max(1e-9),
+            verdict(pn <= 1.5 * pb.max(pw))
+        );
+    }
+    println!(
+        "- idle CPU nested {:.1} us vs event-manager {:.1} us: {}",
+        idle_n as f64 / 1e3,
+        idle_em as f64 / 1e3,
+        if idle_n <= idle_em + max_ns + 20_000 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
+    for m in [DispatchMode::NestedBlocking, DispatchMode::NestedWeighted] {
+        if let Some(alone) = m.standalone() {
+            let ratio = cost(m) / cost(alone);
+            println!(
+                "- dispatch cost {} {:.0} ns vs {} {:.0} ns: {:.2}x (target <= 1.1x): {}",
+                m.describe(),
+                cost(m),
+                alone.describe(),
+                cost(alone),
+                ratio,
+                verdict(ratio <= 1.1)
+            );
+        }
+    }
     for m in [
         DispatchMode::Blocking,
         DispatchMode::Weighted,
@@ -414,7 +476,7 @@ fn regime(cpu: f64, thr: f64) -> &'static str {
     }
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok {
         "MET"
     } else {

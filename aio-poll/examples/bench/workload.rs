@@ -6,8 +6,33 @@
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use aio_poll::clock::monotonic_ns;
+use aio_poll::SharedEventFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// `clock_gettime(id)` in ns (0 if the clock is invalid).
+pub fn clock_ns(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// `CLOCK_MONOTONIC` in ns.
+#[inline]
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CPU time of the calling thread in ns.
+pub fn thread_cpu_time_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
 
 /// Ring slots (the queue never holds more than `depth` = 1 entry, the ring
 /// is there to carry the publish timestamps like descriptors would).
@@ -23,7 +48,7 @@ pub struct Queue {
     /// Device wants kicks (virtio: NO_NOTIFY clear).
     pub notify_enabled: AtomicBool,
     /// The kick eventfd.
-    pub kick: EventFd,
+    pub kick: SharedEventFd,
     /// Kicks written.
     pub kicks: AtomicU64,
     /// Publishes that needed no kick because the device was polling.
@@ -37,7 +62,7 @@ impl Queue {
             produced: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
             notify_enabled: AtomicBool::new(true),
-            kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            kick: SharedEventFd::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")),
             kicks: AtomicU64::new(0),
             kicks_avoided: AtomicU64::new(0),
         })

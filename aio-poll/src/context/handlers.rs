@@ -1,10 +1,10 @@
 //! Handler slot table: add / modify / remove (also from callbacks) and joining the poll list.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
-use super::{AioContext, Entry, Slot};
+use super::{AioContext, Entry, OwnedHandlerFd, Slot};
 use crate::error::{Error, Result};
-use crate::handler::{FdHandler, HandlerId, Interest};
+use crate::handler::{Callbacks, FdHandler, HandlerId, Interest, PollHandler};
 use crate::sys::epoll::Ctl;
 
 impl AioContext {
@@ -30,17 +30,15 @@ impl AioContext {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
-                let i = u32::try_from(self.slots.len()).map_err(|e| {
-                    Error::Io(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e))
-                })?;
+                let i = u32::try_from(self.slots.len()).map_err(|_| Error::TooManyHandlers)?;
                 self.slots.push(Slot::default());
                 i
             }
         };
-        let slot = self
-            .slots
-            .get_mut(index as usize)
-            .ok_or_else(|| Error::Io(std::io::Error::from(std::io::ErrorKind::NotFound)))?;
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            // Unreachable: `index` came from the free list or was just pushed.
+            return Err(Error::TooManyHandlers);
+        };
         slot.entry = Some(entry);
         self.live_handlers += 1;
         Ok(HandlerId::new(index, slot.generation))
@@ -58,9 +56,11 @@ impl AioContext {
         Some(entry)
     }
 
-    pub(super) fn new_entry(fd: Option<RawFd>, interest: Interest, h: Box<dyn FdHandler>) -> Entry {
+    fn new_entry(fd: Option<OwnedHandlerFd>, interest: Interest, h: Callbacks) -> Entry {
+        let raw_fd = fd.as_ref().map_or(-1, |f| f.as_fd().as_raw_fd());
         Entry {
             fd,
+            raw_fd,
             interest,
             has_poll: h.has_poll(),
             handler: Some(h),
@@ -77,87 +77,126 @@ impl AioContext {
         }
     }
 
-    /// Registers `h` on `fd` (level-triggered). The fd must stay open until
-    /// the handler is removed; the context does not own it.
-    pub fn add_fd_handler(
+    fn add_with_fd(
         &mut self,
-        fd: RawFd,
+        fd: OwnedHandlerFd,
         interest: Interest,
-        h: Box<dyn FdHandler>,
+        h: Callbacks,
     ) -> Result<HandlerId> {
-        let id = self.insert(Self::new_entry(Some(fd), interest, h))?;
+        let entry = Self::new_entry(Some(fd), interest, h);
+        let raw = entry.raw_fd;
+        let id = self.insert(entry)?;
         if let Err(e) = self
             .epoll
-            .ctl(Ctl::Add, fd, interest.epoll_events(), id.as_u64())
+            .ctl(Ctl::Add, raw, interest.epoll_events(), id.as_u64())
         {
-            self.free_slot(id);
-            return Err(Error::Io(e));
+            // Drops the fd and the handler: nothing was registered.
+            drop(self.free_slot(id));
+            return Err(Error::io(Ctl::Add.op_name(), e));
         }
         Ok(id)
+    }
+
+    /// Registers `handler` on `fd` (level-triggered) for `interest`.
+    ///
+    /// The context owns `fd` from now on: it leaves the epoll set and is
+    /// dropped (closed, unless it is a shared handle such as an `Arc` or a
+    /// [`SharedEventFd`](crate::SharedEventFd)) when the handler is removed
+    /// or the context is dropped. On error both `fd` and `handler` are
+    /// dropped.
+    pub fn add_fd_handler(
+        &mut self,
+        fd: impl AsFd + Send + 'static,
+        interest: Interest,
+        handler: impl FdHandler + 'static,
+    ) -> Result<HandlerId> {
+        self.add_with_fd(Box::new(fd), interest, Callbacks::Fd(Box::new(handler)))
+    }
+
+    /// Like [`add_fd_handler`](Self::add_fd_handler) for a handler that can
+    /// also be polled: it joins the poll list on its first dispatch while
+    /// polling is enabled (QEMU's `aio_set_fd_handler` with `io_poll`) and
+    /// leaves it after [`set_poll_idle_timeout`](Self::set_poll_idle_timeout)
+    /// without dispatch.
+    pub fn add_polled_fd_handler<H>(
+        &mut self,
+        fd: impl AsFd + Send + 'static,
+        interest: Interest,
+        handler: H,
+    ) -> Result<HandlerId>
+    where
+        H: FdHandler + PollHandler + 'static,
+    {
+        self.add_with_fd(Box::new(fd), interest, Callbacks::FdPoll(Box::new(handler)))
     }
 
     /// Registers a poll-only handler (no fd), e.g. a completion ring check.
     /// It stays on the poll list while polling is enabled (`max_ns > 0`; it
     /// never idles out): it is polled in every polling window and once after
     /// every wait. Nothing wakes a sleeping loop for it, so whoever makes it
-    /// ready must also call [`ContextHandle::notify`](crate::ContextHandle::notify). With polling disabled
-    /// it is never polled.
-    pub fn add_poll_handler(&mut self, h: Box<dyn FdHandler>) -> Result<HandlerId> {
-        let id = self.insert(Self::new_entry(None, Interest::empty(), h))?;
+    /// ready must also call [`ContextHandle::notify`](crate::ContextHandle::notify).
+    /// With polling disabled it is never polled.
+    pub fn add_poll_handler(&mut self, handler: impl PollHandler + 'static) -> Result<HandlerId> {
+        let id = self.insert(Self::new_entry(
+            None,
+            Interest::empty(),
+            Callbacks::Poll(Box::new(handler)),
+        ))?;
         self.poll_only += 1;
         if self.adaptive.enabled() {
             let now = self.clock.now_ns();
-            self.join_poll_list(id, None, now);
+            self.join_poll_list(id, now);
         }
         Ok(id)
     }
 
     /// Changes the interest set of an fd handler.
-    pub fn modify_fd_handler(&mut self, id: HandlerId, interest: Interest) -> Result<()> {
+    pub fn set_interest(&mut self, id: HandlerId, interest: Interest) -> Result<()> {
         let epoll_fd_events = interest.epoll_events();
         let entry = self.entry_mut(id).ok_or(Error::UnknownHandler(id))?;
-        let fd = entry.fd.ok_or(Error::NoFd(id))?;
+        if entry.fd.is_none() {
+            return Err(Error::NoFd(id));
+        }
+        let raw = entry.raw_fd;
         entry.interest = interest;
         self.epoll
-            .ctl(Ctl::Modify, fd, epoll_fd_events, id.as_u64())
-            .map_err(Error::Io)
+            .ctl(Ctl::Modify, raw, epoll_fd_events, id.as_u64())
+            .map_err(|e| Error::io(Ctl::Modify.op_name(), e))
     }
 
-    /// Removes a handler. Safe from inside any callback, including the
-    /// handler's own: a running handler is dropped when its callback returns,
-    /// and no further callback of it is made. `poll_end` is not called (as in
-    /// QEMU).
-    pub fn remove_fd_handler(&mut self, id: HandlerId) -> Result<()> {
+    /// Removes a handler (fd or poll-only) and drops it and its fd. Safe from
+    /// inside any callback, including the handler's own: a running handler
+    /// is dropped when its callback returns, and no further callback of it is
+    /// made. `poll_end` is not called (as in QEMU).
+    pub fn remove_handler(&mut self, id: HandlerId) -> Result<()> {
         let entry = self.entry_mut(id).ok_or(Error::UnknownHandler(id))?;
-        let fd = entry.fd;
-        if fd.is_none() {
-            self.poll_only = self.poll_only.saturating_sub(1);
-        }
-        let entry = self.entry_mut(id).ok_or(Error::UnknownHandler(id))?;
+        let has_fd = entry.fd.is_some();
+        let raw = entry.raw_fd;
         let running = entry.handler.is_none();
         entry.removed = true;
         let on_list = entry.on_poll_list;
         entry.on_poll_list = false;
+        if !has_fd {
+            self.poll_only = self.poll_only.saturating_sub(1);
+        }
         if on_list {
             self.poll_list.retain(|x| *x != id);
             self.refresh_window();
         }
         self.ready_poll.retain(|x| *x != id);
-        let res = match fd {
-            Some(fd) => self.epoll.ctl(Ctl::Delete, fd, 0, 0),
-            None => Ok(()),
+        // The fd is still open (we own it), so the deletion only fails on a
+        // broken epoll set; the handler is removed either way.
+        let res = if has_fd {
+            self.epoll.ctl(Ctl::Delete, raw, 0, 0)
+        } else {
+            Ok(())
         };
         if !running {
-            // Drops the handler now (not re-entrantly: we are not inside it).
+            // Drops the handler and its fd now (not re-entrantly: we are not
+            // inside it).
             drop(self.free_slot(id));
         }
-        match res {
-            // The fd may have been closed already: the kernel dropped it from
-            // the set on close, which is what we wanted.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::ENOENT)) => Ok(()),
-            Err(e) => Err(Error::Io(e)),
-            Ok(()) => Ok(()),
-        }
+        res.map_err(|e| Error::io(Ctl::Delete.op_name(), e))
     }
 
     /// Number of registered handlers.
@@ -180,14 +219,10 @@ impl AioContext {
         self.poll_started
     }
 
-    /// `h` is the handler object when the caller holds it (during dispatch),
-    /// `None` to use the one in the slot.
-    pub(super) fn join_poll_list(
-        &mut self,
-        id: HandlerId,
-        h: Option<&mut Box<dyn FdHandler>>,
-        now: u64,
-    ) {
+    /// Puts `id` on the poll list (calling its `poll_begin` at once if the
+    /// loop is in poll mode). A handler whose callback is running (taken out
+    /// of its slot) gets its `poll_begin` from the dispatcher instead.
+    pub(super) fn join_poll_list(&mut self, id: HandlerId, now: u64) {
         let started = self.poll_started;
         let Some(slot) = self.slots.get_mut(id.index()) else {
             return;
@@ -201,11 +236,7 @@ impl AioContext {
         e.on_poll_list = true;
         e.last_dispatch_ns = now;
         if started {
-            let h = match h {
-                Some(h) => Some(h),
-                None => e.handler.as_mut(),
-            };
-            if let Some(h) = h {
+            if let Some(h) = e.handler.as_mut() {
                 h.poll_begin();
                 e.poll_begun = true;
             }

@@ -1,7 +1,7 @@
 //! [`AioContext`]: the event loop (QEMU's `AioContext` + `aio_poll`).
 
 use std::fmt;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,19 +9,22 @@ use std::time::Duration;
 use crate::adaptive::Adaptive;
 use crate::bh::{Bh, BhEntry, BhFn};
 use crate::clock::{Clock, MonotonicClock};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::handle::{lock, thread_token, ContextHandle, Shared};
-use crate::handler::{FdHandler, HandlerId, Interest};
+use crate::handler::{Callbacks, HandlerId, Interest};
 use crate::notifier::Notifier;
 use crate::params::PollParams;
 use crate::stats::{HandlerStats, Stats};
 use crate::sys::epoll::{empty_event, Ctl, Epoll};
 use crate::timer::{TimerId, Timers};
 
-mod embed;
 mod handlers;
 mod iteration;
+mod nested;
 mod polling;
+
+pub use nested::NestedContext;
+pub(crate) use nested::NestedState;
 
 /// Default time without dispatch after which a handler leaves the poll list
 /// (QEMU `POLL_IDLE_INTERVAL_NS`).
@@ -42,14 +45,23 @@ pub const STATS_PUBLISH_INTERVAL: u64 = 16;
 /// epoll token of the notifier eventfd.
 const NOTIFIER_TOKEN: u64 = u64::MAX;
 
+/// epoll token of the timerfd of a nested context.
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+
 const EVENT_BATCH: usize = 64;
+
+/// An fd owned by the context on behalf of a handler.
+type OwnedHandlerFd = Box<dyn AsFd + Send>;
 
 /// One registered handler.
 struct Entry {
-    fd: Option<RawFd>,
+    /// The fd (dropped with the entry, after it left the epoll set).
+    fd: Option<OwnedHandlerFd>,
+    /// `fd`'s raw number, cached (-1 for poll-only handlers).
+    raw_fd: RawFd,
     interest: Interest,
     /// `None` while one of its callbacks runs.
-    handler: Option<Box<dyn FdHandler>>,
+    handler: Option<Callbacks>,
     /// Removed while running: freed when the callback returns.
     removed: bool,
     has_poll: bool,
@@ -82,19 +94,19 @@ struct Slot {
 /// it; use [`ContextHandle`] from other threads.
 ///
 /// ```
-/// use aio_poll::{AioContext, FnHandler, Interest};
-/// use std::os::fd::AsRawFd;
+/// use aio_poll::{AioContext, FnHandler, Interest, SharedEventFd};
 /// use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 ///
 /// let mut ctx = AioContext::new().unwrap();
-/// let efd = EventFd::new(EFD_NONBLOCK).unwrap();
-/// let reader = efd.try_clone().unwrap();
-/// ctx.add_fd_handler(efd.as_raw_fd(), Interest::READABLE, Box::new(FnHandler::read(move |_ctx| {
+/// let efd = SharedEventFd::new(EventFd::new(EFD_NONBLOCK).unwrap());
+/// let reader = efd.clone();
+/// // The context owns the registered clone and drops it on removal.
+/// ctx.add_fd_handler(efd.clone(), Interest::READABLE, FnHandler::new(move |_ctx, _ready| {
 ///     let _ = reader.read();
-/// }))).unwrap();
+/// })).unwrap();
 /// efd.write(1).unwrap();
-/// assert!(ctx.poll(true));
-/// assert!(!ctx.poll(false));
+/// assert!(ctx.poll(true).unwrap());
+/// assert!(!ctx.poll(false).unwrap());
 /// ```
 pub struct AioContext {
     epoll: Epoll,
@@ -123,6 +135,10 @@ pub struct AioContext {
     snapshot_dirty: bool,
     /// The last publish had a non-empty per-handler list.
     handlers_published: bool,
+    /// Set while the context is nested in an outer loop ([`NestedContext`]).
+    nested: Option<Box<NestedState>>,
+    /// The first error of the running iteration (returned when it finishes).
+    iteration_error: Option<Error>,
 }
 
 impl fmt::Debug for AioContext {
@@ -160,14 +176,16 @@ impl AioContext {
     pub fn with_clock(p: PollParams, clock: Arc<dyn Clock>) -> Result<AioContext> {
         let adaptive = Adaptive::new(p)?;
         let params = adaptive.params();
-        let epoll = Epoll::new()?;
-        let notifier = Notifier::new()?;
-        epoll.ctl(
-            Ctl::Add,
-            notifier.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            NOTIFIER_TOKEN,
-        )?;
+        let epoll = Epoll::new().map_err(|e| Error::io("epoll_create1", e))?;
+        let notifier = Notifier::new().map_err(|e| Error::io("eventfd", e))?;
+        epoll
+            .ctl(
+                Ctl::Add,
+                notifier.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                NOTIFIER_TOKEN,
+            )
+            .map_err(|e| Error::io(Ctl::Add.op_name(), e))?;
         let shared = Arc::new(Shared::new(notifier, params));
         let stats = Stats {
             params,
@@ -198,6 +216,8 @@ impl AioContext {
             hist_pending: None,
             snapshot_dirty: false,
             handlers_published: false,
+            nested: None,
+            iteration_error: None,
         })
     }
 
@@ -230,13 +250,20 @@ impl AioContext {
     /// Adds a timer firing at `deadline_ns` on [`now_ns`](Self::now_ns)'s
     /// clock, then every `period_ns` if given (`Some(0)` means one-shot).
     /// Missed periods are skipped, not replayed.
+    ///
+    /// In a [`NestedContext`] the timer also wakes the outer loop (the
+    /// context's timerfd is re-armed if this deadline is the soonest).
     pub fn add_timer(
         &mut self,
         deadline_ns: u64,
         period_ns: Option<u64>,
         cb: impl FnMut(&mut AioContext) + Send + 'static,
     ) -> TimerId {
-        self.timers.add(deadline_ns, period_ns, Box::new(cb))
+        let id = self.timers.add(deadline_ns, period_ns, Box::new(cb));
+        if self.nested.is_some() {
+            self.nested_timer_added(deadline_ns);
+        }
+        id
     }
 
     /// Cancels a timer; false if it does not exist (fired one-shot, cancelled).
@@ -294,7 +321,7 @@ impl AioContext {
                 .collect();
             let now = self.clock.now_ns();
             for id in ids {
-                self.join_poll_list(id, None, now);
+                self.join_poll_list(id, now);
             }
         }
         // A partial sample under the old parameters is dropped.
@@ -410,17 +437,18 @@ impl AioContext {
     // ----- the loop -----
 
     /// Loops `poll(true)` until `stop` returns true (checked after every
-    /// iteration) or [`ContextHandle::request_stop`] was called.
-    pub fn run(&mut self, mut stop: impl FnMut(&mut AioContext) -> bool) {
+    /// iteration) or [`ContextHandle::request_stop`] was called. Returns the
+    /// first error of an iteration (the loop stops there).
+    pub fn run(&mut self, mut stop: impl FnMut(&mut AioContext) -> bool) -> Result<()> {
         loop {
             if self.shared.stop.load(Ordering::Acquire)
                 && self.shared.stop.swap(false, Ordering::AcqRel)
             {
-                break;
+                return Ok(());
             }
-            self.poll(true);
+            self.poll(true)?;
             if stop(self) {
-                break;
+                return Ok(());
             }
         }
     }
@@ -429,7 +457,16 @@ impl AioContext {
     /// happens (fd event, poll handler, bottom half, timer, `notify()`).
     /// Returns true if progress was made: a handler, bottom half (not idle)
     /// or timer ran. A bare `notify()` is not progress.
-    pub fn poll(&mut self, blocking: bool) -> bool {
+    ///
+    /// An `epoll_wait` failure (anything but `EINTR`) is returned as
+    /// [`Error::Io`] after the rest of the iteration (bottom halves, poll
+    /// handlers found ready, timers) ran; it is also counted in
+    /// [`Stats::epoll_errors`].
+    ///
+    /// A context nested in an outer loop is driven by
+    /// [`NestedContext::dispatch`]; calling `poll` from one of its callbacks
+    /// (a nested wait, as QEMU's `AIO_WAIT_WHILE`) is fine.
+    pub fn poll(&mut self, blocking: bool) -> Result<bool> {
         let me = thread_token();
         // Only the thread inside poll() (which holds `&mut self`) writes this,
         // so a plain load + store suffices (no locked RMW on the hot path).
@@ -461,19 +498,10 @@ impl AioContext {
     }
 }
 
-impl AsRawFd for AioContext {
-    /// The epoll fd: readable when a handler fd, the notifier or anything else
-    /// registered is ready. An outer epoll (e.g. rust-vmm `event-manager`) can
-    /// watch it for `EPOLLIN`; see [`AioContext::prepare`].
-    fn as_raw_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-}
-
 impl AioContext {
-    /// The epoll fd (same as [`AsRawFd::as_raw_fd`]).
-    pub fn as_raw_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
+    /// The epoll fd (what an outer loop watches through [`NestedContext`]).
+    pub(crate) fn epoll_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
     }
 }
 

@@ -94,25 +94,6 @@ impl AioContext {
         (found, handler_found)
     }
 
-    /// Busy-polls for up to `window` ns. Returns (found, elapsed ns).
-    pub(super) fn run_poll_handlers(&mut self, window: u64, start: u64) -> (bool, u64) {
-        let mut found;
-        let mut now;
-        loop {
-            found = self.run_poll_handlers_once().0;
-            now = self.clock.now_ns();
-            if found || now.saturating_sub(start) >= window {
-                break;
-            }
-        }
-        let elapsed = now.saturating_sub(start);
-        self.stats.poll_time_ns = self.stats.poll_time_ns.saturating_add(elapsed);
-        if self.remove_idle_poll_handlers(now) {
-            found = true;
-        }
-        (found, elapsed)
-    }
-
     /// Removes handlers without dispatch for the idle timeout from the poll
     /// list: `poll_end`, then one final `poll()`. Returns whether a final poll
     /// found work.

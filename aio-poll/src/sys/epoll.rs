@@ -1,11 +1,12 @@
 //! A minimal epoll wrapper with nanosecond timeouts (`epoll_pwait2`, falling
-//! back to millisecond `epoll_wait` on kernels older than 5.11).
+//! back to millisecond `epoll_wait` on kernels older than 5.11 (`ENOSYS`) and
+//! under seccomp filters that refuse it (`EPERM`)).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether `epoll_pwait2` is known to be missing (ENOSYS once seen).
+/// Whether `epoll_pwait2` is known to be unusable (ENOSYS or EPERM once seen).
 static NO_PWAIT2: AtomicBool = AtomicBool::new(false);
 
 /// The epoll instance of a context. Closed on drop.
@@ -25,6 +26,17 @@ pub(crate) enum Ctl {
 /// An empty event buffer entry.
 pub(crate) fn empty_event() -> libc::epoll_event {
     libc::epoll_event { events: 0, u64: 0 }
+}
+
+impl Ctl {
+    /// The operation's name in errors.
+    pub(crate) fn op_name(self) -> &'static str {
+        match self {
+            Ctl::Add => "epoll_ctl(EPOLL_CTL_ADD)",
+            Ctl::Modify => "epoll_ctl(EPOLL_CTL_MOD)",
+            Ctl::Delete => "epoll_ctl(EPOLL_CTL_DEL)",
+        }
+    }
 }
 
 impl Epoll {
@@ -110,7 +122,14 @@ impl Epoll {
                 std::ptr::null(),
             )
         };
-        if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        if rc < 0
+            && matches!(
+                io::Error::last_os_error().raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::EPERM)
+            )
+        {
+            // ENOSYS: kernel before 5.11. EPERM: a seccomp filter refused it
+            // (EPERM is not a documented epoll_pwait2 error otherwise).
             NO_PWAIT2.store(true, Ordering::Relaxed);
             self.wait_ms(events, max, ms_rounded_up(ns))
         } else {
@@ -134,6 +153,12 @@ fn ms_rounded_up(ns: u64) -> i32 {
 impl AsRawFd for Epoll {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for Epoll {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

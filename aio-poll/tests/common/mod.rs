@@ -1,13 +1,12 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aio_poll::{AioContext, FdHandler};
+use aio_poll::{AioContext, FdHandler, PollHandler, Readiness, SharedEventFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Runs `f` on its own thread and fails the test if it does not finish within
@@ -53,11 +52,24 @@ impl Probe {
     }
 }
 
-/// An eventfd pair: the registered fd and a clone for writing from tests.
-pub fn eventfd() -> (EventFd, EventFd) {
-    let a = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let b = a.try_clone().expect("eventfd clone");
+/// An eventfd pair: the registered fd and a clone for reading / writing
+/// from handlers and tests.
+pub fn eventfd() -> (SharedEventFd, SharedEventFd) {
+    let a = SharedEventFd::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
+    let b = a.clone();
     (a, b)
+}
+
+/// CPU time consumed by the calling thread (`CLOCK_THREAD_CPUTIME_ID`) in ns.
+pub fn thread_cpu_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    u64::try_from(ts.tv_sec).unwrap() * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap()
 }
 
 /// Emulated virtqueue: a producer publishes entries and kicks the eventfd only
@@ -67,7 +79,7 @@ pub struct Queue {
     pub produced: AtomicU64,
     pub consumed: AtomicU64,
     pub notify_enabled: AtomicBool,
-    pub kick: EventFd,
+    pub kick: SharedEventFd,
     pub kicks: AtomicU64,
 }
 
@@ -77,7 +89,7 @@ impl Queue {
             produced: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
             notify_enabled: AtomicBool::new(true),
-            kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            kick: SharedEventFd::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")),
             kicks: AtomicU64::new(0),
         })
     }
@@ -112,14 +124,15 @@ impl QueueHandler {
 }
 
 impl FdHandler for QueueHandler {
-    fn read(&mut self, _ctx: &mut AioContext) {
+    fn ready(&mut self, _ctx: &mut AioContext, ready: Readiness) {
+        assert!(ready.is_readable(), "{ready:?}");
         let _ = self.q.kick.read();
         self.probe.reads.fetch_add(1, Ordering::SeqCst);
         self.drain();
     }
-    fn has_poll(&self) -> bool {
-        true
-    }
+}
+
+impl PollHandler for QueueHandler {
     fn poll(&mut self) -> bool {
         let r = self.q.produced.load(Ordering::SeqCst) > self.q.consumed.load(Ordering::SeqCst);
         if r {
@@ -149,13 +162,13 @@ impl Drop for QueueHandler {
 
 /// Registers a [`QueueHandler`] for `q`.
 pub fn add_queue(ctx: &mut AioContext, q: &Arc<Queue>, probe: &Probe) -> aio_poll::HandlerId {
-    ctx.add_fd_handler(
-        q.kick.as_raw_fd(),
+    ctx.add_polled_fd_handler(
+        q.kick.clone(),
         aio_poll::Interest::READABLE,
-        Box::new(QueueHandler {
+        QueueHandler {
             q: q.clone(),
             probe: probe.clone(),
-        }),
+        },
     )
     .expect("add queue handler")
 }

@@ -973,6 +973,183 @@ fn block_device_serves_requests_over_vhost_user() {
     assert!(registry.holders("io0").unwrap().is_empty());
 }
 
+/// A virtio-blk IN request (one sector of `sector` into `data`) as a
+/// three-descriptor chain starting at `head` of ring `q`, published at avail
+/// position `pos`. Returns the status byte's guest address.
+fn post_read(mem: &vm_memory::GuestMemoryMmap, q: usize, head: u16, pos: u16, sector: u64) -> u64 {
+    use vm_memory::{Bytes, GuestAddress};
+    let slot = q as u64 * 32 + u64::from(pos);
+    let (hdr, data, status) = (
+        0x2_0000 + slot * 0x20,
+        0x4_0000 + slot * 0x200,
+        0x8_0000 + slot,
+    );
+    let header = [
+        0u32.to_le_bytes().as_slice(),
+        &0u32.to_le_bytes(),
+        &sector.to_le_bytes(),
+    ]
+    .concat();
+    mem.write_slice(&header, GuestAddress(hdr)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    let desc = desc_gpa(q);
+    put_desc(mem, desc, head, hdr, 16, VRING_DESC_F_NEXT, head + 1);
+    put_desc(
+        mem,
+        desc,
+        head + 1,
+        data,
+        512,
+        VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+        head + 2,
+    );
+    put_desc(mem, desc, head + 2, status, 1, VRING_DESC_F_WRITE, 0);
+    publish(mem, desc + 0x1000, pos, head);
+    status
+}
+
+/// Issue #16: an IOThread with `poll-max-ns` and `poll-grow` at `i64::MAX`
+/// serving a vhost-user-blk export. Requests on queue 0 with lengthening
+/// gaps grow its polling window to `i64::MAX` (~292 years); then the
+/// front-end uses queue 1, whose handler was never dispatched and so is not
+/// on the poll list: only its kick can announce the request. The IOThread
+/// must serve it (before the fix it polled queue 0 forever at 100 % CPU with
+/// `successful_polls = 0`), and queue 0 must keep working.
+#[test]
+fn huge_poll_parameters_do_not_live_lock_the_export() {
+    use vm_memory::{Bytes, GuestAddress};
+    let registry = IoThreadRegistry::new();
+    registry
+        .create(
+            "io0",
+            IoThreadParams::default().with_poll(
+                aio_poll::PollParams::default()
+                    .with_max_ns(i64::MAX)
+                    .with_grow_shrink(i64::MAX, 0),
+            ),
+        )
+        .unwrap();
+    let dir = TempDir::new("livelock");
+    let img = dir.0.join("disk.img");
+    let mut image = vec![0u8; 1 << 20];
+    image[..512].fill(0x5a);
+    std::fs::write(&img, image).unwrap();
+    let cfg = ExportConfig {
+        id: "el".into(),
+        node_name: "dl".into(),
+        socket: dir.0.join("s"),
+        num_queues: 2,
+        queue_iothreads: vec!["io0".into(), "io0".into()],
+        file: img.clone(),
+        readonly: false,
+        direct: false,
+        engine: Default::default(),
+        locking: Default::default(),
+    };
+    let export = Export::start(cfg, &registry).unwrap();
+    // A guard of our own, to ask the IOThread's loop directly.
+    let io0 = registry
+        .acquire("io0", IoThreadHolder::block_node("livelock-probe"))
+        .unwrap();
+    let mut fe = Frontend::connect(dir.0.join("s"), 2).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.set_features(features & !feature(VIRTIO_RING_F_EVENT_IDX))
+        .unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let file = memfd(MEM_SIZE);
+    let (mem, _) = memory::build(
+        &[vhost::vhost_user::message::VhostUserMemoryRegion::new(
+            0, MEM_SIZE, UADDR, 0,
+        )],
+        vec![file.try_clone().unwrap()],
+    )
+    .unwrap();
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE,
+        userspace_addr: UADDR,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    }])
+    .unwrap();
+    let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
+    let calls: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
+    for q in 0..2 {
+        fe.set_vring_num(q, RING_SIZE).unwrap();
+        fe.set_vring_base(q, 0).unwrap();
+        fe.set_vring_addr(q, &ring_config(q)).unwrap();
+        fe.set_vring_kick(q, &kicks[q]).unwrap();
+        fe.set_vring_call(q, &calls[q]).unwrap();
+        fe.set_vring_enable(q, true).unwrap();
+    }
+    let used = |q: usize| desc_gpa(q) + 0x2000;
+    let check = |status: u64| {
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+            0,
+            "status OK"
+        );
+    };
+
+    // Queue 0, gaps 1, 2, 4, ... ms: the smoothed interval exceeds the window
+    // and one grow step (x i64::MAX) saturates it.
+    let mut pos0 = 0u16;
+    for gap_ms in [1u64, 2, 4, 8, 16, 32] {
+        std::thread::sleep(Duration::from_millis(gap_ms));
+        let status = post_read(&mem, 0, pos0 * 3, pos0, 0);
+        kicks[0].write(1).unwrap();
+        pos0 += 1;
+        wait_used(&mem, used(0), &calls[0], pos0);
+        check(status);
+        // Asked inside the loop (a bottom half ends polling at once).
+        if io0.call(|ctx| ctx.poll_ns()).unwrap() > 3_600_000_000_000 {
+            break;
+        }
+    }
+    let before = io0.call(|ctx| ctx.stats()).unwrap();
+    assert!(
+        before.poll_ns > 3_600_000_000_000,
+        "the window did not grow: {before:?}"
+    );
+
+    // Queue 1: not on the poll list; its kick must be seen while io0 polls.
+    let status = post_read(&mem, 1, 0, 0, 0);
+    kicks[1].write(1).unwrap();
+    wait_used(&mem, used(1), &calls[1], 1);
+    check(status);
+    let mut back = vec![0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(0x4_0000 + 32 * 0x200))
+        .unwrap();
+    assert!(back.iter().all(|b| *b == 0x5a), "sector 0 read back");
+
+    // Both queues keep being served.
+    for _ in 0..3 {
+        let s0 = post_read(&mem, 0, pos0 * 3, pos0, 0);
+        kicks[0].write(1).unwrap();
+        pos0 += 1;
+        wait_used(&mem, used(0), &calls[0], pos0);
+        check(s0);
+    }
+    let after = io0.call(|ctx| ctx.stats()).unwrap();
+    eprintln!(
+        "io0 with poll-max-ns = poll-grow = i64::MAX: poll_ns {} -> {}, successful_polls {} -> {}, \
+         dispatches {} -> {}",
+        before.poll_ns,
+        after.poll_ns,
+        before.successful_polls,
+        after.successful_polls,
+        before.dispatches,
+        after.dispatches
+    );
+    drop(io0);
+    export.stop();
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;

@@ -20,7 +20,9 @@ use std::num::Wrapping;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use aio_poll::{AioContext, FdHandler};
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use aio_poll::{AioContext, FdHandler, PollHandler, Readiness, SharedEventFd};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -104,9 +106,18 @@ impl QueueWorker {
             .set_max_batch(usize::try_from(n).unwrap_or(usize::MAX));
     }
 
-    /// The backend's completion eventfd, if any.
-    pub fn completion_fd(&self) -> Option<std::os::unix::io::RawFd> {
-        self.backend.completion_fd()
+    /// A duplicate of the backend's completion eventfd, if it has one, for
+    /// the IOThread's context to own (it closes its copy when the handler
+    /// is removed; the backend keeps its own).
+    pub fn completion_fd(&self) -> std::io::Result<Option<OwnedFd>> {
+        let Some(raw) = self.backend.completion_fd() else {
+            return Ok(None);
+        };
+        // SAFETY: the backend owns `raw` and keeps it open for as long as it
+        // lives; `self` owns the backend and outlives this borrow, which ends
+        // as soon as the duplicate is made.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        fd.try_clone_to_owned().map(Some)
     }
 
     /// Whether the driver made new requests available that we can take.
@@ -373,7 +384,7 @@ fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
 /// The handler on a queue's ioeventfd.
 pub struct QueueHandler {
     worker: Arc<Mutex<QueueWorker>>,
-    kick: EventFd,
+    kick: SharedEventFd,
     counters: Arc<QueueCounters>,
 }
 
@@ -386,20 +397,19 @@ impl QueueHandler {
     ) -> Self {
         QueueHandler {
             worker,
-            kick,
+            kick: SharedEventFd::new(kick),
             counters,
         }
     }
 
-    /// The ioeventfd.
-    pub fn kick_fd(&self) -> std::os::unix::io::RawFd {
-        use std::os::unix::io::AsRawFd;
-        self.kick.as_raw_fd()
+    /// The ioeventfd, to register with the IOThread's context.
+    pub fn kick(&self) -> SharedEventFd {
+        self.kick.clone()
     }
 }
 
 impl FdHandler for QueueHandler {
-    fn read(&mut self, ctx: &mut AioContext) {
+    fn ready(&mut self, ctx: &mut AioContext, _ready: Readiness) {
         // Non-blocking eventfd: EAGAIN just means another wake-up already drained it.
         if self.kick.read().is_ok() {
             self.counters.notifications.fetch_add(1, Ordering::Relaxed);
@@ -408,11 +418,9 @@ impl FdHandler for QueueHandler {
         w.set_max_batch(ctx.aio_max_batch());
         w.process_queue();
     }
+}
 
-    fn has_poll(&self) -> bool {
-        true
-    }
-
+impl PollHandler for QueueHandler {
     fn poll(&mut self) -> bool {
         lock(&self.worker).avail_pending()
     }
@@ -458,14 +466,12 @@ impl CompletionHandler {
 }
 
 impl FdHandler for CompletionHandler {
-    fn read(&mut self, ctx: &mut AioContext) {
+    fn ready(&mut self, ctx: &mut AioContext, _ready: Readiness) {
         self.complete(ctx, true);
     }
+}
 
-    fn has_poll(&self) -> bool {
-        true
-    }
-
+impl PollHandler for CompletionHandler {
     fn poll(&mut self) -> bool {
         lock(&self.worker).completions_pending()
     }
@@ -677,7 +683,7 @@ mod tests {
             crate::virtio::block::uring::IoUringEngine::new(open_raw(&disk, false, false), QSIZE)
                 .unwrap(),
         );
-        assert!(s.worker.completion_fd().is_some());
+        assert!(s.worker.completion_fd().unwrap().is_some());
         let reqs: Vec<Req> = (0..4)
             .map(|i| req(req_type::IN, 0x20_0000 + i * 0x1000, true))
             .collect();
@@ -697,6 +703,6 @@ mod tests {
         s.worker.process_queue();
         assert_eq!(s.worker.in_flight(), 0);
         assert_eq!(s.worker.drain(), 0);
-        assert!(s.worker.completion_fd().is_none());
+        assert!(s.worker.completion_fd().unwrap().is_none());
     }
 }

@@ -183,6 +183,17 @@ pub enum BlockError {
         #[source]
         source: iothread_registry::Error,
     },
+    /// The backend's completion eventfd could not be duplicated for the IOThread.
+    #[error("drive '{id}': cannot duplicate the completion eventfd of queue {queue}")]
+    CompletionFd {
+        /// Drive id.
+        id: String,
+        /// Queue.
+        queue: u16,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Registering a queue handler on its IOThread failed.
     #[error("drive '{id}': cannot register queue {queue} on IOThread '{iothread}'")]
     Handler {
@@ -426,7 +437,14 @@ impl ActiveQueue {
             source,
         })?;
         let qh = QueueHandler::new(self.worker.clone(), kick, self.counters.clone());
-        let completion_fd = lock(&self.worker).completion_fd();
+        let completion_fd =
+            lock(&self.worker)
+                .completion_fd()
+                .map_err(|source| BlockError::CompletionFd {
+                    id: id.to_owned(),
+                    queue: self.index,
+                    source,
+                })?;
         let ch = completion_fd.map(|fd| (fd, CompletionHandler::new(self.worker.clone())));
         let worker = self.worker.clone();
         let registered = guard
@@ -461,7 +479,7 @@ impl ActiveQueue {
             let removed = match guard {
                 Some(g) => g.call(move |aio| {
                     for id in ids {
-                        if let Err(e) = aio.remove_fd_handler(id) {
+                        if let Err(e) = aio.remove_handler(id) {
                             log::error!("removing virtio-blk handler: {e}");
                         }
                     }
@@ -494,18 +512,17 @@ impl ActiveQueue {
 fn add_queue_handlers(
     aio: &mut aio_poll::AioContext,
     qh: QueueHandler,
-    ch: Option<(std::os::unix::io::RawFd, CompletionHandler)>,
+    ch: Option<(std::os::fd::OwnedFd, CompletionHandler)>,
 ) -> Result<Vec<HandlerId>, aio_poll::Error> {
     let mut ids = Vec::new();
     if let Some((fd, ch)) = ch {
-        ids.push(aio.add_fd_handler(fd, Interest::READABLE, Box::new(ch))?);
+        ids.push(aio.add_polled_fd_handler(fd, Interest::READABLE, ch)?);
     }
-    let kick_fd = qh.kick_fd();
-    match aio.add_fd_handler(kick_fd, Interest::READABLE, Box::new(qh)) {
+    match aio.add_polled_fd_handler(qh.kick(), Interest::READABLE, qh) {
         Ok(id) => ids.push(id),
         Err(e) => {
             for id in ids {
-                let _ = aio.remove_fd_handler(id);
+                let _ = aio.remove_handler(id);
             }
             return Err(e);
         }
