@@ -38,9 +38,20 @@
 # during the window with `perf stat` and print them per I/O: the guest's
 # kicks and the back-end's interrupts are eventfd writes, the same for
 # every back-end).
+#
+# FRONTEND=kvm: the front-end is vmm-ref with the freestanding test guest on
+# KVM instead of the TCG Linux guest (no TCG ceiling: the back-ends' IOPS and
+# CPU per I/O on tmpfs and on the real disk, >= 5 interleaved rounds, paired
+# ratios with ranges); see ci/bench-export-kvm.sh for its settings. The
+# default (FRONTEND=tcg) is the real-Linux-driver benchmark described above.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+case "${FRONTEND:-tcg}" in
+    tcg) ;;
+    kvm) exec bash "$HERE/bench-export-kvm.sh" "$@" ;;
+    *) echo "[bench-export] FAIL: FRONTEND must be tcg or kvm, not '$FRONTEND'" >&2; exit 2 ;;
+esac
 CACHE=${VMM_REF_TEST_CACHE:-/var/cache/vmm-ref-test}
 ROUNDS=${ROUNDS:-3}
 FIO_TIME=${FIO_TIME:-10}

@@ -5,7 +5,8 @@ set -euo pipefail
 
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
-# qemu-storage-daemon (the image-locking tests run against it).
+# qemu-storage-daemon (the image-locking tests and the vhost-user front-end tests
+# run against it).
 command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-system-common)
 # Coverage: rustup's llvm-tools component cannot be fetched here; Debian's
 # LLVM 19 reads the profiles of Rust 1.95 (LLVM 22) and is used instead.

@@ -100,6 +100,8 @@ pub fn demo_config(kernel: &Path, disk: &Path, bench_secs: u32) -> VmConfig {
             locking: Default::default(),
         }],
         qmp: None,
+        chardevs: Vec::new(),
+        devices: Vec::new(),
     }
 }
 

@@ -16,6 +16,7 @@ use crate::config::{AioMode, ValidDrive};
 use crate::qmp::BlockInfo;
 use crate::virtio::block::backend::BlockEngine;
 use crate::virtio::block::{Block, BlockConfig, BlockError, BlockHandle};
+use crate::virtio::device::VirtioDevice;
 use crate::virtio::mmio::{MmioError, MmioTransport};
 use crate::vm::iobus::{IoBus, IoBusError};
 use crate::vm::layout::{self, VIRTIO_MMIO_SLOT_SIZE};
@@ -59,9 +60,38 @@ pub enum DriveError {
         #[source]
         source: VmError,
     },
+    /// The vhost-user-blk device could not reach or use its back-end.
+    #[error("cannot set up the vhost-user-blk device")]
+    VhostUser(#[source] crate::virtio::vhost_user_blk::VhostUserBlkError),
     /// The slot is already taken on the MMIO bus.
     #[error("cannot map the device")]
     Bus(#[source] IoBusError),
+}
+
+/// Puts `device` in a virtio-mmio transport on the slot at `base` with
+/// interrupt `gsi`: `irq` becomes the slot's irqfd, each of `queue_evts` an
+/// ioeventfd on `QueueNotify` matching its queue index, the transport goes on
+/// the MMIO bus.
+pub(crate) fn plug(
+    vm: &Vm,
+    mmio: &mut IoBus,
+    (base, gsi): (u64, u32),
+    device: Box<dyn VirtioDevice>,
+    irq: EventFd,
+    queue_evts: Vec<EventFd>,
+) -> Result<Arc<Mutex<MmioTransport>>, DriveError> {
+    let transport = MmioTransport::new(device, vm.memory().clone(), irq, queue_evts)
+        .map_err(DriveError::Transport)?;
+    vm.register_irqfd(transport.irq_evt(), gsi)
+        .map_err(|source| DriveError::Irqfd { gsi, source })?;
+    for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY, queue as u32)
+            .map_err(|source| DriveError::Ioevent { queue, source })?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(base, VIRTIO_MMIO_SLOT_SIZE, transport.clone())
+        .map_err(DriveError::Bus)?;
+    Ok(transport)
 }
 
 /// An attached drive.
@@ -111,17 +141,7 @@ impl Drive {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
             .map_err(DriveError::EventFd)?;
-        let transport = MmioTransport::new(Box::new(block), vm.memory().clone(), irq, queue_evts)
-            .map_err(DriveError::Transport)?;
-        vm.register_irqfd(transport.irq_evt(), gsi)
-            .map_err(|source| DriveError::Irqfd { gsi, source })?;
-        for (queue, evt) in transport.queue_evts().iter().enumerate() {
-            vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY, queue as u32)
-                .map_err(|source| DriveError::Ioevent { queue, source })?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(base, VIRTIO_MMIO_SLOT_SIZE, transport.clone())
-            .map_err(DriveError::Bus)?;
+        let transport = plug(vm, mmio, (base, gsi), Box::new(block), irq, queue_evts)?;
         Ok(Drive {
             config: d.clone(),
             base,

@@ -5,6 +5,8 @@
 //!
 //! Module map: [`config`] (CLI + JSON), [`vm`] (KVM VM, memory, boot, vCPUs),
 //! [`devices`] (serial, i8042, debug-exit), [`vmm`] (composition and lifecycle),
+//! [`drives`] and [`vhost_user_drives`] (virtio-blk and vhost-user-blk devices
+//! on virtio-mmio),
 //! [`export`] (vhost-user-blk exports), [`export_daemon`] (the `export`
 //! subcommand's composition and lifecycle), [`control`] (QMP glue),
 //! [`demo`] (the embedded test guest on a temporary disk), [`bus`] (the device
@@ -25,6 +27,7 @@ pub mod qmp;
 pub mod ratelimit;
 pub mod sigbus;
 pub mod signals;
+pub mod vhost_user_drives;
 pub mod virtio;
 pub mod vm;
 pub mod vmm;

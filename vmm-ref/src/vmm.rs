@@ -16,6 +16,7 @@ use crate::devices::i8042::{I8042, I8042_SIZE};
 use crate::devices::serial::{Serial, SerialOut, SERIAL_SIZE};
 use crate::drives::{self, Drive};
 use crate::qmp::BlockInfo;
+use crate::vhost_user_drives::VhostUserDrive;
 use crate::vm::boot::{self, BootSetup};
 use crate::vm::cpu::BootEntry;
 use crate::vm::iobus::IoBus;
@@ -149,6 +150,7 @@ struct Inner {
     boot: BootSetup,
     vcpu_count: u8,
     drives: Vec<Drive>,
+    vhost_user: Vec<VhostUserDrive>,
     serial: Arc<Mutex<Serial>>,
     state: Mutex<RunState>,
     listeners: Mutex<Vec<EventListener>>,
@@ -212,7 +214,9 @@ impl Vmm {
         opts: VmmOptions,
         registry: IoThreadRegistry,
     ) -> Result<Vmm, VmmError> {
-        let vm = Vm::new(config.vm.memory.0).map_err(VmmError::Vm)?;
+        // vhost-user back-ends map guest RAM: it must be shareable then.
+        let shared = !config.vhost_user.is_empty();
+        let vm = Vm::with_memory(config.vm.memory.0, shared).map_err(VmmError::Vm)?;
         let stop = StopSignal::new();
 
         let mut pio = IoBus::new();
@@ -249,11 +253,26 @@ impl Vmm {
             })?;
             drives.push(drive);
         }
+        let mut vhost_user = Vec::new();
+        for (i, d) in config.vhost_user.iter().enumerate() {
+            let dev =
+                VhostUserDrive::attach(&vm, &mut mmio, drives.len() + i, d).map_err(|source| {
+                    VmmError::Drive {
+                        id: d.id.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+            vhost_user.push(dev);
+        }
 
         let vcpu_count = config.vm.vcpus;
         let vcpus = vm.create_vcpus(vcpu_count).map_err(VmmError::Vm)?;
         let tsc_khz = vcpus.first().and_then(|(fd, _)| vm::tsc_khz(fd));
-        let slots: Vec<(u64, u32)> = drives.iter().map(|d| (d.base(), d.gsi())).collect();
+        let slots: Vec<(u64, u32)> = drives
+            .iter()
+            .map(|d| (d.base(), d.gsi()))
+            .chain(vhost_user.iter().map(|d| (d.base(), d.gsi())))
+            .collect();
         let boot = BootSetup {
             kernel: config.vm.kernel.clone(),
             initrd: config.vm.initrd.clone(),
@@ -278,6 +297,7 @@ impl Vmm {
                 boot,
                 vcpu_count,
                 drives,
+                vhost_user,
                 serial,
                 state: Mutex::new(RunState::Running),
                 listeners: Mutex::new(Vec::new()),
@@ -349,7 +369,10 @@ impl Vmm {
 
     /// Per-drive information for QMP `query-block`.
     pub fn query_block(&self) -> Vec<BlockInfo> {
-        self.inner.drives.iter().map(Drive::info).collect()
+        let drives = self.inner.drives.iter().map(Drive::info);
+        drives
+            .chain(self.inner.vhost_user.iter().map(VhostUserDrive::info))
+            .collect()
     }
 
     /// QMP `system_reset`: pause the vCPUs, reset every device (their queues
@@ -365,6 +388,9 @@ impl Vmm {
         vcpus.pause().map_err(VmmError::Vcpu)?;
         *lock(&self.inner.state) = RunState::Paused;
         for d in &self.inner.drives {
+            d.reset();
+        }
+        for d in &self.inner.vhost_user {
             d.reset();
         }
         let entry = Self::load_guest(&self.inner.vm, &self.inner.boot, self.inner.vcpu_count);
@@ -403,6 +429,9 @@ impl Vmm {
             }
         }
         for d in &self.inner.drives {
+            d.shutdown();
+        }
+        for d in &self.inner.vhost_user {
             d.shutdown();
         }
         lock(&self.inner.serial).flush();

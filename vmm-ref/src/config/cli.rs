@@ -64,8 +64,14 @@ pub struct RunArgs {
     /// QMP monitor socket: `unix:/path`.
     #[arg(long, value_name = "unix:PATH")]
     pub qmp: Option<String>,
+    /// `socket,id=ID,path=PATH` (repeatable): a vhost-user back-end's socket.
+    #[arg(long = "chardev", value_name = "socket,id=ID,path=PATH")]
+    pub chardevs: Vec<String>,
+    /// `vhost-user-blk,id=ID,chardev=ID[,num-queues=N][,queue-size=N][,reconnect=SECONDS]` (repeatable).
+    #[arg(long = "device", value_name = "vhost-user-blk,id=ID,chardev=ID,...")]
+    pub devices: Vec<String>,
     /// The whole configuration as a JSON file (instead of the options above).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "objects", "drives", "qmp"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "objects", "drives", "qmp", "chardevs", "devices"])]
     pub config: Option<PathBuf>,
 }
 
@@ -226,6 +232,16 @@ impl RunArgs {
                 .map(|d| parse_drive(d))
                 .collect::<Result<_, _>>()?,
             qmp,
+            chardevs: self
+                .chardevs
+                .iter()
+                .map(|c| super::vhost_user::parse_chardev(c))
+                .collect::<Result<_, _>>()?,
+            devices: self
+                .devices
+                .iter()
+                .map(|d| super::vhost_user::parse_device(d))
+                .collect::<Result<_, _>>()?,
         };
         Ok((cfg, Origin::Cli))
     }

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod export;
 pub mod keyval;
+pub mod vhost_user;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -119,6 +120,12 @@ pub struct VmConfig {
     /// `--qmp unix:/path`.
     #[serde(default)]
     pub qmp: Option<QmpAddr>,
+    /// `--chardev` entries (vhost-user back-end sockets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chardevs: Vec<vhost_user::ChardevConfig>,
+    /// `--device` entries (vhost-user-blk devices).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<vhost_user::DeviceConfig>,
 }
 
 /// The only object type vmm-ref knows.
@@ -437,6 +444,8 @@ pub struct ValidConfig {
     pub iothreads: Vec<(String, IoThreadParams)>,
     /// Drives with their queue assignment.
     pub drives: Vec<ValidDrive>,
+    /// vhost-user-blk devices (after the drives on the virtio-mmio slots).
+    pub vhost_user: Vec<vhost_user::ValidVhostUserBlk>,
 }
 
 /// Reads a JSON config file.
@@ -757,8 +766,11 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
             lock: lock.map(Arc::new),
         });
     }
-    // The command line as the boot will write it, with the widest tsc_khz=.
-    let slots: Vec<(u64, u32)> = (0..drives.len())
+    let taken: HashSet<String> = ids.union(&drive_ids).cloned().collect();
+    let vhost_user = vhost_user::validate(&vm.chardevs, &vm.devices, origin, &taken, drives.len())?;
+    // The command line as the boot will write it (a slot per drive and per
+    // vhost-user device), with the widest tsc_khz=.
+    let slots: Vec<(u64, u32)> = (0..drives.len() + vhost_user.len())
         .filter_map(crate::vm::layout::virtio_mmio_slot)
         .collect();
     let full = crate::vmm::kernel_cmdline(&vm.cmdline, &slots, Some(u32::MAX));
@@ -771,6 +783,7 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
         vm,
         iothreads,
         drives,
+        vhost_user,
     })
 }
 

@@ -665,6 +665,13 @@ fn format_info_block(blocks: &[BlockInfo]) -> String {
         for q in &b.queues {
             let _ = writeln!(out, "    queue {}: iothread={}", q.queue, q.iothread);
         }
+        if let Some(v) = &b.vhost_user {
+            let _ = writeln!(
+                out,
+                "    vhost-user: chardev={} path={} connected={} disconnects={} reconnects={}",
+                v.chardev, v.path, v.connected, v.disconnects, v.reconnects
+            );
+        }
     }
     out
 }

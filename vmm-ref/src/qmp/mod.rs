@@ -233,6 +233,7 @@ impl BlockInfo {
             queue_size,
             activated: b.activated,
             queues: b.queues.iter().map(BlockQueueInfo::from).collect(),
+            vhost_user: None,
         }
     }
 }
@@ -288,11 +289,49 @@ pub struct BlockInfo {
     pub activated: bool,
     /// Per-queue IOThread mapping.
     pub queues: Vec<BlockQueueInfo>,
+    /// For a vhost-user-blk device: its back-end and connection state.
+    #[serde(rename = "vhost-user", skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<VhostUserBlockInfo>,
+}
+
+/// The back-end of a vhost-user-blk device in `query-block` (`vhost-user`).
+///
+/// ```text
+/// "vhost-user": {"chardev": "c0", "path": "/run/vhost.sock", "connected": true,
+///                "connections": 2, "disconnects": 1, "reconnects": 1,
+///                "protocol-errors": 0, "reconnect": 1, "inflight": true,
+///                "protocol-features": 11785, "last-error": null}
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VhostUserBlockInfo {
+    /// The `--chardev` id.
+    pub chardev: String,
+    /// The back-end's socket.
+    pub path: String,
+    /// A back-end is connected.
+    pub connected: bool,
+    /// Connections made (the first included).
+    pub connections: u64,
+    /// Connections lost.
+    pub disconnects: u64,
+    /// Connections re-established after a loss.
+    pub reconnects: u64,
+    /// Connections dropped because the back-end broke the protocol.
+    pub protocol_errors: u64,
+    /// Seconds between reconnection attempts (`null`: none).
+    pub reconnect: Option<u64>,
+    /// The back-end tracks in-flight requests (INFLIGHT_SHMFD).
+    pub inflight: bool,
+    /// vhost-user protocol features in use.
+    pub protocol_features: u64,
+    /// Why the back-end was last lost or the last reconnection failed.
+    pub last_error: Option<String>,
 }
 
 #[cfg(test)]
 mod export_tests;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 #[cfg(test)]
 mod tests;

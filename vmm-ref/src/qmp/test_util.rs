@@ -128,6 +128,7 @@ impl QmpMachine for FakeMachine {
                     errors: 0,
                 },
             ],
+            vhost_user: None,
         }]
     }
 

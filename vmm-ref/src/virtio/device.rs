@@ -106,6 +106,15 @@ pub trait VirtioDevice: Send {
     /// Stops the device for VMM shutdown: like [`VirtioDevice::reset`], and
     /// makes everything written so far durable.
     fn shutdown(&mut self);
+    /// Whether used-buffer notifications bypass [`VirtioInterrupt`]: a
+    /// vhost-user back-end writes the interrupt eventfd (KVM irqfd) itself,
+    /// so the transport never learns about them. While such a device runs,
+    /// the transport reports a used-buffer notification as always pending,
+    /// so that a driver that reads its interrupt status before scanning the
+    /// rings (Linux's virtio-mmio does) still scans them. Default: `false`.
+    fn notifies_used_buffers_directly(&self) -> bool {
+        false
+    }
 }
 
 /// Copies `data.len()` bytes of `config` starting at `offset` into `data`;

@@ -351,7 +351,10 @@ impl MmioTransport {
             },
             regs::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             regs::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            regs::INTERRUPT_STATUS => self.interrupt.status(),
+            regs::INTERRUPT_STATUS => {
+                let direct = self.activated && self.device.notifies_used_buffers_directly();
+                self.interrupt.status() | if direct { INT_VRING } else { 0 }
+            }
             regs::STATUS => self.device_status(),
             // No shared memory regions: "reading from a non-existent region
             // results in a length of -1".
@@ -704,6 +707,8 @@ mod tests {
         resets: usize,
         shutdowns: usize,
         fail_activate: bool,
+        /// Answer of `notifies_used_buffers_directly`.
+        direct: bool,
     }
 
     struct MockDevice {
@@ -747,6 +752,9 @@ mod tests {
         }
         fn shutdown(&mut self) {
             self.state.lock().unwrap().shutdowns += 1;
+        }
+        fn notifies_used_buffers_directly(&self) -> bool {
+            self.state.lock().unwrap().direct
         }
     }
 
@@ -1183,6 +1191,28 @@ mod tests {
         let s = st.lock().unwrap();
         let q = s.activations[1].1[0];
         assert_eq!((q.size, q.desc_table, q.next_avail), (16, 0, 0));
+    }
+
+    #[test]
+    fn direct_notifications_keep_vring_pending_while_running() {
+        let (mut t, st) = transport(&[16]);
+        st.lock().unwrap().direct = true;
+        negotiate(&mut t, 1 << 32);
+        // Not running yet: nothing pending.
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), 0);
+        wr(&mut t, regs::STATUS, S_OK);
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), INT_VRING);
+        // An acknowledgement cannot clear what the back-end signals itself.
+        wr(&mut t, regs::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), INT_VRING);
+        // Configuration changes still come and go through the transport.
+        let intr = st.lock().unwrap().interrupt.clone().unwrap();
+        intr.trigger_config().unwrap();
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
+        wr(&mut t, regs::INTERRUPT_ACK, INT_CONFIG);
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), INT_VRING);
+        wr(&mut t, regs::STATUS, 0);
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), 0);
     }
 
     #[test]

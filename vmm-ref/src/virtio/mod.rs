@@ -1,5 +1,7 @@
 //! Virtio devices for vmm-ref: the device/transport interface, the
-//! virtio-mmio (version 2) transport and the multi-queue virtio-blk device.
+//! virtio-mmio (version 2) transport, the multi-queue virtio-blk device, and
+//! the vhost-user-blk front-end (a virtio-blk device served by an external
+//! back-end, [`vhost_user_blk`]).
 //!
 //! The transport ([`mmio::MmioTransport`]) owns all register state and the
 //! status state machine; it talks to the device model only through the
@@ -30,6 +32,7 @@
 pub mod block;
 pub mod device;
 pub mod mmio;
+pub mod vhost_user_blk;
 
 /// Rate-limited `log::warn!` for guest-triggered conditions: the first
 /// `BURST` occurrences at each call site are logged, then one in every

@@ -70,6 +70,13 @@ impl Vm {
     /// Creates the VM: TSS and identity-map addresses, in-kernel irqchip and PIT2
     /// (both before any vCPU), and `mem_size` bytes of RAM registered as slots.
     pub fn new(mem_size: u64) -> Result<Vm, VmError> {
+        Self::with_memory(mem_size, false)
+    }
+
+    /// [`Vm::new`], with RAM that other processes can map when `shared` (one
+    /// sealed memfd, `MAP_SHARED`: what vhost-user back-ends need, see
+    /// [`memory::create_shared`]).
+    pub fn with_memory(mem_size: u64, shared: bool) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -97,7 +104,12 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        let mem = memory::create(mem_size).map_err(VmError::Memory)?;
+        let mem = if shared {
+            memory::create_shared(mem_size)
+        } else {
+            memory::create(mem_size)
+        }
+        .map_err(VmError::Memory)?;
         memory::register(&fd, &mem).map_err(VmError::Memory)?;
         Ok(Vm {
             kvm,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Capture real request/reply examples for every QMP command from a running server
-and print them as Markdown (used to write COMMANDS.md).
+and print them as Markdown (used to write vmm-ref/docs/qmp.md).
 
 Usage: capture_examples.py SOCKET  (ends the server with `quit`)
 
