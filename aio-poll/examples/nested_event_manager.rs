@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! aio-poll nested in a rust-vmm `event-manager` loop, as a Firecracker-style
 //! VMM would run it: one outer loop, an `AioContext` subscriber with a
 //! polled virtqueue-like handler, a plain fd handler and a periodic timer,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! aio-poll on its own thread serving a tokio application through
 //! `ContextHandle`, the way a VMM with an async control plane (HTTP API,
 //! QMP over tokio) would keep its I/O thread: the context is `!Sync` and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The adaptive polling arithmetic as a pure state machine (no syscalls, no
 //! clock of its own: the caller passes timestamps or `block_ns`).
 //!

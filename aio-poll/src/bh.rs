@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Bottom halves: one-shot closures and reusable [`Bh`] objects schedulable
 //! from any thread (QEMU's `QEMUBH`).
 

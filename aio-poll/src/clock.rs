@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Clocks: the monotonic clock the context runs on, an injectable manual clock
 //! for tests, and the per-thread CPU clock used by tests and the benchmark.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! State shared between the loop and other threads, and the `Send + Sync`
 //! [`ContextHandle`].
 

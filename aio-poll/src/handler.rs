@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Handlers: the fd and poll callback traits, the closure adapter, ids,
 //! interest and readiness sets, and the `EventFd` adapter.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `aio-poll`: a single-thread event loop in the style of QEMU's `AioContext`.
 //!
 //! * fd handlers on epoll ([`FdHandler`], called with a [`Readiness`]); the

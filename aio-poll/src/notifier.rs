@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The cross-thread notifier and the `notify_me` protocol (design note §1).
 //!
 //! `notify()` sets `notified`, issues a full fence and writes the eventfd only

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Adaptive polling parameters (QEMU's `poll-max-ns`, `poll-grow`, `poll-shrink`,
 //! `poll-weight`) and the algorithm selector.
 

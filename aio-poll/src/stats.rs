@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Statistics as data (serde with the `serde` feature): loop counters, the adaptive state and a
 //! histogram of the polling window.
 //!

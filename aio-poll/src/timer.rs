@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Timers: one-shot and periodic, ns deadlines on the context clock, run in
 //! deadline order (ties in creation order).
 

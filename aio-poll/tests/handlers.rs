@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Handler add / modify / remove, also from inside callbacks.
 
 mod common;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Changing the polling parameters from another thread while the loop runs.
 
 mod common;

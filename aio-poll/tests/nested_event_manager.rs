@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! An AioContext nested in a rust-vmm `event-manager` loop through
 //! `NestedContext`: fd handlers, timers with no timeout plumbing, bottom
 //! halves from other threads, adaptive polling kept, zero idle CPU.

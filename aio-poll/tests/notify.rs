@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Cross-thread wake-ups: the notify_me protocol, stress without lost wake-ups.
 
 mod common;

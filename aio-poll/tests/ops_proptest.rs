@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Random sequences of API operations (the same shape a fuzz target would
 //! use): the context never panics, ids stay valid exactly while their
 //! handler exists, and callbacks removing handlers never touch freed ones.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The poll list: join on first dispatch, poll mode begin/end, leave after
 //! the (injected) idle timeout with a final poll; nothing at all with
 //! `max_ns = 0`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The loop under a seccomp allow-list built from the README's list of the
 //! system calls it makes (rust-vmm `seccompiler`, EPERM for anything else),
 //! as cloud-hypervisor and Firecracker install per thread: fd handlers,

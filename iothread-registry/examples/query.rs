@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Creates two IOThreads with holders and prints `query-iothreads` (QMP JSON) and
 //! `info iothreads` (HMP text). Run: `cargo run -p iothread-registry --example query`.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! An IOThread pool whose threads are pinned to a CPU and run under a seccomp filter,
 //! installed by the registry's spawn hook on each new IOThread before its loop starts
 //! (what cloud-hypervisor's and Firecracker's thread spawners do for their threads).

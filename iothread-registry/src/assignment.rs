@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`VqAssignment`]: an applied `iothread-vq-mapping` with its holder registrations.
 
 use std::fmt;

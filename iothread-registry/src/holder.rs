@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Who holds an IOThread (the "IOThread holders" series' `IOThreadHolder`).
 
 use std::fmt;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Object id validation (QEMU's `id_wellformed()`).
 
 use crate::error::{Error, IdError, Result};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `query-iothreads` (QMP) reply elements and `info iothreads` (HMP) text (feature
 //! `qemu`).
 

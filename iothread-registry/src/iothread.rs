@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One IOThread: a named OS thread that owns an [`AioContext`] and runs it until
 //! asked to stop.
 

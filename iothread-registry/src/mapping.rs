@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! QEMU's `iothread-vq-mapping` (virtio-blk, QEMU 9.0): which IOThread serves which
 //! virtqueue.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! IOThread parameters: aio-poll's [`PollParams`] plus what only an IOThread has
 //! (`aio-max-batch`). Defaults, range checks and messages of the polling parameters
 //! are aio-poll's; this module adds the one parameter aio-poll does not know and,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The registry of IOThreads: create/delete by id, holders, parameters, queries.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`HolderGuard`]: a registered use of an IOThread's context.
 
 use std::fmt;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Model-based property test: random sequences of acquire / guard release / guard
 //! drop / delete / create against a plain list model (guards are the only way to
 //! register and release a holder).

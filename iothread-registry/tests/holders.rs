@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Holder registration: acquire/release, duplicates, errors, delete-in-use and
 //! concurrency.
 

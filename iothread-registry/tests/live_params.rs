@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Live parameter changes visibly change the loop's behaviour, observed through the
 //! IOThread statistics. Count-based: no timing assertions (the machine is shared).
 

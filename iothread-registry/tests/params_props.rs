@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Parameter properties: set/get round trip, garbage names and values rejected.
 
 use iothread_registry::{Error, IoThreadParams, Property};

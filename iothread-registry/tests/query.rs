@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Golden output of query-iothreads (JSON) and info iothreads (HMP), and the
 //! property interface.
 

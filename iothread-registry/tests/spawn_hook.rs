@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The spawn hook: a seccomp filter (rust-vmm's seccompiler) and CPU affinity applied
 //! on each new IOThread before its loop, with the IOThread still serving work; hook
 //! failures and panics reported by `create`.

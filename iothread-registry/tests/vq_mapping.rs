@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Every `iothread-vq-mapping` rule, assignment results, and a property test that
 //! valid mappings assign every queue exactly once.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Cost per exit of the typical PIO/MMIO exit handler register work — read RAX, RIP and
 //! RFLAGS, write RAX and RIP — through the fast path (MSHV register page / KVM sync-regs
 //! area) versus the slow path (hypercalls / KVM_GET_REGS + KVM_SET_REGS).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A cloud-hypervisor-shaped vCPU on mshv-regpage, run on the simulated hypervisor.
 //!
 //! cloud-hypervisor's `hypervisor` crate declares `trait Vcpu: Send + Sync` whose register

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`VcpuRegisters`]: the page when it is usable, hypercalls otherwise.
 
 use std::borrow::Borrow;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`RegisterCell`]: one vCPU's register facade behind `&self`, `Send + Sync`.
 
 use core::cell::UnsafeCell;

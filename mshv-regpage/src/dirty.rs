@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Register classes and the page's dirty bit set.
 
 use core::fmt;

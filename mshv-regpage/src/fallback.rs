@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The get/set-registers hypercall backend used when the page is unmapped or invalid, and
 //! for every register the page does not hold.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The same facade over KVM's sync-regs area of `kvm_run` (feature `kvm`).
 //!
 //! `KVM_CAP_SYNC_REGS` is KVM's analogue of the MSHV register page: with

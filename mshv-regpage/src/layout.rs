@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Byte-exact mirror of the hypervisor's `struct hv_vp_register_page` (x86_64).
 //!
 //! The layout is taken from the design note (`hvhdk.h` after commit 48fcc895403c, which added

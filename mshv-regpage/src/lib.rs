@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Typed, layout-checked, dirty-bit-safe access to the Microsoft Hypervisor (MSHV) vCPU
 //! register page, with a hypercall fallback.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`RegisterPage`]: typed, volatile, dirty-bit-safe access to one vCPU's register page.
 
 use core::mem::offset_of;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Typed register names and values held by the register page.
 
 use mshv_bindings as hv;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `RegisterCell` (the facade behind `&self`), owned and shared backends, errno-keeping
 //! errors.
 #![cfg(target_arch = "x86_64")]

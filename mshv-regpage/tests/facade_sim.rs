@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `VcpuRegisters` over the simulated hypervisor: fast path, fallback, mixing guard, counters.
 #![cfg(target_arch = "x86_64")]
 

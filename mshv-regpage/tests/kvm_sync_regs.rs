@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The facade on this machine's real KVM: a CPL3 guest doing `in`/`out` in a loop.
 //! Skipped (with a clear message) where `/dev/kvm` is missing.
 #![cfg(target_arch = "x86_64")]

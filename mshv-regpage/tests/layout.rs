@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Compares every field of our layout mirror with `mshv_bindings::hv_vp_register_page`.
 //!
 //! mshv-bindings 0.7.1 was generated from a header that already has `reserved[8]` at 152

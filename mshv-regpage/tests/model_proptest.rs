@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Arbitrary op sequences against the plain model (dirty bits, lost non-dirty writes,
 //! read-only registers, mixing guard, page validity). The future `regpage` fuzz target
 //! drives the same `Harness` with `Op::decode`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `RegisterPage` on ordinary memory: mapping, raw wrapping, typed accessors, dirty bits.
 #![cfg(target_arch = "x86_64")]
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device side in each benchmark mode, run on its own thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};

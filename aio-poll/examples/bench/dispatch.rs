@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Same-thread dispatch cost: eventfd events through aio-poll and rust-vmm
 //! event-manager in one thread. Reports thread CPU time per event; under
 //! `valgrind --tool=callgrind --toggle-collect='*dispatch_loop_*'` (see

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! aio-poll benchmark: a producer thread emulating a guest on virtqueues
 //! against the loop in every polling mode, plus event-manager as the anchor.
 //!

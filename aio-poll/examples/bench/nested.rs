@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--nested`: aio-poll nested in rust-vmm event-manager (`NestedContext`)
 //! against the standalone loop and a busy poller, in paired, interleaved
 //! rounds (every round runs every mode, order rotated), so that load changes

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The emulated guest: a virtqueue-like ring per queue, a producer thread that
 //! submits one request at a time per queue (closed loop, iodepth 1, like fio)
 //! after a think time, and kicks the eventfd only when the device has

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Handler slot table: add / modify / remove (also from callbacks) and joining the poll list.
 
 use std::os::fd::{AsFd, AsRawFd};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One loop iteration (design note §1): timeout, polling, sleeping, bottom
 //! halves, dispatch, timers. The steps are separate functions so that a
 //! nested context ([`super::NestedContext`]) can hand its sleep to the

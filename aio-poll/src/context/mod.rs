@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`AioContext`]: the event loop (QEMU's `AioContext` + `aio_poll`).
 
 use std::fmt;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Nesting a context in an outer epoll loop (rust-vmm `event-manager`, or any
 //! loop that can watch an fd) while keeping adaptive polling and timers.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Poll mode, the polling loop, the poll list's idle removal and the adaptive update.
 
 use super::AioContext;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A minimal epoll wrapper with nanosecond timeouts (`epoll_pwait2`, falling
 //! back to millisecond `epoll_wait` on kernels older than 5.11 (`ENOSYS`) and
 //! under seccomp filters that refuse it (`EPERM`)).

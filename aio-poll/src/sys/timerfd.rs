@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A `CLOCK_MONOTONIC` timerfd: wakes an outer event loop for the timers of
 //! a nested context (see [`NestedContext`](crate::NestedContext)).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! aio-poll on its own: a context owning an eventfd handler, woken from another thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};

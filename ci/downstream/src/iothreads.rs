@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! iothread-registry: a registry whose spawn hook runs the VMM's per-thread setup on every
 //! new IOThread (cloud-hypervisor applies a seccomp filter there), and a device that
 //! holds an IOThread to run work in its loop.

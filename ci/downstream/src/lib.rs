@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A downstream VMM's use of the *packaged* library crates, one module per crate.
 //!
 //! Built (and its tests run) by `ci/downstream.sh` against the `.crate` files that

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! mshv-regpage behind a cloud-hypervisor-shaped `trait Vcpu: Send + Sync` (methods on
 //! `&self`), the vCPU owning its fd through an `Arc` shared with the VM.
 

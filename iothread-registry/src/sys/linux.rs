@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Linux implementation of the [`sys`](super) helpers.
 
 use std::io;

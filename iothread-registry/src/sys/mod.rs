@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Operating-system helpers (Linux only).
 //!
 //! Contract: every function returns `io::Result` with the OS error on failure and

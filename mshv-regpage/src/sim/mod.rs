@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A simulated hypervisor side of the register page (feature `sim`).
 //!
 //! [`SimHypervisor`] owns the vCPU's register state and plays the hypervisor's part of the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A plain reference model of the page protocol, and an operation language to drive the
 //! real implementation and the model side by side (property tests, fuzzing).
 //!

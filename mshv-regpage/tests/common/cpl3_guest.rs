@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A tiny x86_64 guest started directly at CPL3 (no CPL0 code at all), for the KVM tests
 //! and the benchmark. This machine's KVM is nested/paravirtual (`kvm_pvm`): CPL3 code runs
 //! natively, CPL0 code is emulated very slowly, so the guest never runs at CPL0.
