@@ -66,8 +66,10 @@ fn remap_moves_the_holder_atomically() {
     let b_side = [IoThreadVqMapping::new("io2"), IoThreadVqMapping::new("io3")];
     let mut assignment = r.acquire_vq_mapping(&a_side, 4, d0.clone()).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watcher = {
         let (r, stop, d0) = (r.clone(), Arc::clone(&stop), d0.clone());
+        let seen = Arc::clone(&seen);
         thread::spawn(move || {
             let mut snapshots = 0u64;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -87,11 +89,21 @@ fn remap_moves_the_holder_atomically() {
                     "d0 on neither or both sides: {on:?}"
                 );
                 snapshots += 1;
+                seen.store(snapshots, std::sync::atomic::Ordering::SeqCst);
             }
             snapshots
         })
     };
-    for round in 0..ROUNDS {
+    // The watcher must look while the remaps run: on a loaded host it may not be
+    // scheduled at all during 1000 quick remaps, so wait for its first snapshot
+    // and keep remapping (an even number of rounds, bounded) until it took more.
+    let seen_now = || seen.load(std::sync::atomic::Ordering::SeqCst);
+    while seen_now() == 0 {
+        thread::yield_now();
+    }
+    let first = seen_now();
+    let mut round = 0usize;
+    while round < ROUNDS || (seen_now() < first + 100 && round < 100 * ROUNDS) || round % 2 != 0 {
         let to = if round % 2 == 0 { &b_side } else { &a_side };
         assignment.remap(to).unwrap();
         assert_eq!(assignment.mapping(), to);
@@ -99,9 +111,10 @@ fn remap_moves_the_holder_atomically() {
             assignment.iothread_for_queue(3),
             Some(to[1].iothread.as_str())
         );
+        round += 1;
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert!(watcher.join().unwrap() > 0);
+    assert!(watcher.join().unwrap() > first);
     // Even number of rounds: back on io0/io1; the other holder was never touched.
     assert_eq!(r.holders("io0").unwrap(), vec![d0.clone()]);
     assert!(r.holders("io2").unwrap().is_empty());
