@@ -46,11 +46,16 @@ pub enum DispatchMode {
     /// context keeps its fd readable while polling and finds the event by
     /// `poll()`.
     NestedWeighted,
+    /// The outer loop's own floor: event-manager `run()` handing one
+    /// always-readable fd to a subscriber whose `process()` does nothing (no
+    /// kick, no read). Every subscriber of an event-manager pays this per
+    /// `run()`, whatever it nests; `nested - floor` is what nesting adds.
+    EmFloor,
 }
 
 impl DispatchMode {
     /// Every mode, in report order.
-    pub const ALL: [DispatchMode; 8] = [
+    pub const ALL: [DispatchMode; 9] = [
         DispatchMode::Em,
         DispatchMode::Blocking,
         DispatchMode::Weighted,
@@ -59,6 +64,7 @@ impl DispatchMode {
         DispatchMode::WeightedWait,
         DispatchMode::NestedBlocking,
         DispatchMode::NestedWeighted,
+        DispatchMode::EmFloor,
     ];
 
     /// The command-line name (`--dispatch-mode NAME`).
@@ -72,6 +78,7 @@ impl DispatchMode {
             DispatchMode::WeightedWait => "weighted-wait",
             DispatchMode::NestedBlocking => "nested-blocking",
             DispatchMode::NestedWeighted => "nested-weighted",
+            DispatchMode::EmFloor => "em-floor",
         }
     }
 
@@ -91,6 +98,7 @@ impl DispatchMode {
             DispatchMode::WeightedWait => "aio-poll weighted w=3, poll(true) (found by poll())",
             DispatchMode::NestedBlocking => "aio-poll max_ns=0 nested in event-manager, run()",
             DispatchMode::NestedWeighted => "aio-poll weighted w=3 nested in event-manager, run()",
+            DispatchMode::EmFloor => "event-manager run() floor (ready fd, empty process())",
         }
     }
 
@@ -127,7 +135,7 @@ impl DispatchMode {
 
     fn params(self) -> Option<PollParams> {
         match self {
-            DispatchMode::Em | DispatchMode::EmWait => None,
+            DispatchMode::Em | DispatchMode::EmWait | DispatchMode::EmFloor => None,
             DispatchMode::Blocking | DispatchMode::BlockingWait | DispatchMode::NestedBlocking => {
                 Some(PollParams::disabled())
             }
@@ -228,6 +236,26 @@ fn dispatch_loop_nested(em: &mut EventManager<NestedContext>, src: &Source, n: u
     }
 }
 
+/// A subscriber whose fd stays readable and whose `process()` does nothing:
+/// the outer loop's own per-`run()` cost.
+struct Floor(SharedEventFd);
+
+impl MutEventSubscriber for Floor {
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&*self.0, EventSet::IN))
+            .expect("register eventfd");
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+}
+
+/// The measured floor loop (the callgrind script collects inside it only).
+#[inline(never)]
+fn dispatch_loop_floor(em: &mut EventManager<Floor>, n: u64) {
+    for _ in 0..n {
+        let _ = em.run();
+    }
+}
+
 /// The measured event-manager loop (the callgrind script collects inside it only).
 #[inline(never)]
 fn dispatch_loop_em(em: &mut EventManager<Sink>, src: &Source, n: u64, blocking: bool) {
@@ -246,6 +274,15 @@ pub fn dispatch_cost_ns(mode: DispatchMode, n: u64) -> f64 {
     let (src, sink) = pair();
     let blocking = mode.blocking_call();
     let cpu = match mode.params() {
+        None if mode == DispatchMode::EmFloor => {
+            // Readable for good: written once, never read.
+            src.kick();
+            let mut em = EventManager::<Floor>::new().expect("event manager");
+            em.add_subscriber(Floor(sink.efd.clone()));
+            let cpu0 = thread_cpu_time_ns();
+            dispatch_loop_floor(&mut em, n);
+            thread_cpu_time_ns() - cpu0
+        }
         Some(p) if mode.nested() => {
             let mut ctx = AioContext::with_params(p).expect("context");
             ctx.add_polled_fd_handler(sink.efd.clone(), Interest::READABLE, sink)

@@ -171,7 +171,7 @@ pub(crate) fn usage(msg: &str) -> ! {
          [--pattern SUBSTR]\n       bench --dispatch-only [--dispatch-mode MODE] [--events N]\n       \
          bench --nested [--rounds N] [--rt] [--duration-ms N]\n       \
          MODE: em, blocking, weighted, em-wait, blocking-wait, weighted-wait, \
-         nested-blocking, nested-weighted"
+         nested-blocking, nested-weighted, em-floor"
     );
     std::process::exit(2)
 }
