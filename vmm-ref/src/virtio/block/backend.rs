@@ -289,8 +289,9 @@ pub trait DiskBackend: Send {
     fn set_max_batch(&mut self, n: usize);
     /// Cheap check (no syscall) for completions ready to reap.
     fn has_completions(&mut self) -> bool;
-    /// Clears the completion eventfd (call when it was readable). Default:
-    /// nothing (engines without an eventfd).
+    /// Clears the completion descriptor (call when it was readable), for
+    /// engines whose descriptor is an eventfd. Default: nothing (no
+    /// descriptor, or one that reaping clears, as the io_uring engine's).
     fn ack_completion_event(&mut self) {}
     /// Moves ready completions into `out` (non-blocking).
     fn reap(&mut self, out: &mut Vec<DiskCompletion>);
@@ -299,7 +300,7 @@ pub trait DiskBackend: Send {
     fn wait(&mut self) -> io::Result<()>;
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
-    /// An eventfd that becomes readable when completions are posted (to
+    /// A descriptor that becomes readable when completions are posted (to
     /// register with the IOThread), if the engine has one.
     fn completion_fd(&self) -> Option<RawFd>;
 

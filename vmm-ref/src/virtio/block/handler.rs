@@ -8,10 +8,18 @@
 //!   suppress / re-enable guest notifications (the loop polls once more
 //!   after `poll_end`, which closes the race with a driver that saw
 //!   notifications disabled);
-//! - [`CompletionHandler`] on the backend's completion eventfd (io_uring
-//!   only): `poll()` checks the completion ring without a syscall, `read()`
-//!   clears the eventfd; both reap completions, put them in the used ring
-//!   and signal the guest when the driver asked for it.
+//! - [`CompletionHandler`] on the backend's completion descriptor (io_uring
+//!   only: the ring's own fd, readable while completions wait): `poll()`
+//!   checks the completion ring without a syscall; both paths reap
+//!   completions, put them in the used ring and signal the guest when the
+//!   driver asked for it.
+//!
+//! Guest notifications follow QEMU's `virtio_queue_set_notification`: see
+//! `QueueWorker::suppress_notifications` (with EVENT_IDX, `avail_event` is
+//! parked behind the avail index while the IOThread polls, so that the
+//! driver does not kick a thread that is watching the ring anyway) and
+//! `QueueWorker::enable_notifications` (`avail_event` = the avail index
+//! seen now, full fence, final check).
 //!
 //! Both handlers share the worker through an `Arc<Mutex<_>>` that is only
 //! ever contended while the device is being torn down.
@@ -111,7 +119,7 @@ impl QueueWorker {
             .set_max_batch(usize::try_from(n).unwrap_or(usize::MAX));
     }
 
-    /// A duplicate of the backend's completion eventfd, if it has one, for
+    /// A duplicate of the backend's completion descriptor, if it has one, for
     /// the IOThread's context to own (it closes its copy when the handler
     /// is removed; the backend keeps its own).
     pub fn completion_fd(&self) -> std::io::Result<Option<OwnedFd>> {
@@ -537,7 +545,7 @@ impl PollHandler for QueueHandler {
     }
 }
 
-/// The handler on a backend's completion eventfd (io_uring).
+/// The handler on a backend's completion descriptor (io_uring: the ring fd).
 pub struct CompletionHandler {
     worker: Arc<Mutex<QueueWorker>>,
 }
