@@ -38,6 +38,10 @@
 # Report: per-run table, medians per configuration, and the vmm-ref/QEMU
 # ratios paired per round (median [min-max]) of IOPS, I/Os per kick, device
 # CPU per I/O and total CPU per I/O; likewise vmm-ref poll-max-ns=N / 0.
+# With --base PATH a second vmm-ref binary (e.g. main's build) runs every
+# vmm-ref configuration too, as VMM `base`, interleaved with the others in
+# the same rounds: the report adds vmm-ref / base and base / QEMU, an A/B of
+# a change against the code it started from under the same host load.
 #
 # usage: ci/bench-vmm.sh [options]
 #   --quick           short run (~4 min): --secs 2 --rounds 2 --queues "1 4x2" --no-poll0
@@ -53,6 +57,7 @@
 #   --tmpfs-dir DIR   tmpfs directory (default /dev/shm)
 #   --disk-dir DIR    real-disk directory (default /var/tmp)
 #   --vmm PATH        vmm-ref binary (default: cargo build --release -p vmm-ref)
+#   --base PATH       a second vmm-ref binary run as VMM `base` (A/B against it)
 #   --elf PATH        guest image (default: test-guest.elf of that build)
 #   --qemu PATH       QEMU binary (default qemu-system-x86_64)
 #   --only vmm-ref|qemu   run one side only (e.g. while the other cannot run)
@@ -69,7 +74,7 @@ die() { echo "bench-vmm.sh: $*" >&2; exit 2; }
 
 secs=5 rounds=5 qd=32 queues="1 4 4x2" profiles="ours alt" storage="tmpfs disk"
 rw=randread poll_max_ns=32768 disk_size=256M tmpfs_dir=/dev/shm disk_dir=/var/tmp
-vmm= elf= qemu=qemu-system-x86_64 only= poll0=1 out=
+vmm= base= elf= qemu=qemu-system-x86_64 only= poll0=1 out=
 # --quick first sets its defaults; options given explicitly still win.
 for a in "$@"; do
     if [ "$a" = --quick ]; then
@@ -91,6 +96,7 @@ while [ $# -gt 0 ]; do
         --tmpfs-dir) tmpfs_dir=$2; shift 2 ;;
         --disk-dir) disk_dir=$2; shift 2 ;;
         --vmm) vmm=$2; shift 2 ;;
+        --base) base=$2; shift 2 ;;
         --elf) elf=$2; shift 2 ;;
         --qemu) qemu=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
@@ -126,6 +132,8 @@ if [ -z "$elf" ]; then
 fi
 [ -f "$elf" ] || die "guest image $elf not found"
 [ -z "$vmm" ] || [ -x "$vmm" ] || die "vmm-ref binary $vmm not found"
+[ -z "$base" ] || [ -x "$base" ] || die "base vmm-ref binary $base not found"
+[ -z "$base" ] || [ "$only" != qemu ] || die "--base runs vmm-ref configurations: not with --only qemu"
 [ "$only" = vmm-ref ] || command -v "$qemu" >/dev/null || die "$qemu not found"
 
 images=()
@@ -152,7 +160,7 @@ done
 export BENCH_SECS=$secs BENCH_ROUNDS=$rounds BENCH_QD=$qd BENCH_QUEUES=$queues
 export BENCH_PROFILES=$profiles BENCH_STORAGE=$storage BENCH_RW=$rw
 export BENCH_POLL_MAX_NS=$poll_max_ns BENCH_IMAGE_TMPFS=$image_tmpfs BENCH_IMAGE_DISK=$image_disk
-export BENCH_VMM=$vmm BENCH_ELF=$elf BENCH_QEMU=$qemu BENCH_ONLY=$only
+export BENCH_VMM=$vmm BENCH_BASE=$base BENCH_ELF=$elf BENCH_QEMU=$qemu BENCH_ONLY=$only
 export BENCH_POLL0=$poll0 BENCH_OUT=$out BENCH_LIB=$here
 
 python3 -u - <<'PY'
@@ -165,7 +173,7 @@ SECS = int(env["BENCH_SECS"]); ROUNDS = int(env["BENCH_ROUNDS"]); QD = int(env["
 QUEUES = env["BENCH_QUEUES"].split(); PROFILES = env["BENCH_PROFILES"].split()
 STORAGE = env["BENCH_STORAGE"].split(); RW = env["BENCH_RW"]; POLL = int(env["BENCH_POLL_MAX_NS"])
 IMAGE = {"tmpfs": env["BENCH_IMAGE_TMPFS"], "disk": env["BENCH_IMAGE_DISK"]}
-VMM = env["BENCH_VMM"]; ELF = env["BENCH_ELF"]; QEMU = env["BENCH_QEMU"]
+VMM = env["BENCH_VMM"]; BASE = env["BENCH_BASE"]; ELF = env["BENCH_ELF"]; QEMU = env["BENCH_QEMU"]
 ONLY = env["BENCH_ONLY"]; POLL0 = env["BENCH_POLL0"] == "1"; OUT = env["BENCH_OUT"]
 TIMEOUT = SECS + 240  # boot + bench on a loaded 2-core machine
 T0 = time.monotonic()
@@ -190,10 +198,10 @@ def nqueues(qcfg):
     return int(qcfg.split("x")[0])
 
 
-def vmm_ref_cmd(profile, storage, qcfg, poll):
+def vmm_ref_cmd(profile, storage, qcfg, poll, binary=None):
     # vmm-ref appends virtio_mmio.device= and tsc_khz= itself.
     mapping = "iothread-vq-mapping=io0:io1" if qcfg == "4x2" else "iothread=io0"
-    cmd = [VMM, "--kernel", ELF, "--memory", "256M", "--vcpus", "1",
+    cmd = [binary or VMM, "--kernel", ELF, "--memory", "256M", "--vcpus", "1",
            "--cmdline", guest_cmdline(profile, False),
            "--object", f"iothread,id=io0,poll-max-ns={poll}"]
     if qcfg == "4x2":
@@ -219,7 +227,10 @@ def qemu_cmd(profile, storage, qcfg, poll):
 def run(unit):
     """One VMM run; CPU over the benchmark window only."""
     kind, profile, storage, qcfg, poll = unit
-    cmd = (vmm_ref_cmd if kind == "vmm-ref" else qemu_cmd)(profile, storage, qcfg, poll)
+    if kind == "base":
+        cmd = vmm_ref_cmd(profile, storage, qcfg, poll, BASE)
+    else:
+        cmd = (vmm_ref_cmd if kind == "vmm-ref" else qemu_cmd)(profile, storage, qcfg, poll)
     r = run_vm(cmd, "bench: start", "BENCH ", TIMEOUT)
     line = next((l for l in r["lines"] if l.startswith("BENCH ")), None)
     ok = (line is not None and any(l.startswith("RESULT bench PASS") for l in r["lines"])
@@ -255,6 +266,8 @@ for profile in PROFILES:
         for q in QUEUES:
             if ONLY != "qemu":
                 units.append(("vmm-ref", profile, storage, q, POLL))
+                if BASE:
+                    units.append(("base", profile, storage, q, POLL))
             qu = ("qemu", profile, storage, qemu_qcfg(q), POLL)
             if ONLY != "vmm-ref" and qu not in units:
                 units.append(qu)
@@ -301,7 +314,8 @@ METRICS = (("iops", "IOPS"), ("ios_per_kick", "I/Os per kick"),
 report = [f"guest `{guest_cmdline('<profile>', False)}`, one virtio-blk device, O_DIRECT + io_uring "
           f"on both sides, poll-max-ns={POLL}, queue-size 256 offered; images: "
           + ", ".join(f"{s} {IMAGE[s]}" for s in STORAGE)
-          + f"; {ROUNDS} interleaved rounds; load average after the runs: {load_average()}", "",
+          + f"; {ROUNDS} interleaved rounds; load average after the runs: {load_average()}"
+          + (f"; VMM `base` = {BASE}" if BASE else ""), "",
           "| round | VMM | profile | storage | queues | poll-max-ns | IOPS | I/Os per kick | "
           "device CPU µs/IO | total CPU µs/IO | IOThread | io_uring workers | vCPU % | p50 µs | "
           "p99 µs | CPU s whole run |",
@@ -328,6 +342,12 @@ for profile in PROFILES:
             if ONLY == "":
                 name = "vmm-ref / QEMU" + (" (QEMU: 4 queues on io0)" if q == "4x2" else "")
                 pairs.append((name, a, ("qemu", profile, storage, qemu_qcfg(q), POLL)))
+            if BASE:
+                pairs.append(("vmm-ref / base", a, ("base", profile, storage, q, POLL)))
+                if ONLY == "":
+                    name = "base / QEMU" + (" (QEMU: 4 queues on io0)" if q == "4x2" else "")
+                    pairs.append((name, ("base", profile, storage, q, POLL),
+                                  ("qemu", profile, storage, qemu_qcfg(q), POLL)))
             if ONLY != "qemu" and POLL0 and POLL != 0:
                 pairs.append((f"vmm-ref poll-max-ns={POLL} / 0", a, ("vmm-ref", profile, storage, q, 0)))
             for name, x, y in pairs:

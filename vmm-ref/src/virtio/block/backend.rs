@@ -14,6 +14,7 @@ use std::os::unix::io::RawFd;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
+use smallvec::SmallVec;
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::raw::RawFile;
@@ -21,12 +22,16 @@ use super::request::Segment;
 use super::sync_engine::SyncEngine;
 use super::uring::IoUringEngine;
 
+/// Host iovecs of one request. Inline up to 4 (a block request has one or
+/// two data buffers in practice): no allocation per request.
+pub type Iovecs = SmallVec<[libc::iovec; 4]>;
+
 /// Guest buffers of one request, as host iovecs, with the guest memory kept
 /// mapped for as long as the buffers exist.
 pub struct GuestBuffers {
     mem: Arc<GuestMemoryMmap>,
-    segs: Vec<Segment>,
-    iovecs: Vec<libc::iovec>,
+    segs: SmallVec<[Segment; 4]>,
+    iovecs: Iovecs,
     len: usize,
 }
 
@@ -48,7 +53,7 @@ impl GuestBuffers {
     /// Resolves `segs` to host addresses. Fails if a segment is not backed
     /// by guest memory.
     pub fn new(mem: Arc<GuestMemoryMmap>, segs: &[Segment]) -> io::Result<GuestBuffers> {
-        let mut iovecs = Vec::with_capacity(segs.len());
+        let mut iovecs = Iovecs::with_capacity(segs.len());
         let mut len = 0usize;
         for s in segs {
             let n = s.len as usize;
@@ -76,7 +81,7 @@ impl GuestBuffers {
         }
         Ok(GuestBuffers {
             mem,
-            segs: segs.to_vec(),
+            segs: SmallVec::from_slice(segs),
             iovecs,
             len,
         })
@@ -284,8 +289,9 @@ pub trait DiskBackend: Send {
     fn set_max_batch(&mut self, n: usize);
     /// Cheap check (no syscall) for completions ready to reap.
     fn has_completions(&mut self) -> bool;
-    /// Clears the completion eventfd (call when it was readable). Default:
-    /// nothing (engines without an eventfd).
+    /// Clears the completion descriptor (call when it was readable), for
+    /// engines whose descriptor is an eventfd. Default: nothing (no
+    /// descriptor, or one that reaping clears, as the io_uring engine's).
     fn ack_completion_event(&mut self) {}
     /// Moves ready completions into `out` (non-blocking).
     fn reap(&mut self, out: &mut Vec<DiskCompletion>);
@@ -294,7 +300,7 @@ pub trait DiskBackend: Send {
     fn wait(&mut self) -> io::Result<()>;
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
-    /// An eventfd that becomes readable when completions are posted (to
+    /// A descriptor that becomes readable when completions are posted (to
     /// register with the IOThread), if the engine has one.
     fn completion_fd(&self) -> Option<RawFd>;
 

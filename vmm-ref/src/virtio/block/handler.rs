@@ -8,24 +8,32 @@
 //!   suppress / re-enable guest notifications (the loop polls once more
 //!   after `poll_end`, which closes the race with a driver that saw
 //!   notifications disabled);
-//! - [`CompletionHandler`] on the backend's completion eventfd (io_uring
-//!   only): `poll()` checks the completion ring without a syscall, `read()`
-//!   clears the eventfd; both reap completions, put them in the used ring
-//!   and signal the guest when the driver asked for it.
+//! - [`CompletionHandler`] on the backend's completion descriptor (io_uring
+//!   only: the ring's own fd, readable while completions wait): `poll()`
+//!   checks the completion ring without a syscall; both paths reap
+//!   completions, put them in the used ring and signal the guest when the
+//!   driver asked for it.
+//!
+//! Guest notifications follow QEMU's `virtio_queue_set_notification`: see
+//! `QueueWorker::suppress_notifications` (with EVENT_IDX, `avail_event` is
+//! parked behind the avail index while the IOThread polls, so that the
+//! driver does not kick a thread that is watching the ring anyway) and
+//! `QueueWorker::enable_notifications` (`avail_event` = the avail index
+//! seen now, full fence, final check).
 //!
 //! Both handlers share the worker through an `Arc<Mutex<_>>` that is only
 //! ever contended while the device is being torn down.
 
 use std::num::Wrapping;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use aio_poll::{AioContext, FdHandler, PollHandler, Readiness, SharedEventFd};
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{DiskBackend, DiskCompletion};
@@ -60,6 +68,10 @@ pub struct QueueWorker {
     free: Vec<usize>,
     reaped: Vec<DiskCompletion>,
     polling: bool,
+    /// While polling: notifications are suppressed (with EVENT_IDX: the
+    /// avail index `avail_event` was parked one behind, see
+    /// `suppress_notifications`).
+    parked: Option<u16>,
     /// Notifications were left disabled because the backend was full.
     stalled: bool,
     broken: bool,
@@ -93,6 +105,7 @@ impl QueueWorker {
             free: Vec::new(),
             reaped: Vec::new(),
             polling: false,
+            parked: None,
             stalled: false,
             broken: false,
             lost: LossWatch::default(),
@@ -106,7 +119,7 @@ impl QueueWorker {
             .set_max_batch(usize::try_from(n).unwrap_or(usize::MAX));
     }
 
-    /// A duplicate of the backend's completion eventfd, if it has one, for
+    /// A duplicate of the backend's completion descriptor, if it has one, for
     /// the IOThread's context to own (it closes its copy when the handler
     /// is removed; the backend keeps its own).
     pub fn completion_fd(&self) -> std::io::Result<Option<OwnedFd>> {
@@ -177,10 +190,8 @@ impl QueueWorker {
             if self.broken {
                 return;
             }
-            if !self.polling {
-                if let Err(e) = self.queue.disable_notification(&*self.mem) {
-                    return self.fail("disable notification", &e);
-                }
+            if let Err(e) = self.suppress_notifications() {
+                return self.fail("disable notification", &e);
             }
             self.take_requests();
             self.backend.flush_submissions();
@@ -194,12 +205,102 @@ impl QueueWorker {
                 // completions free room (see `needs_resume`).
                 return;
             }
-            match self.queue.enable_notification(&*self.mem) {
+            match self.enable_notifications() {
                 Ok(true) => continue, // more arrived while notifications were off
                 Ok(false) => return,
                 Err(e) => return self.fail("enable notification", &e),
             }
         }
+    }
+
+    /// Guest address of the used ring's `avail_event` (EVENT_IDX).
+    fn avail_event_addr(&self) -> Result<GuestAddress, virtio_queue::Error> {
+        let off = 4 + 8 * u64::from(self.queue.size());
+        self.queue
+            .used_ring()
+            .checked_add(off)
+            .map(GuestAddress)
+            .ok_or(virtio_queue::Error::AddressOverflow)
+    }
+
+    fn store_le16(&self, addr: GuestAddress, val: u16) -> Result<(), virtio_queue::Error> {
+        self.mem
+            .store(val.to_le(), addr, Ordering::Relaxed)
+            .map_err(virtio_queue::Error::GuestMemory)
+    }
+
+    /// Stops (or keeps stopped) guest notifications while the queue is
+    /// being served, as QEMU's `virtio_queue_set_notification(vq, 0)`.
+    ///
+    /// Without EVENT_IDX: `VRING_USED_F_NO_NOTIFY` in `used.flags`.
+    ///
+    /// With EVENT_IDX the driver ignores that flag (virtio 1.2 §2.7.10) and
+    /// kicks when `vring_need_event(avail_event, new, old)`, i.e. when its
+    /// publication moves `avail.idx` past `avail_event`. Outside poll mode
+    /// nothing needs doing: we run because the driver kicked, i.e. it
+    /// already went past `avail_event`, and it kicks again only after
+    /// 2^16 more publications. QEMU leaves `avail_event` alone there too
+    /// (`vring_set_avail_event` returns early while `vq->notification` is
+    /// off, so neither `set_notification(vq, 0)` nor `virtqueue_pop`
+    /// move it). In poll mode, though, `avail_event` is still where the
+    /// last re-enable put it: if the loop started polling for another
+    /// reason (a completion), the driver's next publication would kick us
+    /// although we are polling the ring anyway. So while polling we park
+    /// `avail_event` one behind the index seen now: every publication then
+    /// starts at or after `avail_event + 1`, which `vring_need_event` never
+    /// asks to kick for (until 2^16 publications later; each pass of
+    /// `process_queue` in poll mode parks it again). Leaving poll mode
+    /// re-enables notifications with the final check
+    /// ([`Self::enable_notifications`]).
+    fn suppress_notifications(&mut self) -> Result<(), virtio_queue::Error> {
+        if !self.queue.event_idx_enabled() {
+            if self.polling && self.parked.is_some() {
+                return Ok(()); // set when polling began, kept since
+            }
+            self.store_le16(
+                GuestAddress(self.queue.used_ring()),
+                VRING_USED_F_NO_NOTIFY as u16,
+            )?;
+            if self.polling {
+                self.parked = Some(0);
+            }
+            return Ok(());
+        }
+        if !self.polling {
+            return Ok(());
+        }
+        let idx = self.queue.avail_idx(&*self.mem, Ordering::Relaxed)?;
+        if self.parked == Some(idx.0) {
+            return Ok(()); // already parked there: spare the store
+        }
+        self.store_le16(self.avail_event_addr()?, idx.0.wrapping_sub(1))?;
+        self.parked = Some(idx.0);
+        Ok(())
+    }
+
+    /// Re-enables guest notifications, as QEMU's
+    /// `virtio_queue_set_notification(vq, 1)` followed by its
+    /// `virtio_queue_empty()` check: with EVENT_IDX, `avail_event` = the
+    /// avail index seen now (not `next_avail`, which lags behind while the
+    /// backend is full or while requests waited during polling: the driver
+    /// is then asked to kick at its very next publication, and requests
+    /// already published are found by the check below); without,
+    /// `used.flags` = 0. Then a full fence, so that the driver either sees
+    /// the new `avail_event` / flags before it decides whether to kick, or
+    /// we see its new `avail.idx` here (its side: store `avail.idx`, full
+    /// barrier, load `avail_event`). Returns whether requests are waiting:
+    /// the caller must take them, the driver may not kick for them.
+    fn enable_notifications(&mut self) -> Result<bool, virtio_queue::Error> {
+        self.parked = None;
+        if self.queue.event_idx_enabled() {
+            let idx = self.queue.avail_idx(&*self.mem, Ordering::Relaxed)?;
+            self.store_le16(self.avail_event_addr()?, idx.0)?;
+        } else {
+            self.store_le16(GuestAddress(self.queue.used_ring()), 0)?;
+        }
+        fence(Ordering::SeqCst);
+        let now = self.queue.avail_idx(&*self.mem, Ordering::Acquire)?;
+        Ok(now != Wrapping(self.queue.next_avail()))
     }
 
     fn take_requests(&mut self) {
@@ -338,15 +439,19 @@ impl QueueWorker {
     }
 
     /// Enters or leaves poll mode (guest notifications off while polling).
+    /// Leaving re-enables them; requests that arrived meanwhile are left to
+    /// the loop's final poll after `poll_end` ([`Self::avail_pending`]).
     pub fn set_polling(&mut self, polling: bool) {
-        self.polling = polling;
         if self.broken {
+            self.polling = polling;
             return;
         }
         let r = if polling {
-            self.queue.disable_notification(&*self.mem)
+            self.polling = true;
+            self.suppress_notifications()
         } else {
-            self.queue.enable_notification(&*self.mem).map(|_| ())
+            self.polling = false;
+            self.enable_notifications().map(|_| ())
         };
         if let Err(e) = r {
             self.fail("notification suppression", &e);
@@ -440,7 +545,7 @@ impl PollHandler for QueueHandler {
     }
 }
 
-/// The handler on a backend's completion eventfd (io_uring).
+/// The handler on a backend's completion descriptor (io_uring: the ring fd).
 pub struct CompletionHandler {
     worker: Arc<Mutex<QueueWorker>>,
 }
@@ -485,8 +590,7 @@ impl PollHandler for CompletionHandler {
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
 
-    use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestMemoryMmap;
 
     use super::*;
     use crate::virtio::block::backend::DiskOpKind;
@@ -632,6 +736,175 @@ mod tests {
             assert_eq!(ae, i + 1, "avail_event follows next_avail");
         }
         assert_eq!(s.intr.queue.load(Ordering::SeqCst), 1);
+    }
+
+    fn avail_event(mem: &GuestMemoryMmap) -> u16 {
+        let rings = Rings::of(0, QSIZE);
+        mem.read_obj(GuestAddress(rings.used + 4 + 8 * u64::from(QSIZE)))
+            .unwrap()
+    }
+
+    fn avail_idx(mem: &GuestMemoryMmap) -> u16 {
+        let rings = Rings::of(0, QSIZE);
+        mem.read_obj(GuestAddress(rings.avail + 2)).unwrap()
+    }
+
+    /// The driver's EVENT_IDX rule (virtio 1.2 §2.7.10, Linux's
+    /// `vring_need_event`): after moving `avail.idx` from `old` to `new`,
+    /// kick if that passed `avail_event`.
+    fn driver_would_kick(mem: &GuestMemoryMmap, old: u16, new: u16) -> bool {
+        new.wrapping_sub(avail_event(mem)).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
+    /// Posts one 512-byte read (descriptors from `first`) and returns
+    /// whether the driver would kick for it.
+    fn publish_read(s: &Setup, first: u16) -> bool {
+        let old = avail_idx(&s.mem);
+        let r = req(req_type::IN, 0x20_0000 + u64::from(first) * 0x1000, true);
+        post(&s.mem, 0, QSIZE, &[r], first);
+        driver_would_kick(&s.mem, old, avail_idx(&s.mem))
+    }
+
+    #[test]
+    fn reenabling_publishes_the_avail_index_seen_now() {
+        let mut s = setup(true, false);
+        s.worker.set_polling(true);
+        // Two requests arrive while polling and are not taken yet.
+        post(
+            &s.mem,
+            0,
+            QSIZE,
+            &[
+                req(req_type::IN, 0x20_0000, true),
+                req(req_type::IN, 0x21_0000, true),
+            ],
+            0,
+        );
+        s.worker.set_polling(false);
+        // Not the stale next_avail (0): the index seen when re-enabling.
+        assert_eq!(avail_event(&s.mem), 2);
+        assert!(s.worker.avail_pending(), "the final poll finds them");
+        s.worker.process_queue();
+        assert_eq!(Rings::of(0, QSIZE).used_idx(&s.mem), 2);
+        assert_eq!(avail_event(&s.mem), 2);
+        // The next publication kicks.
+        assert!(publish_read(&s, 6));
+    }
+
+    #[test]
+    fn final_check_after_reenabling_catches_a_late_request() {
+        let mut s = setup(true, false);
+        post(&s.mem, 0, QSIZE, &[req(req_type::IN, 0x20_0000, true)], 0);
+        s.worker.process_queue();
+        assert_eq!(s.worker.queue.next_avail(), 1);
+        // Published between the last pop and re-enabling (the driver read
+        // avail_event before we moved it: no kick). The final check must
+        // report it, and avail_event must already ask for the next one.
+        post(&s.mem, 0, QSIZE, &[req(req_type::IN, 0x21_0000, true)], 3);
+        assert!(s.worker.enable_notifications().unwrap());
+        assert_eq!(avail_event(&s.mem), 2);
+        s.worker.process_queue();
+        // Taken; nothing new: the check says so.
+        assert_eq!(Rings::of(0, QSIZE).used_idx(&s.mem), 2);
+        assert!(!s.worker.enable_notifications().unwrap());
+    }
+
+    /// A backend that publishes one more request (as a racing driver would,
+    /// without a kick) the first time completions are reaped, i.e. after
+    /// `process_queue` took the avail ring and before it re-enables
+    /// notifications.
+    struct RacingBackend {
+        inner: Box<dyn DiskBackend>,
+        mem: Arc<GuestMemoryMmap>,
+        late: Option<Req>,
+    }
+
+    impl DiskBackend for RacingBackend {
+        fn engine(&self) -> crate::virtio::block::backend::EngineKind {
+            self.inner.engine()
+        }
+        fn has_capacity(&self) -> bool {
+            self.inner.has_capacity()
+        }
+        fn submit(&mut self, op: crate::virtio::block::backend::DiskOp, user_data: u64) {
+            self.inner.submit(op, user_data)
+        }
+        fn flush_submissions(&mut self) {
+            self.inner.flush_submissions()
+        }
+        fn set_max_batch(&mut self, n: usize) {
+            self.inner.set_max_batch(n)
+        }
+        fn has_completions(&mut self) -> bool {
+            self.inner.has_completions()
+        }
+        fn reap(&mut self, out: &mut Vec<DiskCompletion>) {
+            if let Some(r) = self.late.take() {
+                post(&self.mem, 0, QSIZE, &[r], 3);
+            }
+            self.inner.reap(out)
+        }
+        fn wait(&mut self) -> std::io::Result<()> {
+            self.inner.wait()
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+        fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+            self.inner.completion_fd()
+        }
+    }
+
+    #[test]
+    fn process_queue_serves_a_request_published_while_it_ran() {
+        for event_idx in [true, false] {
+            let mut s = setup(event_idx, false);
+            let disk = temp_disk(1 << 20, 0);
+            s.worker.backend = Box::new(RacingBackend {
+                inner: Box::new(SyncEngine::new(open_raw(&disk, false, false))),
+                mem: s.mem.clone(),
+                late: Some(req(req_type::IN, 0x21_0000, true)),
+            });
+            post(&s.mem, 0, QSIZE, &[req(req_type::IN, 0x20_0000, true)], 0);
+            s.worker.process_queue();
+            assert_eq!(Rings::of(0, QSIZE).used_idx(&s.mem), 2, "{event_idx}");
+            assert!(!s.worker.avail_pending());
+            if event_idx {
+                assert_eq!(avail_event(&s.mem), 2);
+            }
+        }
+    }
+
+    #[test]
+    fn polling_with_event_idx_keeps_the_driver_from_kicking() {
+        let mut s = setup(true, false);
+        let rings = Rings::of(0, QSIZE);
+        // Served once outside poll mode: avail_event = 1, the next
+        // publication would kick.
+        assert!(publish_read(&s, 0));
+        s.worker.process_queue();
+        assert_eq!(avail_event(&s.mem), 1);
+        // The loop starts polling (e.g. woken by a completion).
+        s.worker.set_polling(true);
+        assert!(!publish_read(&s, 3), "kick while polling");
+        assert!(s.worker.avail_pending());
+        s.worker.process_queue();
+        assert_eq!(rings.used_idx(&s.mem), 2);
+        for i in 2..40u16 {
+            assert!(
+                !publish_read(&s, (i * 3) % QSIZE),
+                "kick while polling ({i})"
+            );
+            s.worker.process_queue();
+        }
+        // Parked one behind what was seen, so never past 2^16 publications.
+        assert_eq!(avail_event(&s.mem), avail_idx(&s.mem).wrapping_sub(1));
+        assert_eq!(rings.used_idx(&s.mem), 40);
+        // Leaving poll mode: the next publication kicks again.
+        s.worker.set_polling(false);
+        assert_eq!(avail_event(&s.mem), 40);
+        assert!(publish_read(&s, 0));
+        assert!(s.worker.avail_pending(), "the final poll finds it");
     }
 
     #[test]

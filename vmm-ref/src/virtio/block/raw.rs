@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::backend::{DiskOp, DiskOpKind, GuestBuffers};
+use super::backend::{DiskOp, DiskOpKind, GuestBuffers, Iovecs};
 use super::mapped::MappedImage;
 
 /// Most iovecs one `preadv`/`pwritev`/io_uring vectored op accepts.
@@ -78,7 +78,7 @@ pub struct IoPlan {
     /// File offset.
     pub offset: u64,
     /// The buffers (guest memory, or the bounce buffer).
-    pub iovecs: Vec<libc::iovec>,
+    pub iovecs: Iovecs,
     /// The bounce buffer, if the guest buffers could not be used directly.
     pub bounce: Option<AlignedBuf>,
 }
@@ -259,6 +259,11 @@ impl RawFile {
         self.buffered.as_raw_fd()
     }
 
+    /// The `O_DIRECT` descriptor, if the image was opened with one.
+    pub fn direct_fd(&self) -> Option<RawFd> {
+        self.direct.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
     /// Decides how a read or write runs: straight on guest memory (on the
     /// `O_DIRECT` descriptor when everything is aligned for it), through an
     /// aligned bounce buffer (direct I/O with unaligned guest buffers, at most
@@ -271,7 +276,7 @@ impl RawFile {
         let guest = |fd: RawFd| IoPlan {
             fd,
             offset,
-            iovecs: bufs.iovecs().to_vec(),
+            iovecs: Iovecs::from_slice(bufs.iovecs()),
             bounce: None,
         };
         let Some(direct) = &self.direct else {
@@ -309,7 +314,7 @@ impl RawFile {
         Ok(IoPlan {
             fd,
             offset,
-            iovecs: vec![iov],
+            iovecs: smallvec::smallvec![iov],
             bounce: Some(bounce),
         })
     }

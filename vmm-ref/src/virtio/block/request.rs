@@ -21,6 +21,8 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
@@ -98,6 +100,10 @@ pub struct Segment {
     pub len: u32,
 }
 
+/// A request's data buffers. Inline up to 4: parsing a request allocates
+/// nothing in the usual case (one or two data descriptors).
+pub type Segments = SmallVec<[Segment; 4]>;
+
 /// A discard or write-zeroes range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SectorRange {
@@ -117,21 +123,21 @@ pub enum RequestOp {
         /// First sector.
         sector: u64,
         /// Device-writable destination buffers.
-        data: Vec<Segment>,
+        data: Segments,
     },
     /// Write `data` (total a multiple of 512 bytes) at `sector`.
     Write {
         /// First sector.
         sector: u64,
         /// Device-readable source buffers.
-        data: Vec<Segment>,
+        data: Segments,
     },
     /// Make completed writes durable.
     Flush,
     /// Write the (up to) 20-byte device id into `data`.
     GetId {
         /// Device-writable destination buffers (at least 20 bytes in total).
-        data: Vec<Segment>,
+        data: Segments,
     },
     /// Discard a range.
     Discard(SectorRange),
@@ -352,9 +358,9 @@ fn check_segment<M: GuestMemory + ?Sized>(
 }
 
 /// Takes `count` bytes from the front of a segment stream.
-fn split_front(segs: &[Segment], mut count: u64) -> (Vec<Segment>, Vec<Segment>) {
-    let mut front = Vec::new();
-    let mut rest = Vec::new();
+fn split_front(segs: &[Segment], mut count: u64) -> (Segments, Segments) {
+    let mut front = Segments::new();
+    let mut rest = Segments::new();
     for s in segs {
         if count == 0 {
             rest.push(*s);
@@ -464,7 +470,7 @@ where
     // indirect table size) and stops on any error; we detect such early
     // stops because the last yielded descriptor still has NEXT set.
     let max_keep = (limits.seg_max as usize).saturating_add(2);
-    let mut descs: Vec<Descriptor> = Vec::new();
+    let mut descs: SmallVec<[Descriptor; 8]> = SmallVec::new();
     let mut count = 0usize;
     let mut last: Option<Descriptor> = None;
     for d in chain.by_ref() {
@@ -500,8 +506,8 @@ where
     }
 
     // Split into the readable and writable streams.
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    let mut readable = Segments::new();
+    let mut writable = Segments::new();
     let n = descs.len();
     let mut seen_writable = false;
     for (i, d) in descs.iter().enumerate() {
