@@ -187,8 +187,7 @@ pub fn check(input: &Input) {
         .collect();
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
     let mem = GuestMemoryAtomic::new(f.mem.clone());
-    let mut t = MmioTransport::new(Box::new(block), mem, irq, evts)
-        .expect("transport");
+    let mut t = MmioTransport::new(Box::new(block), mem, irq, evts).expect("transport");
     for op in &input.ops {
         let len = usize::from(op.size);
         let offset = u64::from(op.offset);
