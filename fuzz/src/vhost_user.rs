@@ -1,21 +1,20 @@
 //! `vhost_user`: arbitrary vhost-user front-end messages into a real export
-//! ([`vmm_ref::export::Export`], the virtio-blk device model on an IOThread) over its
-//! Unix socket, with eventfds or a memfd attached (SCM_RIGHTS) where the input says so.
+//! ([`vmm_ref::export::Export`], the virtio-blk device model on an IOThread) over a
+//! Unix stream socket, with eventfds or a memfd attached (SCM_RIGHTS) where the input
+//! says so. The export serves the socket in-process (see [`check`]).
 //!
 //! Format: a flag byte (bit 0: negotiate first — SET_OWNER, then a valid memory table),
 //! then messages: request (u8), flags (u8: bit 0 NEED_REPLY, bit 1 attach an eventfd,
 //! bit 2 attach a 64 KiB memfd, bit 3 lie about the body size), body length (u8), body.
 //!
-//! Invariants: the daemon never crashes or hangs; after the front-end goes away the
+//! Invariants: the export never crashes or hangs; after the front-end goes away the
 //! export serves the next one (a GET_FEATURES reply arrives); nothing panics.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
 use iothread_registry::{IoThreadParams, IoThreadRegistry};
 use vmm_ref::export::{Export, ExportConfig};
@@ -66,7 +65,7 @@ impl Input {
             let request = r.u8();
             let flags = r.u8();
             let len = usize::from(r.u8());
-            let body = (0..len.min(r.rest().len())).map(|_| r.u8()).collect();
+            let body = r.take(len).to_vec();
             messages.push(Message {
                 request,
                 need_reply: flags & 1 != 0,
@@ -103,8 +102,7 @@ impl Input {
 
 struct Fixture {
     _registry: IoThreadRegistry,
-    _export: Export,
-    socket: PathBuf,
+    export: Export,
 }
 
 fn fixture() -> &'static Mutex<Fixture> {
@@ -118,11 +116,10 @@ fn fixture() -> &'static Mutex<Fixture> {
         std::fs::create_dir_all(&dir).expect("fixture dir");
         let image = dir.join("disk.img");
         std::fs::write(&image, vec![0u8; 1 << 20]).expect("image");
-        let socket = dir.join("export.sock");
         let cfg = ExportConfig {
             id: "e0".into(),
             node_name: "d0".into(),
-            socket: socket.clone(),
+            socket: dir.join("export.sock"),
             num_queues: 2,
             queue_iothreads: vec!["io0".into(), "io0".into()],
             file: image,
@@ -134,8 +131,7 @@ fn fixture() -> &'static Mutex<Fixture> {
         let export = Export::start(cfg, &registry).expect("start export");
         Mutex::new(Fixture {
             _registry: registry,
-            _export: export,
-            socket,
+            export,
         })
     })
 }
@@ -209,43 +205,41 @@ fn negotiate(s: &UnixStream, mem: &File) -> std::io::Result<()> {
 }
 
 /// The export must answer a fresh front-end's GET_FEATURES.
-fn still_serving(socket: &std::path::Path) {
-    for attempt in 0..200 {
-        let Ok(s) = UnixStream::connect(socket) else {
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        if send(&s, [GET_FEATURES, VERSION, 0], &[], &[]).is_err() {
-            // The previous front-end's session may still be closing: retry.
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        }
-        let mut reply = [0u8; 20];
-        match (&s).read_exact(&mut reply) {
-            Ok(()) => {
-                let req = u32::from_le_bytes(reply[0..4].try_into().unwrap_or_default());
-                assert_eq!(req, GET_FEATURES, "reply to GET_FEATURES");
-                return;
-            }
-            Err(e) if attempt < 199 => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("export stopped serving: {e}"),
-        }
-    }
-    panic!("export stopped accepting front-ends");
+fn still_serving(export: &Export) {
+    let (front, back) = UnixStream::pair().expect("socket pair");
+    send(&front, [GET_FEATURES, VERSION, 0], &[], &[]).expect("send GET_FEATURES");
+    front
+        .shutdown(std::net::Shutdown::Write)
+        .expect("hang up after GET_FEATURES");
+    assert!(export.serve_stream(back), "export stopped");
+    let mut reply = [0u8; 20];
+    (&front)
+        .read_exact(&mut reply)
+        .unwrap_or_else(|e| panic!("export stopped serving: {e}"));
+    let req = u32::from_le_bytes(reply[0..4].try_into().unwrap_or_default());
+    assert_eq!(req, GET_FEATURES, "reply to GET_FEATURES");
 }
 
 /// Runs an input; panics if the export stops serving.
+///
+/// The front-end is in-process: one end of a socket pair carries the input's
+/// messages (with their fds) and is shut down for writing, and the export serves
+/// the other end on this thread ([`Export::serve_stream`], the same code its
+/// protocol thread runs for a front-end that connected to its socket) until the
+/// front-end's hang-up. That saves a connect, an accept and two thread hand-overs
+/// per front-end; the messages are the bytes the socket would carry. The export
+/// is shared by all runs; after each front-end it resets its back-end
+/// (`DeviceBackend::disconnect`: device stopped, vrings, features and memory
+/// table forgotten), which `still_serving` checks, so a crash reproduces from its
+/// input alone.
 pub fn check(input: &Input) {
     let f = fixture().lock().unwrap_or_else(|e| e.into_inner());
     {
-        let Ok(s) = UnixStream::connect(&f.socket) else {
-            panic!("cannot connect to the export");
-        };
+        let (s, back) = UnixStream::pair().expect("socket pair");
+        // All messages are queued before the export reads any: at most 34 of
+        // at most 267 bytes and two fds, far below the socket buffer. Should it
+        // ever fill, the send fails (the rest is not sent) instead of hanging.
+        s.set_nonblocking(true).expect("non-blocking front-end");
         let mem = memfd(MEM_SIZE);
         let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let mut ok = !input.negotiate || negotiate(&s, &mem).is_ok();
@@ -264,13 +258,13 @@ pub fn check(input: &Input) {
             }
             ok = send(&s, [u32::from(m.request), flags, size], &m.body, &fds).is_ok();
         }
-        // Drain whatever was answered, then hang up.
-        let _ = s.set_nonblocking(true);
-        let mut sink = [0u8; 4096];
-        while matches!((&s).read(&mut sink), Ok(n) if n > 0) {}
-        let _ = (&s).flush();
+        // Hang up (replies stay readable): the export sees the end of the stream
+        // after the last message, as when a front-end closes its socket.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        assert!(f.export.serve_stream(back), "export stopped");
+        assert!(!f.export.is_connected(), "front-end still connected");
     }
-    still_serving(&f.socket);
+    still_serving(&f.export);
 }
 
 /// Seeds: a valid negotiation then vring setup, and classic hostile messages.

@@ -11,7 +11,7 @@
 //! (status 0) and after dropping the transport the device holds no IOThread.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use iothread_registry::{IoThreadParams, IoThreadRegistry};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -25,6 +25,8 @@ use crate::bytes::{Reader, Writer};
 
 /// Guest memory size.
 pub const MEM_SIZE: usize = 0x1_0000;
+/// Image size.
+const IMAGE_SIZE: u64 = 64 * 1024;
 /// Queues of the fuzzed device.
 pub const NUM_QUEUES: u16 = 2;
 
@@ -55,7 +57,7 @@ impl Input {
     pub fn decode(data: &[u8]) -> Input {
         let mut r = Reader::new(data);
         let n = usize::from(r.u16()) % MEM_SIZE;
-        let memory = (0..n.min(r.rest().len())).map(|_| r.u8()).collect();
+        let memory = r.take(n).to_vec();
         let mut ops = Vec::new();
         while !r.is_empty() && ops.len() < 4096 {
             let kind = r.u8();
@@ -84,13 +86,21 @@ impl Input {
     }
 }
 
+/// State shared by all runs (creating an IOThread, an image and guest memory per
+/// run would cost more than the run). [`check`] puts each piece back into the same
+/// state at the start of every run, see there.
 struct Fixture {
     registry: IoThreadRegistry,
     image: PathBuf,
+    /// The image, open for resetting its contents.
+    image_file: std::fs::File,
+    mem: GuestMemoryMmap,
+    /// Staging buffer for the initial guest memory.
+    staging: Vec<u8>,
 }
 
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
+fn fixture() -> &'static Mutex<Fixture> {
+    static F: OnceLock<Mutex<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
         let registry = IoThreadRegistry::new();
         registry
@@ -105,8 +115,20 @@ fn fixture() -> &'static Fixture {
             "{dir}/vmm-ref-fuzz-mmio-{}.img",
             std::process::id()
         ));
-        std::fs::write(&image, vec![0u8; 64 * 1024]).expect("image");
-        Fixture { registry, image }
+        let image_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&image)
+            .expect("image");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
+        Mutex::new(Fixture {
+            registry,
+            image,
+            image_file,
+            mem,
+            staging: vec![0; MEM_SIZE],
+        })
     })
 }
 
@@ -130,8 +152,23 @@ fn handlers(f: &Fixture) -> usize {
 }
 
 /// Runs an input; panics on a broken invariant.
+///
+/// The IOThread, the image file and the guest memory mapping are created once; the
+/// device, its transport and eventfds are created per run. Each run starts by
+/// zeroing the image (truncated to 0 and back to 64 KiB) and rewriting *all* of the
+/// guest memory (the input's bytes, zero after them), and ends with no holder and no
+/// handler left on the IOThread (asserted below), so no state of an earlier run is
+/// visible and a crash reproduces from its input alone.
 pub fn check(input: &Input) {
-    let f = fixture();
+    let mut f = fixture().lock().unwrap_or_else(|e| e.into_inner());
+    let f = &mut *f;
+    f.image_file.set_len(0).expect("image reset");
+    f.image_file.set_len(IMAGE_SIZE).expect("image size");
+    f.staging.fill(0);
+    f.staging[..input.memory.len()].copy_from_slice(&input.memory);
+    f.mem
+        .write_slice(&f.staging, GuestAddress(0))
+        .expect("memory contents");
     let cfg = BlockConfig {
         id: "fz".into(),
         path: f.image.clone(),
@@ -145,15 +182,12 @@ pub fn check(input: &Input) {
         holder: Block::device_holder("fuzz"),
     };
     let block = Block::new(cfg, f.registry.clone()).expect("block device");
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
-    mem.write_slice(&input.memory, GuestAddress(0))
-        .expect("memory contents");
     let evts = (0..NUM_QUEUES)
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
         .collect();
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let mut t = MmioTransport::new(Box::new(block), GuestMemoryAtomic::new(mem), irq, evts)
-        .expect("transport");
+    let mem = GuestMemoryAtomic::new(f.mem.clone());
+    let mut t = MmioTransport::new(Box::new(block), mem, irq, evts).expect("transport");
     for op in &input.ops {
         let len = usize::from(op.size);
         let offset = u64::from(op.offset);

@@ -330,6 +330,22 @@ impl Export {
         }
     }
 
+    /// Serves a front-end connected over `stream` (e.g. one end of a
+    /// `UnixStream::pair`) on the calling thread, as the export's protocol thread
+    /// serves a front-end that connected to the socket: until it disconnects or
+    /// breaks the protocol, after which the back-end is reset for the next one.
+    /// Returns false if the export was stopped meanwhile.
+    ///
+    /// For driving the protocol in-process (the fuzzer does, to skip a connect,
+    /// an accept and two thread hand-overs per front-end). The export serves one
+    /// front-end at a time: while one that connected to the socket is served,
+    /// this waits for it to go, and a front-end connecting meanwhile waits for
+    /// this one.
+    pub fn serve_stream(&self, stream: std::os::unix::net::UnixStream) -> bool {
+        self.server
+            .serve_stream(&self.cfg.id, stream, &self.backend)
+    }
+
     /// Whether a front-end is connected (QMP `block-export-del` in `safe`
     /// mode refuses to remove a connected export).
     pub fn is_connected(&self) -> bool {

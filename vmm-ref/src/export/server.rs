@@ -59,6 +59,9 @@ pub struct ConnState {
     /// Messages handled.
     pub messages: AtomicU64,
     conn: Mutex<Option<UnixStream>>,
+    /// Held while a front-end is served: the protocol thread and
+    /// [`Server::serve_stream`] serve one front-end at a time.
+    serving: Mutex<()>,
 }
 
 /// The running protocol thread of one export.
@@ -172,6 +175,22 @@ impl Server {
         &self.path
     }
 
+    /// Serves a front-end already connected over `stream` on the calling thread,
+    /// exactly as the protocol thread serves an accepted connection: until it
+    /// disconnects or breaks the protocol, then the back-end is reset for the next
+    /// front-end. While a front-end that connected to the socket is served, this
+    /// waits for it to go (and the protocol thread waits for this one), so the
+    /// back-end still serves one front-end at a time. Returns false if the export
+    /// was stopped before or meanwhile.
+    pub(crate) fn serve_stream(
+        &self,
+        id: &str,
+        stream: UnixStream,
+        backend: &Arc<Mutex<DeviceBackend>>,
+    ) -> bool {
+        !serve_connection(id, stream, backend, &self.stop, &self.state)
+    }
+
     /// Disconnects the front-end, stops the thread and removes the socket.
     /// Idempotent.
     pub fn stop(&mut self) {
@@ -222,66 +241,95 @@ fn serve(
                 continue;
             }
         };
-        let setup = stream
-            .set_nonblocking(false)
-            .and_then(|()| stream.set_read_timeout(Some(MESSAGE_TIMEOUT)))
-            .and_then(|()| stream.set_write_timeout(Some(MESSAGE_TIMEOUT)))
-            .and_then(|()| stream.try_clone());
-        let clone = match setup {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("vhost-user-blk {id}: cannot set up the connection: {e}");
-                continue;
-            }
-        };
-        let fd = stream.as_raw_fd();
-        *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
-        state.connections.fetch_add(1, Ordering::Relaxed);
-        state.connected.store(true, Ordering::SeqCst);
-        log::info!("vhost-user-blk {id}: front-end connected");
-        let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&backend));
-        let mut stopping = false;
-        loop {
-            if !wait(stop, fd) {
-                stopping = true;
-                break;
-            }
-            let res = handler.handle_request();
-            state.messages.fetch_add(1, Ordering::Relaxed);
-            let fatal = backend
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take_fatal();
-            match res {
-                Ok(()) if !fatal => {}
-                Ok(()) => {
-                    state.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                Err(VuError::Disconnected) => {
-                    log::info!("vhost-user-blk {id}: front-end disconnected");
-                    break;
-                }
-                Err(e) if recoverable(&e) && !fatal => {}
-                Err(e) => {
-                    state.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    log::warn!(
-                        "vhost-user-blk {id}: dropping the front-end: {}",
-                        error_chain(&e)
-                    );
-                    break;
-                }
-            }
-        }
-        drop(handler);
-        backend
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .disconnect();
-        *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        state.connected.store(false, Ordering::SeqCst);
-        if stopping {
+        if serve_connection(id, stream, &backend, stop, state) {
             return;
         }
     }
+}
+
+/// Whether the stop eventfd was signalled (it stays readable once written).
+fn stopped(stop: &EventFd) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stop.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `fd` is a valid pollfd for the whole call; zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents != 0
+}
+
+/// Serves one connected front-end until it disconnects, breaks the protocol or
+/// the export stops (then returns true), and resets the back-end for the next one.
+/// Waits for a front-end being served by another thread to go first.
+fn serve_connection(
+    id: &str,
+    stream: UnixStream,
+    backend: &Arc<Mutex<DeviceBackend>>,
+    stop: &EventFd,
+    state: &ConnState,
+) -> bool {
+    let _serving = state.serving.lock().unwrap_or_else(|e| e.into_inner());
+    if stopped(stop) {
+        return true;
+    }
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(MESSAGE_TIMEOUT)))
+        .and_then(|()| stream.set_write_timeout(Some(MESSAGE_TIMEOUT)))
+        .and_then(|()| stream.try_clone());
+    let clone = match setup {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("vhost-user-blk {id}: cannot set up the connection: {e}");
+            return false;
+        }
+    };
+    let fd = stream.as_raw_fd();
+    *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
+    state.connections.fetch_add(1, Ordering::Relaxed);
+    state.connected.store(true, Ordering::SeqCst);
+    log::info!("vhost-user-blk {id}: front-end connected");
+    let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(backend));
+    let mut stopping = false;
+    loop {
+        if !wait(stop, fd) {
+            stopping = true;
+            break;
+        }
+        let res = handler.handle_request();
+        state.messages.fetch_add(1, Ordering::Relaxed);
+        let fatal = backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_fatal();
+        match res {
+            Ok(()) if !fatal => {}
+            Ok(()) => {
+                state.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            Err(VuError::Disconnected) => {
+                log::info!("vhost-user-blk {id}: front-end disconnected");
+                break;
+            }
+            Err(e) if recoverable(&e) && !fatal => {}
+            Err(e) => {
+                state.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "vhost-user-blk {id}: dropping the front-end: {}",
+                    error_chain(&e)
+                );
+                break;
+            }
+        }
+    }
+    drop(handler);
+    backend
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .disconnect();
+    *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    state.connected.store(false, Ordering::SeqCst);
+    stopping
 }

@@ -1272,3 +1272,66 @@ fn an_invalid_ring_is_stopped_and_the_others_run() {
     assert!(f.export.as_ref().unwrap().status().active);
     assert_eq!(front.fe.get_queue_num().unwrap(), QUEUES as u64);
 }
+
+/// `serve_stream` serves a front-end on the calling thread like an accepted
+/// connection: replies, state reset when it hangs up, the socket still served.
+#[test]
+fn serve_stream_serves_an_in_process_front_end_then_resets() {
+    let f = fixture("inproc", None);
+    let export = f.export.as_ref().unwrap();
+    let mem = memfd(MEM_SIZE);
+    let (front, back) = UnixStream::pair().unwrap();
+    send(&front, 3, VERSION, &[], &[]);
+    send(&front, 1, VERSION, &[], &[]);
+    let table = [u32s(&[1, 0]), u64s(&[0, MEM_SIZE, UADDR, 0])].concat();
+    send(&front, 5, VERSION, &table, &[mem.as_raw_fd()]);
+    front.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(export.serve_stream(back), "export not stopped");
+    let mut front = front;
+    let (req, body) = recv(&mut front);
+    assert_eq!(req, 1);
+    assert_ne!(u64::from_le_bytes(body[..8].try_into().unwrap()), 0);
+    let status = export.status();
+    assert!(!status.connected);
+    assert_eq!((status.connections, status.protocol_errors), (1, 0));
+    // Back-end reset: a well-behaved front-end over the socket works.
+    still_serving(&f);
+}
+
+/// A front-end on the socket and one served with `serve_stream` take turns:
+/// `serve_stream` waits until the socket's front-end has gone.
+#[test]
+fn serve_stream_waits_for_the_socket_front_end() {
+    let f = fixture("inproc-turns", None);
+    let export = f.export.as_ref().unwrap();
+    let mut s = raw_connect(&f);
+    let mem = memfd(MEM_SIZE);
+    raw_negotiate(&mut s, &mem);
+    let (mut front, back) = UnixStream::pair().unwrap();
+    send(&front, 1, VERSION, &[], &[]);
+    front.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::scope(|scope| {
+        let inproc = scope.spawn(|| export.serve_stream(back));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!inproc.is_finished(), "served beside a connected front-end");
+        // The socket's session is undisturbed.
+        assert_eq!(
+            ack(
+                &mut s,
+                5,
+                &[u32s(&[1, 0]), u64s(&[0, MEM_SIZE, UADDR, 0])].concat(),
+                &[mem.as_raw_fd()]
+            ),
+            0
+        );
+        assert_eq!(export.status().connections, 1);
+        drop(s);
+        assert!(inproc.join().unwrap(), "export not stopped");
+    });
+    let (req, _) = recv(&mut front);
+    assert_eq!(req, 1);
+    let status = export.status();
+    assert!(!status.connected);
+    assert_eq!(status.connections, 2);
+    still_serving(&f);
+}
