@@ -22,7 +22,10 @@
 # window, and from `x-query-iothread-stats` (deltas over the window, summed
 # over the IOThreads): mean poll_ns, reset rate (per-handler ns resets / ns
 # recomputations), time near max (share of loop time with poll_ns >= 0.9 *
-# poll-max-ns). Rounds are interleaved (every configuration and mode once per
+# poll-max-ns), polling % (time spent busy-polling, % of one CPU: what any
+# polling policy could save at most, before the cost of the extra sleeps) and
+# sleeps per 1k I/O (blocking epoll_waits: each one is a wake-up to pay).
+# Rounds are interleaved (every configuration and mode once per
 # round, mode order reversed every other round), so slow drifts of the host
 # load hit all modes alike; the ratios vs classic are paired per round (same
 # round, same configuration) and reported as median [min-max].
@@ -249,15 +252,19 @@ def vmm_cmd(st, nthreads, rw, mode, depth, sock):
 
 HIST_KEYS = ("samples", "sum_poll_ns", "total_time_ns", "near_max_time_ns",
              "handler_updates", "handler_resets")
+# Loop counters: time spent busy-polling, and sleeps (blocking epoll_waits).
+LOOP_KEYS = ("poll_time_ns", "blocking_waits")
 
 
 def poll_totals(stats):
     """Sums of the poll_ns histogram counters over all IOThreads."""
-    tot = dict.fromkeys(HIST_KEYS, 0)
+    tot = dict.fromkeys(HIST_KEYS + LOOP_KEYS, 0)
     for s in stats:
         h = s["poll"]["poll_ns_histogram"]
         for k in HIST_KEYS:
             tot[k] += h[k]
+        for k in LOOP_KEYS:
+            tot[k] += s["poll"][k]
     return tot
 
 
@@ -296,16 +303,22 @@ def run_one(st, nthreads, rw, mode, depth, n):
            "cpu_pct": 100.0 * cpu["device"] / cpu["wall"] if cpu["wall"] > 0 else None,
            "cpu_us": cpu["device"] * 1e6 / int(f["ios"]) if int(f["ios"]) else None,
            "vcpu_pct": 100.0 * cpu["vcpu"] / cpu["wall"] if cpu["wall"] > 0 else None,
-           "steal": steal, "mean_poll_ns": None, "reset_rate": None, "near_max": None}
+           "steal": steal, "mean_poll_ns": None, "reset_rate": None, "near_max": None,
+           "poll_pct": None, "sleeps_kio": None}
     s0, s1 = r["start"], r["end"]
     if s0 and s1 and "error" not in s0 and "error" not in s1:
-        d = {k: s1[k] - s0[k] for k in HIST_KEYS}
+        d = {k: s1[k] - s0[k] for k in HIST_KEYS + LOOP_KEYS}
         if d["samples"] > 0:
             res["mean_poll_ns"] = d["sum_poll_ns"] / d["samples"]
         if d["handler_updates"] > 0:
             res["reset_rate"] = d["handler_resets"] / d["handler_updates"]
         if d["total_time_ns"] > 0:
             res["near_max"] = d["near_max_time_ns"] / d["total_time_ns"]
+            # total_time_ns is loop time summed over the IOThreads: per
+            # IOThread it is the window, so this is % of one CPU.
+            res["poll_pct"] = 100.0 * nthreads * d["poll_time_ns"] / d["total_time_ns"]
+        if res["ios"] > 0:
+            res["sleeps_kio"] = 1000.0 * d["blocking_waits"] / res["ios"]
     else:
         log(f"bench-poll.sh: x-query-iothread-stats failed: {s0} {s1}")
     return res
@@ -337,9 +350,10 @@ for rnd in range(1, ROUNDS + 1):
                        f"{fmt(res['cpu_pct'])} | {fmt(res['cpu_us'], 2)} | {fmt(res['vcpu_pct'], 0)} | "
                        f"{res['p50']:.0f} | {res['p99']:.0f} | {fmt(res['mean_poll_ns'], 0)} | "
                        f"{fmt(res['reset_rate'] and 100 * res['reset_rate'])} | "
-                       f"{fmt(res['near_max'] and 100 * res['near_max'])} | {100 * res['steal']:.1f} |")
+                       f"{fmt(res['near_max'] and 100 * res['near_max'])} | {fmt(res['poll_pct'])} | "
+                       f"{fmt(res['sleeps_kio'], 0)} | {100 * res['steal']:.1f} |")
             else:
-                row = f"| {rnd} | {c[0]} | {c[1]} | {c[2]} | {mode_name(m)} | FAILED | | | | | | | | | |"
+                row = f"| {rnd} | {c[0]} | {c[1]} | {c[2]} | {mode_name(m)} | FAILED | | | | | | | | | | | |"
                 log(f"bench-poll.sh: {label} failed: {res['error']}")
             rows.append(row)
             log(row)
@@ -363,8 +377,9 @@ report += ["Per run (device CPU = vmm-ref minus its vCPU thread, % of one CPU ov
            "poll statistics summed over the IOThreads; steal = host CPU stolen by the hypervisor "
            "during the run):", "",
            "| round | storage | IOThreads | rw | mode | IOPS | device CPU % | CPU µs/IO | vCPU % | "
-           "p50 µs | p99 µs | mean poll_ns | reset rate % | time near max % | steal % |",
-           "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"] + rows
+           "p50 µs | p99 µs | mean poll_ns | reset rate % | time near max % | polling % | "
+           "sleeps per 1k I/O | steal % |",
+           "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"] + rows
 result_line = "RESULT weighted(3)/classic cpu=n/a iops=n/a"
 for c in configs:
     st, t, rw = c
@@ -373,8 +388,9 @@ for c in configs:
                "mode/classic (paired: same round), as a change in %, then the ratios' "
                "median [min-max].", "",
                "| mode | IOPS | device CPU % | CPU µs/IO | throughput vs classic | CPU vs classic | "
-               "IOPS ratio | CPU ratio | mean poll_ns | reset rate | time near max |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "IOPS ratio | CPU ratio | mean poll_ns | reset rate | time near max | polling % | "
+               "sleeps per 1k I/O |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in MODES:
         iops_r = cpu_r = []
         if "classic" in MODES:
@@ -388,7 +404,9 @@ for c in configs:
             f"{pct(mi)} | {pct(mc)} | {ratio_range(iops_r)} | {ratio_range(cpu_r)} | "
             f"{fmt(median(series(c, m, 'mean_poll_ns')), 0)} | "
             f"{'-' if rr is None else f'{100 * rr:.1f} %'} | "
-            f"{'-' if nm is None else f'{100 * nm:.1f} %'} |")
+            f"{'-' if nm is None else f'{100 * nm:.1f} %'} | "
+            f"{fmt(median(series(c, m, 'poll_pct')))} | "
+            f"{fmt(median(series(c, m, 'sleeps_kio')), 0)} |")
         if (m == "w3" and st == STORAGE[0] and t == 1 and rw == "randread"
                 and mi is not None and mc is not None):
             result_line = f"RESULT weighted(3)/classic cpu={mc:.3f} iops={mi:.3f}"
