@@ -12,6 +12,7 @@ pub mod bytes;
 pub mod iothread_mapping;
 pub mod poll_algorithm;
 pub mod qmp;
+pub mod qmp_parse;
 pub mod regpage;
 pub mod seeds;
 pub mod vhost_user;

@@ -9,6 +9,7 @@ pub fn all() -> Vec<(&'static str, Vec<(String, Vec<u8>)>)> {
         ("iothread_mapping", crate::iothread_mapping::seeds()),
         ("regpage", crate::regpage::seeds()),
         ("qmp", crate::qmp::seeds()),
+        ("qmp_parse", crate::qmp::seeds()),
         ("virtio_blk_request", crate::virtio_blk_request::seeds()),
         ("virtio_mmio", crate::virtio_mmio::seeds()),
         ("vhost_user", crate::vhost_user::seeds()),
