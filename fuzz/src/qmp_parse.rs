@@ -11,7 +11,9 @@
 //!
 //! Format: the `qmp` target's ([`crate::qmp::Input`]; it shares its seeds).
 //!
-//! Invariants: nothing panics; every decoded value survives a round trip (serialised
+//! Invariants: nothing panics; the decoder's fast path (`feed`, in the input's read
+//! size) gives exactly what its byte-at-a-time reference (`feed_bytewise`, one read)
+//! gives; every decoded value survives a round trip (serialised
 //! and decoded again, it is the same value; floats within a few ULPs, see [`same`]); a
 //! request that validates parses to a command with the same name or to an error; every
 //! error (decode, request, command) has a non-empty description.
@@ -64,7 +66,14 @@ pub fn check(input: &Input) {
     }
     stream.extend_from_slice(&input.data);
 
-    for item in decode_all(&stream, input.chunk) {
+    let items = decode_all(&stream, input.chunk);
+    let mut reference = JsonStreamDecoder::with_limit(LIMIT);
+    reference.feed_bytewise(&stream);
+    let mut expected = Vec::new();
+    drain(&mut reference, &mut expected);
+    assert_eq!(items, expected, "feed (run fast path) differs from feed_bytewise");
+
+    for item in items {
         let Item::Value(value) = item else { continue };
         round_trip(&value);
         check_request(value);

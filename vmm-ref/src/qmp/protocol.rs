@@ -157,6 +157,62 @@ impl JsonStreamDecoder {
     /// Feed bytes; complete values become available through
     /// [`JsonStreamDecoder::next_value`].
     pub fn feed(&mut self, data: &[u8]) {
+        let mut rest = data;
+        while let Some((&byte, tail)) = rest.split_first() {
+            let run = self.plain_run(rest);
+            if run > 0 {
+                self.push_run(&rest[..run]);
+                rest = &rest[run..];
+            } else {
+                self.step(byte);
+                rest = tail;
+            }
+        }
+    }
+
+    /// How many leading bytes of `data` [`Self::step`] would only append to the
+    /// message, changing no state: the body of a string up to a quote, backslash or
+    /// `0xFF`; the rest of a top-level scalar up to a delimiter or `0xFF`; inside an
+    /// object or array, everything up to a bracket, quote or `0xFF`. `feed` appends
+    /// such runs in one piece (a string is found with `memchr`) and steps through
+    /// the rest byte by byte; the result is the same as stepping through all of it.
+    fn plain_run(&self, data: &[u8]) -> usize {
+        if self.in_string {
+            if self.escape {
+                return 0;
+            }
+            return memchr::memchr3(b'"', b'\\', 0xFF, data).unwrap_or(data.len());
+        }
+        let stop: fn(u8) -> bool = if self.in_scalar {
+            |b| b == 0xFF || is_delimiter(b)
+        } else if self.depth > 0 {
+            |b| matches!(b, b'{' | b'[' | b'}' | b']' | b'"' | 0xFF)
+        } else {
+            return 0;
+        };
+        data.iter().position(|&b| stop(b)).unwrap_or(data.len())
+    }
+
+    /// [`Self::push`] for a run of bytes: the same outcome as pushing them one by
+    /// one (the limit is crossed inside the run exactly when the run does not fit).
+    fn push_run(&mut self, run: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if self.buf.len().saturating_add(run.len()) > self.limit {
+            self.buf = Vec::new();
+            self.skipping = true;
+            self.ready
+                .push_back(Err(DecodeError::TooLarge { limit: self.limit }));
+            return;
+        }
+        self.buf.extend_from_slice(run);
+    }
+
+    /// Feed bytes one at a time through the state machine, without the run fast
+    /// path of [`JsonStreamDecoder::feed`]: the reference the fast path is
+    /// checked against (unit tests, the `qmp_parse` fuzz target). Same results.
+    pub fn feed_bytewise(&mut self, data: &[u8]) {
         for &byte in data {
             self.step(byte);
         }
@@ -513,7 +569,53 @@ pub fn encode_greeting(version: &VersionInfo) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    fn outcome(d: &mut JsonStreamDecoder) -> (Vec<Result<Value, String>>, bool) {
+        let items = std::iter::from_fn(|| d.next_value())
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect();
+        (items, d.is_idle())
+    }
+
+    /// Bytes that exercise every state: JSON structure, escapes, delimiters,
+    /// resets, and runs long enough to cross a small limit.
+    fn json_ish() -> impl Strategy<Value = Vec<u8>> {
+        let token = prop_oneof![
+            Just(b"{".to_vec()),
+            Just(b"}".to_vec()),
+            Just(b"[".to_vec()),
+            Just(b"]".to_vec()),
+            Just(b"\"".to_vec()),
+            Just(b"\\".to_vec()),
+            Just(b":".to_vec()),
+            Just(b",".to_vec()),
+            Just(b" ".to_vec()),
+            Just(b"\n".to_vec()),
+            Just(vec![0xFF]),
+            Just(b"true".to_vec()),
+            Just(b"12.5e3".to_vec()),
+            proptest::collection::vec(b'a'..=b'z', 0..40),
+            proptest::collection::vec(any::<u8>(), 0..8),
+        ];
+        proptest::collection::vec(token, 0..40).prop_map(|t| t.concat())
+    }
+
+    proptest! {
+        /// The run fast path of `feed` gives exactly what stepping byte by byte
+        /// gives, however the input is split into reads and whatever the limit.
+        #[test]
+        fn feed_matches_bytewise(data in json_ish(), chunk in 1usize..64, limit in 2usize..96) {
+            let mut fast = JsonStreamDecoder::with_limit(limit);
+            for c in data.chunks(chunk) {
+                fast.feed(c);
+            }
+            let mut slow = JsonStreamDecoder::with_limit(limit);
+            slow.feed_bytewise(&data);
+            prop_assert_eq!(outcome(&mut fast), outcome(&mut slow));
+        }
+    }
 
     fn decode_all(d: &mut JsonStreamDecoder) -> Vec<Result<Value, String>> {
         std::iter::from_fn(|| d.next_value())
