@@ -71,7 +71,10 @@ pub fn check(input: &Input) {
     reference.feed_bytewise(&stream);
     let mut expected = Vec::new();
     drain(&mut reference, &mut expected);
-    assert_eq!(items, expected, "feed (run fast path) differs from feed_bytewise");
+    assert_eq!(
+        items, expected,
+        "feed (run fast path) differs from feed_bytewise"
+    );
 
     for item in items {
         let Item::Value(value) = item else { continue };
@@ -126,7 +129,7 @@ fn check_request(value: Value) {
     match parse_request(value) {
         Ok(req) => {
             assert_eq!(req.id, object_id, "request id not the input's");
-            match Command::parse(&req.execute, req.arguments.clone()) {
+            match Command::parse(&req.execute, req.arguments) {
                 Ok(cmd) => assert_eq!(cmd.name(), req.execute, "parsed command renamed"),
                 Err(e) => assert!(!e.desc.is_empty(), "empty error for {}", req.execute),
             }

@@ -193,13 +193,15 @@ impl JsonStreamDecoder {
         data.iter().position(|&b| stop(b)).unwrap_or(data.len())
     }
 
-    /// [`Self::push`] for a run of bytes: the same outcome as pushing them one by
-    /// one (the limit is crossed inside the run exactly when the run does not fit).
+    /// Appends `run` to the message, or, when it does not fit, reports
+    /// `TooLarge` (the same outcome as appending its bytes one by one: the limit
+    /// is crossed inside the run exactly when the run does not fit).
     fn push_run(&mut self, run: &[u8]) {
         if self.skipping {
             return;
         }
         if self.buf.len().saturating_add(run.len()) > self.limit {
+            // Report once, then only track the structure until the message ends.
             self.buf = Vec::new();
             self.skipping = true;
             self.ready
@@ -228,18 +230,7 @@ impl JsonStreamDecoder {
     }
 
     fn push(&mut self, byte: u8) {
-        if self.skipping {
-            return;
-        }
-        if self.buf.len() >= self.limit {
-            // Report once, then only track the structure until the message ends.
-            self.buf = Vec::new();
-            self.skipping = true;
-            self.ready
-                .push_back(Err(DecodeError::TooLarge { limit: self.limit }));
-            return;
-        }
-        self.buf.push(byte);
+        self.push_run(std::slice::from_ref(&byte));
     }
 
     /// The current message ended: parse it (unless it was being skipped).
@@ -600,6 +591,33 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..8),
         ];
         proptest::collection::vec(token, 0..40).prop_map(|t| t.concat())
+    }
+
+    #[test]
+    fn a_message_of_exactly_the_limit_fits() {
+        // 8 bytes with the quotes: fits a limit of 8; one more byte does not.
+        // (`feed` and `feed_bytewise` share the limit check, so the proptest
+        // below cannot catch an off-by-one in it: this pins it.)
+        for bytewise in [false, true] {
+            let mut d = JsonStreamDecoder::with_limit(8);
+            let text = b"\"abcdef\" \"abcdefg\" {\"a\":1234} ";
+            if bytewise {
+                d.feed_bytewise(text);
+            } else {
+                d.feed(text);
+            }
+            let (items, idle) = outcome(&mut d);
+            assert_eq!(
+                items,
+                vec![
+                    Ok(json!("abcdef")),
+                    Err("JSON message size limit exceeded (8 bytes)".to_string()),
+                    Err("JSON message size limit exceeded (8 bytes)".to_string()),
+                ],
+                "bytewise={bytewise}"
+            );
+            assert!(idle);
+        }
     }
 
     proptest! {
