@@ -28,7 +28,9 @@
 # its BENCH line; the guest then runs `hold` for a second so that the VM is
 # complete at that moment; its RESULT must PASS too): utime+stime from
 # /proc/<pid>/stat (exited io_uring workers included) and per thread from
-# /proc/<pid>/task/*/stat. "device" CPU leaves the vCPU threads out (vmm-ref
+# /proc/<pid>/task/*/stat, and how often the IOThreads blocked (voluntary
+# context switches from /proc/<pid>/task/*/status: a sleep in epoll_wait,
+# ppoll or io_uring_enter is one). "device" CPU leaves the vCPU threads out (vmm-ref
 # `vcpuN`, QEMU `CPU N/KVM`): IOThreads, io_uring workers, main loop;
 # "total" is the whole process. All CPU columns are µs per I/O. The guest
 # busy-polls its used rings, so its vCPU is ~100 % busy when scheduled: on a
@@ -251,6 +253,7 @@ def run(unit):
             "p50": float(f["lat_p50_us"]), "p99": float(f["lat_p99_us"]),
             "cpu_us": c["total"] * 1e6 / ios, "dev_us": c["device"] * 1e6 / ios,
             "iothread_us": c["iothread"] * 1e6 / ios, "workers_us": c["workers"] * 1e6 / ios,
+            "sleeps_per_k": c["iothread_sleeps"] * 1000 / ios, "kicks_per_k": kicks * 1000 / ios,
             "vcpu_share": 100.0 * c["vcpu"] / c["wall"] if c["wall"] > 0 else None,
             "run_cpu": r["run_cpu"]}
 
@@ -291,10 +294,10 @@ for rnd in range(1, ROUNDS + 1):
         if res["ok"]:
             line = (f"{head} {res['iops']} | {res['ios_per_kick']:.1f} | {res['dev_us']:.2f} | "
                     f"{res['cpu_us']:.2f} | {res['iothread_us']:.2f} | {res['workers_us']:.2f} | "
-                    f"{fmt(res['vcpu_share'], 0)} | {res['p50']:.1f} | {res['p99']:.1f} | "
-                    f"{res['run_cpu']:.2f} |")
+                    f"{fmt(res['vcpu_share'], 0)} | {res['sleeps_per_k']:.1f} | {res['p50']:.1f} | "
+                    f"{res['p99']:.1f} | {res['run_cpu']:.2f} |")
         else:
-            line = f"{head} FAILED | | | | | | | | | |"
+            line = f"{head} FAILED | | | | | | | | | | |"
             log(f"bench-vmm.sh: {label(u)} failed: {res['error']}")
         rows.append(line)
         log(line)
@@ -317,20 +320,22 @@ report = [f"guest `{guest_cmdline('<profile>', False)}`, one virtio-blk device, 
           + f"; {ROUNDS} interleaved rounds; load average after the runs: {load_average()}"
           + (f"; VMM `base` = {BASE}" if BASE else ""), "",
           "| round | VMM | profile | storage | queues | poll-max-ns | IOPS | I/Os per kick | "
-          "device CPU µs/IO | total CPU µs/IO | IOThread | io_uring workers | vCPU % | p50 µs | "
-          "p99 µs | CPU s whole run |",
-          "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "device CPU µs/IO | total CPU µs/IO | IOThread | io_uring workers | vCPU % | "
+          "IOThread sleeps per 1k I/O | p50 µs | p99 µs | CPU s whole run |",
+          "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 report += rows
 report += ["", "Medians:", "",
            "| VMM | profile | storage | queues | poll-max-ns | IOPS | I/Os per kick | device CPU µs/IO | "
-           "total CPU µs/IO | IOThread | io_uring workers | vCPU % |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "total CPU µs/IO | IOThread | io_uring workers | vCPU % | IOThread sleeps per 1k I/O | "
+           "kicks per 1k I/O |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for u in units:
     kind, profile, storage, q, poll = u
     report.append(f"| {kind} | {profile} | {storage} | {q} | {poll} | {fmt(med(u, 'iops'), 0)} | "
                   f"{fmt(med(u, 'ios_per_kick'))} | {fmt(med(u, 'dev_us'), 2)} | "
                   f"{fmt(med(u, 'cpu_us'), 2)} | {fmt(med(u, 'iothread_us'), 2)} | "
-                  f"{fmt(med(u, 'workers_us'), 2)} | {fmt(med(u, 'vcpu_share'), 0)} |")
+                  f"{fmt(med(u, 'workers_us'), 2)} | {fmt(med(u, 'vcpu_share'), 0)} | "
+                  f"{fmt(med(u, 'sleeps_per_k'))} | {fmt(med(u, 'kicks_per_k'))} |")
 report += ["", "Paired ratios (per round: same round, same profile and image; median [min-max]):", "",
            "| comparison | profile | storage | queues | " + " | ".join(m[1] for m in METRICS) + " |",
            "|---|---|---|---|" + "---:|" * len(METRICS)]

@@ -33,11 +33,25 @@ def stat_cpu(stat):
     return name, (int(fields[11]) + int(fields[12])) / TICK
 
 
+def voluntary_switches(pid, tid):
+    """How often a thread blocked (voluntary context switches: each sleep
+    in epoll_wait / ppoll / io_uring_enter is one), or 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def snapshot(pid):
     """CPU of a live process: {"t": monotonic time, "total": process seconds,
-    "threads": {tid: (name, seconds)}}, or None when it is gone. The process
-    total (/proc/<pid>/stat) includes threads that already exited (io-wq
-    workers come and go)."""
+    "threads": {tid: (name, seconds)}, "sleeps": {tid: voluntary context
+    switches} (IOThreads only)}, or None when it is gone. The process total
+    (/proc/<pid>/stat) includes threads that already exited (io-wq workers
+    come and go)."""
     t = time.monotonic()
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -52,13 +66,16 @@ def snapshot(pid):
                 threads[tid] = stat_cpu(f.read())
         except (OSError, ValueError):
             continue
-    return {"t": t, "total": total, "threads": threads}
+    sleeps = {tid: voluntary_switches(pid, tid)
+              for tid, (name, _) in threads.items() if IOTHREAD_THREAD.match(name)}
+    return {"t": t, "total": total, "threads": threads, "sleeps": sleeps}
 
 
 def cpu_split(s0, s1):
     """CPU seconds between two snapshots of one process: {"wall", "total",
     "vcpu", "device" (everything but the vCPU threads: IOThreads, io workers,
-    main loop, monitor), "iothread", "workers"}; None if the vCPU threads are
+    main loop, monitor), "iothread", "workers", "iothread_sleeps" (voluntary
+    context switches of the IOThreads: how often they blocked)}; None if the vCPU threads are
     not visible at the end (the VM was already gone)."""
     if s0 is None or s1 is None:
         return None
@@ -73,7 +90,8 @@ def cpu_split(s0, s1):
     vcpu = cls(VCPU_THREAD)
     return {"wall": s1["t"] - s0["t"], "total": total, "vcpu": vcpu,
             "device": max(total - vcpu, 0.0), "iothread": cls(IOTHREAD_THREAD),
-            "workers": cls(IO_WORKER_THREAD)}
+            "workers": cls(IO_WORKER_THREAD),
+            "iothread_sleeps": sum(n - s0["sleeps"].get(tid, 0) for tid, n in s1["sleeps"].items())}
 
 
 class Qmp:
