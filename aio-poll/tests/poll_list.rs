@@ -311,3 +311,172 @@ fn huge_window_does_not_starve_fds_timers_or_idle_removal() {
         }
     });
 }
+
+#[test]
+fn wake_up_resumes_poll_mode_for_the_queues_that_did_not_kick() {
+    // Two emulated virtqueues on one loop. After a sleep ended by queue A's
+    // kick, the loop re-enters poll mode before dispatching: B (no event)
+    // gets poll_begin at once, so the guest cannot kick it while A is being
+    // served; A is served outside poll mode and begun by the next polling
+    // phase; every begin is ended before the loop sleeps again.
+    with_watchdog(60, || {
+        let params = PollParams::default()
+            .with_algorithm(PollAlgorithm::Classic)
+            .with_max_ns(1_000_000);
+        let mut ctx = AioContext::with_params(params).unwrap();
+        let (a, b) = (Queue::new(), Queue::new());
+        let (pa, pb) = (Probe::default(), Probe::default());
+        let seen = Seen::default();
+        let ida = add_watching(&mut ctx, &a, &pa, &b, &seen);
+        let idb = add_queue(&mut ctx, &b, &pb);
+        a.push();
+        b.push();
+        assert!(ctx.poll(true).unwrap());
+        assert!(ctx.is_on_poll_list(ida) && ctx.is_on_poll_list(idb));
+        seen.lock().unwrap().clear();
+
+        // The loop polls at most 1 ms, then sleeps; A is kicked 200 ms later.
+        let waits = ctx.stats().blocking_waits;
+        let a2 = a.clone();
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            a2.push();
+        });
+        while a.consumed.load(Ordering::SeqCst) < 2 {
+            ctx.poll(true).unwrap();
+        }
+        kicker.join().unwrap();
+        assert!(ctx.stats().blocking_waits > waits, "the loop never slept");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(true, false)],
+            "A served outside poll mode, B already suppressed"
+        );
+        assert!(ctx.in_poll_mode());
+        assert_eq!(
+            Probe::get(&pa.begins),
+            Probe::get(&pa.ends),
+            "A not begun yet"
+        );
+        assert_eq!(Probe::get(&pb.begins), Probe::get(&pb.ends) + 1, "B begun");
+
+        // The next polling phase begins A; the sleep after it ends both.
+        let a_begins = Probe::get(&pa.begins);
+        let now = ctx.now_ns();
+        ctx.add_timer(now + 20_000_000, None, |_| {});
+        let waits = ctx.stats().blocking_waits;
+        while ctx.stats().blocking_waits == waits {
+            ctx.poll(true).unwrap();
+        }
+        assert_eq!(
+            Probe::get(&pa.begins),
+            a_begins + 1,
+            "A begun by the polling phase"
+        );
+        assert_eq!(Probe::get(&pa.begins), Probe::get(&pa.ends));
+        assert_eq!(Probe::get(&pb.begins), Probe::get(&pb.ends));
+        assert!(a.notify_enabled.load(Ordering::SeqCst) && b.notify_enabled.load(Ordering::SeqCst));
+    });
+}
+
+#[test]
+fn wake_up_leaves_the_woken_poll_group_alone() {
+    // A and B in one poll group (say a virtqueue's kick handler and its
+    // completion handler): A's event counts for B too, so nothing is begun
+    // early: at A's dispatch after the sleep, B's notifications are still on.
+    with_watchdog(60, || {
+        let params = PollParams::default()
+            .with_algorithm(PollAlgorithm::Classic)
+            .with_max_ns(1_000_000);
+        let mut ctx = AioContext::with_params(params).unwrap();
+        let (a, b) = (Queue::new(), Queue::new());
+        let (pa, pb) = (Probe::default(), Probe::default());
+        let seen = Seen::default();
+        let ida = add_watching(&mut ctx, &a, &pa, &b, &seen);
+        let idb = add_queue(&mut ctx, &b, &pb);
+        ctx.set_poll_group(ida, 7).unwrap();
+        ctx.set_poll_group(idb, 7).unwrap();
+        let gone = add_queue(&mut ctx, &Queue::new(), &Probe::default());
+        ctx.remove_handler(gone).unwrap();
+        assert!(ctx.set_poll_group(gone, 7).is_err(), "stale id accepted");
+        a.push();
+        b.push();
+        assert!(ctx.poll(true).unwrap());
+        assert!(ctx.is_on_poll_list(ida) && ctx.is_on_poll_list(idb));
+        seen.lock().unwrap().clear();
+
+        let waits = ctx.stats().blocking_waits;
+        let a2 = a.clone();
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            a2.push();
+        });
+        while a.consumed.load(Ordering::SeqCst) < 2 {
+            ctx.poll(true).unwrap();
+        }
+        kicker.join().unwrap();
+        assert!(ctx.stats().blocking_waits > waits, "the loop never slept");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(true, true)],
+            "B suppressed although its group woke the loop"
+        );
+        assert!(!ctx.in_poll_mode());
+    });
+}
+
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(bool, bool)>>>;
+
+/// A queue handler that records, at each `ready()`, whether its own and
+/// another queue's notifications are enabled.
+struct Watching {
+    inner: common::QueueHandler,
+    other: std::sync::Arc<Queue>,
+    seen: Seen,
+}
+
+impl aio_poll::FdHandler for Watching {
+    fn ready(&mut self, ctx: &mut AioContext, ready: aio_poll::Readiness) {
+        let own = self.inner.q.notify_enabled.load(Ordering::SeqCst);
+        let other = self.other.notify_enabled.load(Ordering::SeqCst);
+        self.seen.lock().unwrap().push((own, other));
+        aio_poll::FdHandler::ready(&mut self.inner, ctx, ready);
+    }
+}
+impl aio_poll::PollHandler for Watching {
+    fn poll(&mut self) -> bool {
+        aio_poll::PollHandler::poll(&mut self.inner)
+    }
+    fn poll_ready(&mut self, ctx: &mut AioContext) {
+        aio_poll::PollHandler::poll_ready(&mut self.inner, ctx)
+    }
+    fn poll_begin(&mut self) {
+        aio_poll::PollHandler::poll_begin(&mut self.inner)
+    }
+    fn poll_end(&mut self) {
+        aio_poll::PollHandler::poll_end(&mut self.inner)
+    }
+}
+
+/// Adds a [`Watching`] handler for `q` watching `other`.
+fn add_watching(
+    ctx: &mut AioContext,
+    q: &std::sync::Arc<Queue>,
+    probe: &Probe,
+    other: &std::sync::Arc<Queue>,
+    seen: &Seen,
+) -> aio_poll::HandlerId {
+    ctx.add_polled_fd_handler(
+        q.kick.clone(),
+        aio_poll::Interest::READABLE,
+        Watching {
+            inner: common::QueueHandler {
+                q: q.clone(),
+                probe: probe.clone(),
+            },
+            other: other.clone(),
+            seen: seen.clone(),
+        },
+    )
+    .unwrap()
+}

@@ -68,6 +68,7 @@ impl AioContext {
             removed: false,
             on_poll_list: false,
             poll_begun: false,
+            group: 0,
             ns: 0,
             last_dispatch_ns: 0,
             dispatched_iter: 0,
@@ -208,6 +209,20 @@ impl AioContext {
     /// Whether `id` names a registered handler.
     pub fn contains_handler(&self, id: HandlerId) -> bool {
         self.entry(id).is_some()
+    }
+
+    /// Puts `id` in poll group `group` (0 = none, the default): handlers
+    /// that serve one object, e.g. a virtqueue's notification handler and
+    /// the handler of its I/O completions. After a sleep, the loop resumes
+    /// poll mode before dispatching and calls `poll_begin` at once on the
+    /// handlers of the poll list that had no event; an event of any handler
+    /// of a group counts for all of the group (a virtqueue whose completion
+    /// woke the loop is served as if it had been kicked). See the crate's
+    /// design notes, "Resuming poll mode after a wake-up".
+    pub fn set_poll_group(&mut self, id: HandlerId, group: u64) -> Result<()> {
+        let e = self.entry_mut(id).ok_or(Error::UnknownHandler(id))?;
+        e.group = group;
+        Ok(())
     }
 
     /// Whether `id` is currently on the poll list.

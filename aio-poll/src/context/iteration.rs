@@ -250,7 +250,11 @@ impl AioContext {
                 self.publish_stats();
             }
         }
+        let slept = it.timeout != Some(0) && it.nevents.is_none();
         let nevents = self.collect_events(it);
+        if slept && nevents > 0 && it.polling {
+            self.resume_poll_mode(nevents);
+        }
         // 5. (As in QEMU, only a blocking iteration accepts the notification:
         // a non-blocking one leaves `notified` set, which at worst makes the
         // next blocking iteration return at once — never a lost wake-up.)

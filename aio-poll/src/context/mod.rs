@@ -69,6 +69,9 @@ struct Entry {
     on_poll_list: bool,
     /// `poll_begin` was called and `poll_end` not yet.
     poll_begun: bool,
+    /// Handlers serving one object share a key ([`AioContext::set_poll_group`]);
+    /// 0 = none.
+    group: u64,
     /// Adaptive polling time (classic) / smoothed interval (weighted).
     ns: i64,
     last_dispatch_ns: u64,
@@ -120,6 +123,11 @@ pub struct AioContext {
     poll_only: usize,
     poll_list: Vec<HandlerId>,
     poll_started: bool,
+    /// Poll mode was resumed after a wake-up with some handlers left out
+    /// (those with an event); the next polling phase begins them.
+    poll_stragglers: bool,
+    /// Scratch for `resume_poll_mode`: the groups with an event.
+    woken_groups: Vec<u64>,
     adaptive: Adaptive,
     timers: Timers,
     idle_timeout_ns: u64,
@@ -203,6 +211,8 @@ impl AioContext {
             poll_only: 0,
             poll_list: Vec::new(),
             poll_started: false,
+            poll_stragglers: false,
+            woken_groups: Vec::new(),
             adaptive,
             timers: Timers::default(),
             idle_timeout_ns: u64::try_from(DEFAULT_POLL_IDLE_TIMEOUT.as_nanos())

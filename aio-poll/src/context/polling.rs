@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Poll mode, the polling loop, the poll list's idle removal and the adaptive update.
 
-use super::AioContext;
+use super::{AioContext, TIMER_TOKEN};
+use crate::handler::HandlerId;
 
 impl AioContext {
     /// Enters / leaves poll mode. Leaving calls `poll_end` then a final
@@ -9,9 +10,13 @@ impl AioContext {
     /// while notifications were suppressed); returns whether that found work.
     pub(super) fn poll_set_started(&mut self, started: bool) -> bool {
         if started == self.poll_started {
+            if started && self.poll_stragglers {
+                self.begin_stragglers();
+            }
             return false;
         }
         self.poll_started = started;
+        self.poll_stragglers = false;
         let mut found = false;
         for i in 0..self.poll_list.len() {
             let Some(id) = self.poll_list.get(i).copied() else {
@@ -39,6 +44,96 @@ impl AioContext {
             }
         }
         found
+    }
+
+    /// After a sleep that ended with events, while the next iteration will
+    /// poll again: re-enters poll mode before dispatching, beginning every
+    /// handler on the poll list that has no event of this wake-up, by itself
+    /// or in its poll group (an extension beyond QEMU, which stays out of
+    /// poll mode until its next polling phase). A virtqueue that did not
+    /// kick is then suppressed again at once, instead of only after the
+    /// dispatch of the ones that did: with several queues on one IOThread,
+    /// the guest would otherwise kick each of them that it adds to in that
+    /// time. Handlers with an event are dispatched as after any wake-up
+    /// (outside poll mode) and begun by the next polling phase
+    /// ([`Self::poll_set_started`]); if every handler had one, nothing
+    /// changes. Poll mode still ends, with its final poll, before any sleep.
+    pub(super) fn resume_poll_mode(&mut self, nevents: usize) {
+        if self.poll_started || self.poll_list.is_empty() || self.poll_ns() == 0 {
+            return;
+        }
+        let mut groups = std::mem::take(&mut self.woken_groups);
+        groups.clear();
+        for i in 0..nevents {
+            let Some(token) = self.events.get(i).map(|ev| ev.u64) else {
+                break;
+            };
+            if token >= TIMER_TOKEN {
+                continue;
+            }
+            if let Some(e) = self.entry(HandlerId(token)) {
+                if e.group != 0 {
+                    groups.push(e.group);
+                }
+            }
+        }
+        let quiet = |ctx: &AioContext, id: HandlerId| {
+            ctx.entry(id).map(|e| {
+                let events = ctx.events.get(..nevents).unwrap_or(&[]);
+                !(events.iter().any(|ev| ev.u64 == id.0)
+                    || (e.group != 0 && groups.contains(&e.group)))
+            })
+        };
+        if self
+            .poll_list
+            .iter()
+            .any(|&id| quiet(self, id) == Some(true))
+        {
+            self.poll_started = true;
+            self.poll_stragglers = false;
+            for i in 0..self.poll_list.len() {
+                let Some(id) = self.poll_list.get(i).copied() else {
+                    break;
+                };
+                match quiet(self, id) {
+                    Some(true) => {}
+                    Some(false) => {
+                        self.poll_stragglers = true;
+                        continue;
+                    }
+                    None => continue,
+                }
+                let Some(e) = self.entry_mut(id) else {
+                    continue;
+                };
+                if let Some(h) = e.handler.as_mut() {
+                    h.poll_begin();
+                    e.poll_begun = true;
+                }
+            }
+        }
+        self.woken_groups = groups;
+    }
+
+    /// Begins the handlers on the poll list that poll mode left out when
+    /// it was resumed ([`Self::resume_poll_mode`]).
+    fn begin_stragglers(&mut self) {
+        self.poll_stragglers = false;
+        for i in 0..self.poll_list.len() {
+            let Some(id) = self.poll_list.get(i).copied() else {
+                break;
+            };
+            let Some(e) = self.entry_mut(id) else {
+                continue;
+            };
+            if e.poll_begun {
+                continue;
+            }
+            if let Some(h) = e.handler.as_mut() {
+                h.poll_begin();
+                e.poll_begun = true;
+            }
+        }
     }
 
     /// One `poll()` on every poll-only handler (no fd) on the poll list.

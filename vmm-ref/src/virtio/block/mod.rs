@@ -447,9 +447,11 @@ impl ActiveQueue {
                 })?;
         let ch = completion_fd.map(|fd| (fd, CompletionHandler::new(self.worker.clone())));
         let worker = self.worker.clone();
+        // The worker's address: unique to the queue while its handlers exist.
+        let group = Arc::as_ptr(&self.worker) as usize as u64;
         let registered = guard
             .call(move |aio| -> Result<Vec<HandlerId>, aio_poll::Error> {
-                let ids = add_queue_handlers(aio, qh, ch)?;
+                let ids = add_queue_handlers(aio, qh, ch, group)?;
                 if resume {
                     let mut w = lock(&worker);
                     w.set_max_batch(aio.aio_max_batch());
@@ -509,23 +511,33 @@ impl ActiveQueue {
 
 /// Adds a queue's handlers to `aio` (completion handler first); nothing stays
 /// registered on error.
+/// Registers a queue's handlers: its notification handler and, with io_uring,
+/// its completion handler, in one poll group (`group`, non-zero and unique to
+/// the queue), so that a wake-up by either counts as the queue's own: the
+/// loop then suppresses notifications at once only on the other queues of the
+/// IOThread ([`aio_poll::AioContext::set_poll_group`]).
 fn add_queue_handlers(
     aio: &mut aio_poll::AioContext,
     qh: QueueHandler,
     ch: Option<(std::os::fd::OwnedFd, CompletionHandler)>,
+    group: u64,
 ) -> Result<Vec<HandlerId>, aio_poll::Error> {
     let mut ids = Vec::new();
-    if let Some((fd, ch)) = ch {
-        ids.push(aio.add_polled_fd_handler(fd, Interest::READABLE, ch)?);
-    }
-    match aio.add_polled_fd_handler(qh.kick(), Interest::READABLE, qh) {
-        Ok(id) => ids.push(id),
-        Err(e) => {
-            for id in ids {
-                let _ = aio.remove_handler(id);
-            }
-            return Err(e);
+    let added = (|| {
+        if let Some((fd, ch)) = ch {
+            ids.push(aio.add_polled_fd_handler(fd, Interest::READABLE, ch)?);
         }
+        ids.push(aio.add_polled_fd_handler(qh.kick(), Interest::READABLE, qh)?);
+        for &id in &ids {
+            aio.set_poll_group(id, group)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = added {
+        for id in ids {
+            let _ = aio.remove_handler(id);
+        }
+        return Err(e);
     }
     Ok(ids)
 }
