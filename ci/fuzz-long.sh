@@ -16,7 +16,7 @@
 # the run left (every input that reached new coverage) is replayed once under
 # AddressSanitizer (with leak detection). The long run is for depth (panics,
 # broken invariants, hangs: what safe Rust can get wrong); ASan finds memory
-# errors only in unsafe code, and costs 2-19x the executions per second here
+# errors only in unsafe code, and costs 1.9-8.9x the executions per second here
 # (most in the targets that start threads: shadow memory for every stack,
 # LeakSanitizer scans on cross-thread allocations), so it checks the inputs
 # worth checking instead of every mutation. `FUZZ_SANITIZER=address` runs the
