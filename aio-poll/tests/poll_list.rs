@@ -312,14 +312,19 @@ fn huge_window_does_not_starve_fds_timers_or_idle_removal() {
     });
 }
 
-#[test]
-fn wake_up_resumes_poll_mode_for_the_queues_that_did_not_kick() {
-    // Two emulated virtqueues on one loop. After a sleep ended by queue A's
-    // kick, the loop re-enters poll mode before dispatching: B (no event)
-    // gets poll_begin at once, so the guest cannot kick it while A is being
-    // served; A is served outside poll mode and begun by the next polling
-    // phase; every begin is ended before the loop sleeps again.
-    with_watchdog(60, || {
+/// Two emulated virtqueues A (watching B) and B on one loop polling at most
+/// 1 ms, both on the poll list, in poll group `group` if given.
+struct TwoQueues {
+    ctx: AioContext,
+    a: std::sync::Arc<Queue>,
+    b: std::sync::Arc<Queue>,
+    pa: Probe,
+    pb: Probe,
+    seen: Seen,
+}
+
+impl TwoQueues {
+    fn new(group: Option<u64>) -> TwoQueues {
         let params = PollParams::default()
             .with_algorithm(PollAlgorithm::Classic)
             .with_max_ns(1_000_000);
@@ -329,24 +334,64 @@ fn wake_up_resumes_poll_mode_for_the_queues_that_did_not_kick() {
         let seen = Seen::default();
         let ida = add_watching(&mut ctx, &a, &pa, &b, &seen);
         let idb = add_queue(&mut ctx, &b, &pb);
+        if let Some(g) = group {
+            ctx.set_poll_group(ida, g).unwrap();
+            ctx.set_poll_group(idb, g).unwrap();
+        }
         a.push();
         b.push();
         assert!(ctx.poll(true).unwrap());
         assert!(ctx.is_on_poll_list(ida) && ctx.is_on_poll_list(idb));
         seen.lock().unwrap().clear();
+        TwoQueues {
+            ctx,
+            a,
+            b,
+            pa,
+            pb,
+            seen,
+        }
+    }
 
-        // The loop polls at most 1 ms, then sleeps; A is kicked 200 ms later.
-        let waits = ctx.stats().blocking_waits;
-        let a2 = a.clone();
+    /// Runs the loop until A's next entry is consumed; A is kicked 200 ms
+    /// from now, when the loop (polling at most 1 ms) sleeps.
+    fn sleep_until_a_kicked(&mut self) {
+        let waits = self.ctx.stats().blocking_waits;
+        let consumed = self.a.consumed.load(Ordering::SeqCst);
+        let a = self.a.clone();
         let kicker = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
-            a2.push();
+            a.push();
         });
-        while a.consumed.load(Ordering::SeqCst) < 2 {
-            ctx.poll(true).unwrap();
+        while self.a.consumed.load(Ordering::SeqCst) <= consumed {
+            self.ctx.poll(true).unwrap();
         }
         kicker.join().unwrap();
-        assert!(ctx.stats().blocking_waits > waits, "the loop never slept");
+        assert!(
+            self.ctx.stats().blocking_waits > waits,
+            "the loop never slept"
+        );
+    }
+}
+
+#[test]
+fn wake_up_resumes_poll_mode_for_the_queues_that_did_not_kick() {
+    // After a sleep ended by queue A's kick, the loop re-enters poll mode
+    // before dispatching: B (no event) gets poll_begin at once, so the guest
+    // cannot kick it while A is being served; A is served outside poll mode
+    // and begun by the next polling phase; every begin is ended before the
+    // loop sleeps again.
+    with_watchdog(60, || {
+        let mut t = TwoQueues::new(None);
+        t.sleep_until_a_kicked();
+        let TwoQueues {
+            ctx,
+            a,
+            b,
+            pa,
+            pb,
+            seen,
+        } = &mut t;
         assert_eq!(
             *seen.lock().unwrap(),
             vec![(true, false)],
@@ -385,43 +430,17 @@ fn wake_up_leaves_the_woken_poll_group_alone() {
     // completion handler): A's event counts for B too, so nothing is begun
     // early: at A's dispatch after the sleep, B's notifications are still on.
     with_watchdog(60, || {
-        let params = PollParams::default()
-            .with_algorithm(PollAlgorithm::Classic)
-            .with_max_ns(1_000_000);
-        let mut ctx = AioContext::with_params(params).unwrap();
-        let (a, b) = (Queue::new(), Queue::new());
-        let (pa, pb) = (Probe::default(), Probe::default());
-        let seen = Seen::default();
-        let ida = add_watching(&mut ctx, &a, &pa, &b, &seen);
-        let idb = add_queue(&mut ctx, &b, &pb);
-        ctx.set_poll_group(ida, 7).unwrap();
-        ctx.set_poll_group(idb, 7).unwrap();
-        let gone = add_queue(&mut ctx, &Queue::new(), &Probe::default());
-        ctx.remove_handler(gone).unwrap();
-        assert!(ctx.set_poll_group(gone, 7).is_err(), "stale id accepted");
-        a.push();
-        b.push();
-        assert!(ctx.poll(true).unwrap());
-        assert!(ctx.is_on_poll_list(ida) && ctx.is_on_poll_list(idb));
-        seen.lock().unwrap().clear();
-
-        let waits = ctx.stats().blocking_waits;
-        let a2 = a.clone();
-        let kicker = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            a2.push();
-        });
-        while a.consumed.load(Ordering::SeqCst) < 2 {
-            ctx.poll(true).unwrap();
-        }
-        kicker.join().unwrap();
-        assert!(ctx.stats().blocking_waits > waits, "the loop never slept");
+        let mut t = TwoQueues::new(Some(7));
+        let gone = add_queue(&mut t.ctx, &Queue::new(), &Probe::default());
+        t.ctx.remove_handler(gone).unwrap();
+        assert!(t.ctx.set_poll_group(gone, 7).is_err(), "stale id accepted");
+        t.sleep_until_a_kicked();
         assert_eq!(
-            *seen.lock().unwrap(),
+            *t.seen.lock().unwrap(),
             vec![(true, true)],
             "B suppressed although its group woke the loop"
         );
-        assert!(!ctx.in_poll_mode());
+        assert!(!t.ctx.in_poll_mode());
     });
 }
 

@@ -9,13 +9,19 @@ impl AioContext {
     /// `poll()` on each handler (closes the race with an event that arrived
     /// while notifications were suppressed); returns whether that found work.
     pub(super) fn poll_set_started(&mut self, started: bool) -> bool {
-        if started == self.poll_started {
-            if started && self.poll_stragglers {
-                self.begin_stragglers();
+        if started {
+            // Also when already started: handlers left out by a resume
+            // (`resume_poll_mode`) are begun now.
+            if !self.poll_started || self.poll_stragglers {
+                self.poll_started = true;
+                self.begin_poll_list();
             }
             return false;
         }
-        self.poll_started = started;
+        if !self.poll_started {
+            return false;
+        }
+        self.poll_started = false;
         self.poll_stragglers = false;
         let mut found = false;
         for i in 0..self.poll_list.len() {
@@ -28,22 +34,37 @@ impl AioContext {
             let Some(h) = e.handler.as_mut() else {
                 continue;
             };
-            if started {
-                h.poll_begin();
-                e.poll_begun = true;
-            } else {
-                if e.poll_begun {
-                    h.poll_end();
-                    e.poll_begun = false;
-                }
-                if h.poll() && !e.poll_ready {
-                    e.poll_ready = true;
-                    self.ready_poll.push(id);
-                    found = true;
-                }
+            if e.poll_begun {
+                h.poll_end();
+                e.poll_begun = false;
+            }
+            if h.poll() && !e.poll_ready {
+                e.poll_ready = true;
+                self.ready_poll.push(id);
+                found = true;
             }
         }
         found
+    }
+
+    /// `poll_begin` on every handler of the poll list not begun yet.
+    fn begin_poll_list(&mut self) {
+        self.poll_stragglers = false;
+        for i in 0..self.poll_list.len() {
+            let Some(id) = self.poll_list.get(i).copied() else {
+                break;
+            };
+            let Some(e) = self.entry_mut(id) else {
+                continue;
+            };
+            if e.poll_begun {
+                continue;
+            }
+            if let Some(h) = e.handler.as_mut() {
+                h.poll_begin();
+                e.poll_begun = true;
+            }
+        }
     }
 
     /// After a sleep that ended with events, while the next iteration will
@@ -77,63 +98,33 @@ impl AioContext {
                 }
             }
         }
-        let quiet = |ctx: &AioContext, id: HandlerId| {
-            ctx.entry(id).map(|e| {
-                let events = ctx.events.get(..nevents).unwrap_or(&[]);
-                !(events.iter().any(|ev| ev.u64 == id.0)
-                    || (e.group != 0 && groups.contains(&e.group)))
-            })
-        };
-        if self
-            .poll_list
-            .iter()
-            .any(|&id| quiet(self, id) == Some(true))
-        {
-            self.poll_started = true;
-            self.poll_stragglers = false;
-            for i in 0..self.poll_list.len() {
-                let Some(id) = self.poll_list.get(i).copied() else {
-                    break;
-                };
-                match quiet(self, id) {
-                    Some(true) => {}
-                    Some(false) => {
-                        self.poll_stragglers = true;
-                        continue;
-                    }
-                    None => continue,
-                }
-                let Some(e) = self.entry_mut(id) else {
-                    continue;
-                };
-                if let Some(h) = e.handler.as_mut() {
-                    h.poll_begin();
-                    e.poll_begun = true;
-                }
-            }
-        }
-        self.woken_groups = groups;
-    }
-
-    /// Begins the handlers on the poll list that poll mode left out when
-    /// it was resumed ([`Self::resume_poll_mode`]).
-    fn begin_stragglers(&mut self) {
-        self.poll_stragglers = false;
+        // One pass: begin the handlers with no event in their group; poll
+        // mode is on as soon as one was begun (none: nothing changes).
+        let mut stragglers = false;
         for i in 0..self.poll_list.len() {
             let Some(id) = self.poll_list.get(i).copied() else {
                 break;
             };
+            let events = self.events.get(..nevents).unwrap_or(&[]);
+            let Some(e) = self.entry(id) else {
+                continue;
+            };
+            if events.iter().any(|ev| ev.u64 == id.0) || (e.group != 0 && groups.contains(&e.group))
+            {
+                stragglers = true;
+                continue;
+            }
             let Some(e) = self.entry_mut(id) else {
                 continue;
             };
-            if e.poll_begun {
-                continue;
-            }
             if let Some(h) = e.handler.as_mut() {
                 h.poll_begin();
                 e.poll_begun = true;
+                self.poll_started = true;
             }
         }
+        self.poll_stragglers = self.poll_started && stragglers;
+        self.woken_groups = groups;
     }
 
     /// One `poll()` on every poll-only handler (no fd) on the poll list.

@@ -564,10 +564,7 @@ mod tests {
     use serde_json::json;
 
     fn outcome(d: &mut JsonStreamDecoder) -> (Vec<Result<Value, String>>, bool) {
-        let items = std::iter::from_fn(|| d.next_value())
-            .map(|r| r.map_err(|e| e.to_string()))
-            .collect();
-        (items, d.is_idle())
+        (decode_all(d), d.is_idle())
     }
 
     /// Bytes that exercise every state: JSON structure, escapes, delimiters,
