@@ -59,7 +59,12 @@
 #   --tmpfs-dir DIR   tmpfs directory (default /dev/shm)
 #   --disk-dir DIR    real-disk directory (default /var/tmp)
 #   --vmm PATH        vmm-ref binary (default: cargo build --release -p vmm-ref)
-#   --base PATH       a second vmm-ref binary run as VMM `base` (A/B against it)
+#   --base PATH       a second vmm-ref binary run as VMM `base` (A/B against it);
+#                     may be the --vmm binary itself, run with --base-opts
+#   --vmm-opts OPTS   extra IOThread properties for vmm-ref, e.g. poll-algorithm=classic
+#   --base-opts OPTS  extra IOThread properties for `base` (e.g. --base <same binary>
+#                     --base-opts poll-algorithm=classic: weighted and classic polling
+#                     against QEMU 7.2, whose polling is the classic algorithm, in one run)
 #   --elf PATH        guest image (default: test-guest.elf of that build)
 #   --qemu PATH       QEMU binary (default qemu-system-x86_64)
 #   --only vmm-ref|qemu   run one side only (e.g. while the other cannot run)
@@ -76,7 +81,7 @@ die() { echo "bench-vmm.sh: $*" >&2; exit 2; }
 
 secs=5 rounds=5 qd=32 queues="1 4 4x2" profiles="ours alt" storage="tmpfs disk"
 rw=randread poll_max_ns=32768 disk_size=256M tmpfs_dir=/dev/shm disk_dir=/var/tmp
-vmm= base= elf= qemu=qemu-system-x86_64 only= poll0=1 out=
+vmm= base= elf= qemu=qemu-system-x86_64 only= poll0=1 out= vmm_opts= base_opts=
 # --quick first sets its defaults; options given explicitly still win.
 for a in "$@"; do
     if [ "$a" = --quick ]; then
@@ -99,6 +104,8 @@ while [ $# -gt 0 ]; do
         --disk-dir) disk_dir=$2; shift 2 ;;
         --vmm) vmm=$2; shift 2 ;;
         --base) base=$2; shift 2 ;;
+        --vmm-opts) vmm_opts=$2; shift 2 ;;
+        --base-opts) base_opts=$2; shift 2 ;;
         --elf) elf=$2; shift 2 ;;
         --qemu) qemu=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
@@ -110,6 +117,10 @@ while [ $# -gt 0 ]; do
 done
 case $only in ''|vmm-ref|qemu) ;; *) die "--only takes vmm-ref or qemu" ;; esac
 case $rw in randread|randwrite|randrw) ;; *) die "--rw takes randread, randwrite or randrw" ;; esac
+for o in "$vmm_opts" "$base_opts"; do
+    [[ $o =~ ^([a-z-]+=[A-Za-z0-9_.-]+)?(,[a-z-]+=[A-Za-z0-9_.-]+)*$ ]] ||
+        die "--vmm-opts/--base-opts take key=value[,key=value...]: '$o'"
+done
 for n in "$secs" "$rounds" "$qd" "$poll_max_ns"; do
     [[ $n =~ ^[0-9]+$ ]] || die "not a number: '$n'"
 done
@@ -164,6 +175,7 @@ export BENCH_PROFILES=$profiles BENCH_STORAGE=$storage BENCH_RW=$rw
 export BENCH_POLL_MAX_NS=$poll_max_ns BENCH_IMAGE_TMPFS=$image_tmpfs BENCH_IMAGE_DISK=$image_disk
 export BENCH_VMM=$vmm BENCH_BASE=$base BENCH_ELF=$elf BENCH_QEMU=$qemu BENCH_ONLY=$only
 export BENCH_POLL0=$poll0 BENCH_OUT=$out BENCH_LIB=$here
+export BENCH_VMM_OPTS=$vmm_opts BENCH_BASE_OPTS=$base_opts
 
 python3 -u - <<'PY'
 import os, re, sys, time
@@ -177,6 +189,7 @@ STORAGE = env["BENCH_STORAGE"].split(); RW = env["BENCH_RW"]; POLL = int(env["BE
 IMAGE = {"tmpfs": env["BENCH_IMAGE_TMPFS"], "disk": env["BENCH_IMAGE_DISK"]}
 VMM = env["BENCH_VMM"]; BASE = env["BENCH_BASE"]; ELF = env["BENCH_ELF"]; QEMU = env["BENCH_QEMU"]
 ONLY = env["BENCH_ONLY"]; POLL0 = env["BENCH_POLL0"] == "1"; OUT = env["BENCH_OUT"]
+VMM_OPTS = env["BENCH_VMM_OPTS"]; BASE_OPTS = env["BENCH_BASE_OPTS"]
 TIMEOUT = SECS + 240  # boot + bench on a loaded 2-core machine
 T0 = time.monotonic()
 tsc_khz = None  # taken from the first vmm-ref run (KVM_GET_TSC_KHZ), then given to QEMU too
@@ -200,14 +213,15 @@ def nqueues(qcfg):
     return int(qcfg.split("x")[0])
 
 
-def vmm_ref_cmd(profile, storage, qcfg, poll, binary=None):
+def vmm_ref_cmd(profile, storage, qcfg, poll, binary=None, opts=""):
     # vmm-ref appends virtio_mmio.device= and tsc_khz= itself.
     mapping = "iothread-vq-mapping=io0:io1" if qcfg == "4x2" else "iothread=io0"
+    extra = f",{opts}" if opts else ""
     cmd = [binary or VMM, "--kernel", ELF, "--memory", "256M", "--vcpus", "1",
            "--cmdline", guest_cmdline(profile, False),
-           "--object", f"iothread,id=io0,poll-max-ns={poll}"]
+           "--object", f"iothread,id=io0,poll-max-ns={poll}{extra}"]
     if qcfg == "4x2":
-        cmd += ["--object", f"iothread,id=io1,poll-max-ns={poll}"]
+        cmd += ["--object", f"iothread,id=io1,poll-max-ns={poll}{extra}"]
     return cmd + ["--drive", f"id=d0,file={IMAGE[storage]},num-queues={nqueues(qcfg)},"
                              f"queue-size=256,{mapping},aio=io_uring,direct=on"]
 
@@ -230,9 +244,11 @@ def run(unit):
     """One VMM run; CPU over the benchmark window only."""
     kind, profile, storage, qcfg, poll = unit
     if kind == "base":
-        cmd = vmm_ref_cmd(profile, storage, qcfg, poll, BASE)
+        cmd = vmm_ref_cmd(profile, storage, qcfg, poll, BASE, BASE_OPTS)
+    elif kind == "vmm-ref":
+        cmd = vmm_ref_cmd(profile, storage, qcfg, poll, VMM, VMM_OPTS)
     else:
-        cmd = (vmm_ref_cmd if kind == "vmm-ref" else qemu_cmd)(profile, storage, qcfg, poll)
+        cmd = qemu_cmd(profile, storage, qcfg, poll)
     r = run_vm(cmd, "bench: start", "BENCH ", TIMEOUT)
     line = next((l for l in r["lines"] if l.startswith("BENCH ")), None)
     ok = (line is not None and any(l.startswith("RESULT bench PASS") for l in r["lines"])
@@ -318,7 +334,9 @@ report = [f"guest `{guest_cmdline('<profile>', False)}`, one virtio-blk device, 
           f"on both sides, poll-max-ns={POLL}, queue-size 256 offered; images: "
           + ", ".join(f"{s} {IMAGE[s]}" for s in STORAGE)
           + f"; {ROUNDS} interleaved rounds; load average after the runs: {load_average()}"
-          + (f"; VMM `base` = {BASE}" if BASE else ""), "",
+          + (f"; vmm-ref IOThread options `{VMM_OPTS}`" if VMM_OPTS else "")
+          + (f"; VMM `base` = {BASE}" if BASE else "")
+          + (f" with IOThread options `{BASE_OPTS}`" if BASE and BASE_OPTS else ""), "",
           "| round | VMM | profile | storage | queues | poll-max-ns | IOPS | I/Os per kick | "
           "device CPU µs/IO | total CPU µs/IO | IOThread | io_uring workers | vCPU % | "
           "IOThread sleeps per 1k I/O | p50 µs | p99 µs | CPU s whole run |",

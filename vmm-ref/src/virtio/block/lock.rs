@@ -544,6 +544,8 @@ mod tests {
 
     #[test]
     fn writers_exclude_each_other_and_readers_share() {
+        // No child may inherit `w` while it is dropped (see spawn_exclusion).
+        let _spawn = crate::virtio::block::testing::spawn_exclusion();
         let f = temp_disk(4096, 0);
         let p = f.as_path();
         let w = ImageLock::acquire(p, false, LockMode::On).unwrap().unwrap();

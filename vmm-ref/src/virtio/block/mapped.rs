@@ -268,6 +268,7 @@ mod tests {
             eprintln!("no writable /dev/shm: skipped");
             return;
         }
+        let _spawn = crate::virtio::block::testing::spawn_exclusion();
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",

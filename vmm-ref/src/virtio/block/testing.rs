@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::RawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -13,6 +13,16 @@ use vmm_sys_util::tempfile::TempFile;
 use super::backend::{DiskBackend, DiskCompletion, DiskOp, DiskOpKind, EngineKind};
 use super::raw::RawFile;
 use super::request::DiskLimits;
+
+/// Held by the tests that spawn a child process, and by the tests that need
+/// an image lock gone as soon as they drop it: between fork and exec a child
+/// holds a copy of every descriptor of the test process, and with it the OFD
+/// locks of their open file descriptions, so a lock dropped meanwhile stays
+/// held until the child's exec.
+pub fn spawn_exclusion() -> MutexGuard<'static, ()> {
+    static SPAWN: Mutex<()> = Mutex::new(());
+    SPAWN.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Guest memory size used by the tests.
 pub const MEM_SIZE: usize = 0x10_0000;
