@@ -2,8 +2,11 @@
 
 use std::path::Path;
 
+/// A target's seeds: (file name, input).
+pub type Seeds = Vec<(String, Vec<u8>)>;
+
 /// All seed sets, by fuzz target name.
-pub fn all() -> Vec<(&'static str, Vec<(String, Vec<u8>)>)> {
+pub fn all() -> Vec<(&'static str, Seeds)> {
     vec![
         ("poll_algorithm", crate::poll_algorithm::seeds()),
         ("iothread_mapping", crate::iothread_mapping::seeds()),

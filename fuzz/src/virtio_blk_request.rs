@@ -481,17 +481,17 @@ mod tests {
         let mut after = before.clone();
         after[10] = 1;
         after[40] = 1;
-        assert_unchanged_outside(&before, &after, &mut vec![(40, 41), (8, 12)]);
+        assert_unchanged_outside(&before, &after, &mut [(40, 41), (8, 12)]);
         // Overlapping, unsorted and out-of-range ranges.
-        assert_unchanged_outside(&before, &after, &mut vec![(39, 100), (0, 11), (5, 6)]);
+        assert_unchanged_outside(&before, &after, &mut [(39, 100), (0, 11), (5, 6)]);
         let outside = std::panic::catch_unwind(|| {
-            assert_unchanged_outside(&before, &after, &mut vec![(40, 41), (11, 12)])
+            assert_unchanged_outside(&before, &after, &mut [(40, 41), (11, 12)])
         });
         assert!(outside.is_err(), "byte 10 changed outside (11, 12)");
         let past_end = std::panic::catch_unwind(|| {
             let mut after = before.clone();
             after[63] = 1;
-            assert_unchanged_outside(&before, &after, &mut vec![(u64::MAX - 1, u64::MAX)])
+            assert_unchanged_outside(&before, &after, &mut [(u64::MAX - 1, u64::MAX)])
         });
         assert!(past_end.is_err(), "last byte changed");
     }

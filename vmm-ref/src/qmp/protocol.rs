@@ -174,8 +174,9 @@ impl JsonStreamDecoder {
     /// message, changing no state: the body of a string up to a quote, backslash or
     /// `0xFF`; the rest of a top-level scalar up to a delimiter or `0xFF`; inside an
     /// object or array, everything up to a bracket, quote or `0xFF`. `feed` appends
-    /// such runs in one piece (a string is found with `memchr`) and steps through
-    /// the rest byte by byte; the result is the same as stepping through all of it.
+    /// such runs in one piece (a string is found with `memchr`, the others with
+    /// a table lookup per byte) and steps through the rest byte by byte; the
+    /// result is the same as stepping through all of it.
     fn plain_run(&self, data: &[u8]) -> usize {
         if self.in_string {
             if self.escape {
@@ -183,14 +184,16 @@ impl JsonStreamDecoder {
             }
             return memchr::memchr3(b'"', b'\\', 0xFF, data).unwrap_or(data.len());
         }
-        let stop: fn(u8) -> bool = if self.in_scalar {
-            |b| b == 0xFF || is_delimiter(b)
+        let stop = if self.in_scalar {
+            &SCALAR_STOPS
         } else if self.depth > 0 {
-            |b| matches!(b, b'{' | b'[' | b'}' | b']' | b'"' | 0xFF)
+            &CONTAINER_STOPS
         } else {
             return 0;
         };
-        data.iter().position(|&b| stop(b)).unwrap_or(data.len())
+        data.iter()
+            .position(|&b| stop[usize::from(b)])
+            .unwrap_or(data.len())
     }
 
     /// Appends `run` to the message, or, when it does not fit, reports
@@ -320,11 +323,34 @@ impl JsonStreamDecoder {
     }
 }
 
-fn is_delimiter(byte: u8) -> bool {
+const fn is_delimiter(byte: u8) -> bool {
     matches!(
         byte,
         b' ' | b'\t' | b'\r' | b'\n' | b'{' | b'}' | b'[' | b']' | b'"' | b',' | b':'
     )
+}
+
+/// The bytes `step` treats specially inside a top-level scalar: a delimiter
+/// or the reset byte.
+static SCALAR_STOPS: [bool; 256] = byte_table(false);
+
+/// The bytes `step` treats specially inside an object or array: brackets, a
+/// quote or the reset byte.
+static CONTAINER_STOPS: [bool; 256] = byte_table(true);
+
+const fn byte_table(container: bool) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = if container {
+            matches!(b, b'{' | b'[' | b'}' | b']' | b'"' | 0xFF)
+        } else {
+            b == 0xFF || is_delimiter(b)
+        };
+        i += 1;
+    }
+    t
 }
 
 /// A validated QMP request.
