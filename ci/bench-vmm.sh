@@ -213,11 +213,11 @@ def nqueues(qcfg):
     return int(qcfg.split("x")[0])
 
 
-def vmm_ref_cmd(profile, storage, qcfg, poll, binary=None, opts=""):
+def vmm_ref_cmd(profile, storage, qcfg, poll, binary, opts):
     # vmm-ref appends virtio_mmio.device= and tsc_khz= itself.
     mapping = "iothread-vq-mapping=io0:io1" if qcfg == "4x2" else "iothread=io0"
     extra = f",{opts}" if opts else ""
-    cmd = [binary or VMM, "--kernel", ELF, "--memory", "256M", "--vcpus", "1",
+    cmd = [binary, "--kernel", ELF, "--memory", "256M", "--vcpus", "1",
            "--cmdline", guest_cmdline(profile, False),
            "--object", f"iothread,id=io0,poll-max-ns={poll}{extra}"]
     if qcfg == "4x2":
@@ -243,12 +243,11 @@ def qemu_cmd(profile, storage, qcfg, poll):
 def run(unit):
     """One VMM run; CPU over the benchmark window only."""
     kind, profile, storage, qcfg, poll = unit
-    if kind == "base":
-        cmd = vmm_ref_cmd(profile, storage, qcfg, poll, BASE, BASE_OPTS)
-    elif kind == "vmm-ref":
-        cmd = vmm_ref_cmd(profile, storage, qcfg, poll, VMM, VMM_OPTS)
-    else:
+    if kind == "qemu":
         cmd = qemu_cmd(profile, storage, qcfg, poll)
+    else:
+        binary, opts = (BASE, BASE_OPTS) if kind == "base" else (VMM, VMM_OPTS)
+        cmd = vmm_ref_cmd(profile, storage, qcfg, poll, binary, opts)
     r = run_vm(cmd, "bench: start", "BENCH ", TIMEOUT)
     line = next((l for l in r["lines"] if l.startswith("BENCH ")), None)
     ok = (line is not None and any(l.startswith("RESULT bench PASS") for l in r["lines"])
