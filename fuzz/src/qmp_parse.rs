@@ -11,16 +11,21 @@
 //!
 //! Format: the `qmp` target's ([`crate::qmp::Input`]; it shares its seeds).
 //!
-//! Invariants: nothing panics; the decoder's fast path (`feed`, in the input's read
-//! size) gives exactly what its byte-at-a-time reference (`feed_bytewise`, one read)
-//! gives; every decoded value survives a round trip (serialised
+//! Invariants: nothing panics; every decoded value survives a round trip (serialised
 //! and decoded again, it is the same value; floats within a few ULPs, see [`same`]); a
 //! request that validates parses to a command with the same name or to an error; every
 //! error (decode, request, command) has a non-empty description.
+//!
+//! Not checked here: that the decoder's fast path (`feed`) gives what its
+//! byte-at-a-time reference (`feed_bytewise`) gives. That is a property of each
+//! (state, byte) pair, a finite domain, so vmm-ref's unit test
+//! `plain_bytes_are_exactly_what_step_only_appends` proves it by enumerating every
+//! pair, and a proptest checks `feed` against `feed_bytewise` over split reads and
+//! limits. Running the reference on every input here cost a quarter of the
+//! target's time and could find nothing the enumeration does not rule out.
 
 use std::fmt::{self, Write};
 
-use serde_json::error::Category;
 use serde_json::Value;
 use vmm_ref::qmp::protocol::{parse_request, DecodeError, JsonStreamDecoder};
 use vmm_ref::qmp::Command;
@@ -29,51 +34,14 @@ use crate::qmp::{Input, LIMIT};
 
 const CAPABILITIES: &[u8] = b"{\"execute\": \"qmp_capabilities\"}";
 
-/// One decoded item, comparable across decoders (`serde_json::Error` is not `Eq`).
-#[derive(Debug, PartialEq)]
-enum Item {
-    Value(Value),
-    Error(ErrorKey),
-}
-
-/// What tells decode errors apart: the kind, and for a parse error serde_json's
-/// category and position in the message. Both decoders hand serde_json the bytes
-/// they buffered, so equal buffers give equal keys; comparing keys rather than the
-/// formatted messages keeps `fmt` (12 % of this target's time in a profile) out of every run.
-#[derive(Debug, PartialEq)]
-enum ErrorKey {
-    Parse {
-        category: Category,
-        line: usize,
-        column: usize,
-    },
-    TooLarge(usize),
-    TooDeep,
-    UnexpectedClose(u8),
-    Reset,
-}
-
-fn drain(d: &mut JsonStreamDecoder, out: &mut Vec<Item>) {
+/// Takes every decoded value and error out of `d`; checks that each error
+/// describes itself.
+fn drain(d: &mut JsonStreamDecoder, out: &mut Vec<Result<Value, DecodeError>>) {
     while let Some(r) = d.next_value() {
-        out.push(match r {
-            Ok(v) => Item::Value(v),
-            Err(e) => Item::Error(key(&e)),
-        });
-    }
-}
-
-fn key(e: &DecodeError) -> ErrorKey {
-    assert!(has_description(e), "empty decode error description: {e:?}");
-    match e {
-        DecodeError::Parse(e) => ErrorKey::Parse {
-            category: e.classify(),
-            line: e.line(),
-            column: e.column(),
-        },
-        DecodeError::TooLarge { limit } => ErrorKey::TooLarge(*limit),
-        DecodeError::TooDeep => ErrorKey::TooDeep,
-        DecodeError::UnexpectedClose(c) => ErrorKey::UnexpectedClose(*c),
-        DecodeError::Reset => ErrorKey::Reset,
+        if let Err(e) = &r {
+            assert!(has_description(e), "empty decode error description: {e:?}");
+        }
+        out.push(r);
     }
 }
 
@@ -93,7 +61,7 @@ fn has_description(e: &impl fmt::Display) -> bool {
     write!(FirstByte, "{e}").is_err()
 }
 
-fn decode_all(stream: &[u8], chunk: usize) -> Vec<Item> {
+fn decode_all(stream: &[u8], chunk: usize) -> Vec<Result<Value, DecodeError>> {
     let mut d = JsonStreamDecoder::with_limit(LIMIT);
     let mut out = Vec::new();
     for c in stream.chunks(chunk.max(1)) {
@@ -111,18 +79,8 @@ pub fn check(input: &Input) {
     }
     stream.extend_from_slice(&input.data);
 
-    let items = decode_all(&stream, input.chunk);
-    let mut reference = JsonStreamDecoder::with_limit(LIMIT);
-    reference.feed_bytewise(&stream);
-    let mut expected = Vec::new();
-    drain(&mut reference, &mut expected);
-    assert_eq!(
-        items, expected,
-        "feed (run fast path) differs from feed_bytewise"
-    );
-
-    for item in items {
-        let Item::Value(value) = item else { continue };
+    for item in decode_all(&stream, input.chunk) {
+        let Ok(value) = item else { continue };
         round_trip(&value);
         check_request(value);
     }
@@ -140,8 +98,8 @@ fn round_trip(value: &Value) {
     let text = String::from_utf8_lossy(&text);
     assert_eq!(out.len(), 1, "round trip of {text}: {out:?}");
     match &out[0] {
-        Item::Value(again) => assert!(same(value, again), "round trip of {text}: {again}"),
-        Item::Error(e) => panic!("round trip of {text}: {e:?}"),
+        Ok(again) => assert!(same(value, again), "round trip of {text}: {again}"),
+        Err(e) => panic!("round trip of {text}: {e}"),
     }
 }
 
@@ -212,7 +170,7 @@ mod tests {
     }
 
     #[test]
-    fn error_keys_and_descriptions() {
+    fn descriptions() {
         struct Empty;
         impl fmt::Display for Empty {
             fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -221,14 +179,6 @@ mod tests {
         }
         assert!(!has_description(&Empty));
         assert!(has_description(&DecodeError::Reset));
-        let parse = |s: &str| {
-            key(&DecodeError::Parse(
-                serde_json::from_str::<Value>(s).unwrap_err(),
-            ))
-        };
-        assert_eq!(parse("{\"a\" 1}"), parse("{\"a\" 1}"));
-        assert_ne!(parse("{\"a\" 1}"), parse("{\"ab\" 1}"));
-        assert_ne!(parse("[1,"), parse("[1,}"));
     }
 
     #[test]

@@ -658,6 +658,107 @@ mod tests {
         }
     }
 
+    /// Every decoder state `step` can be in, as far as `plain_run`, `push_run`
+    /// and `step` tell states apart (buffer fill relative to a limit of 8 included).
+    fn every_state() -> Vec<JsonStreamDecoder> {
+        const LIMIT: usize = 8;
+        let mut states = Vec::new();
+        // (in_string, escape, in_scalar): escape only inside a string, a
+        // top-level scalar only outside one and at depth 0.
+        for (in_string, escape, in_scalar) in [
+            (false, false, false),
+            (true, false, false),
+            (true, true, false),
+            (false, false, true),
+        ] {
+            for depth in [0, 1, 2, MAX_NESTING - 1, MAX_NESTING, MAX_NESTING + 1] {
+                if in_scalar && depth > 0 {
+                    continue;
+                }
+                for skipping in [false, true] {
+                    for fill in [0, 1, LIMIT - 1, LIMIT] {
+                        let mut d = JsonStreamDecoder::with_limit(LIMIT);
+                        d.in_string = in_string;
+                        d.escape = escape;
+                        d.in_scalar = in_scalar;
+                        d.depth = depth;
+                        d.skipping = skipping;
+                        if !skipping {
+                            d.buf = vec![b'x'; fill];
+                        }
+                        states.push(d);
+                    }
+                }
+            }
+        }
+        states
+    }
+
+    /// The fast path of `feed`, proven by enumeration rather than sampled: in
+    /// every state, each byte `plain_run` counts as plain does to the decoder
+    /// exactly what `step` does with it, and leaves every field `plain_run`
+    /// reads unchanged, so a whole run appended by `push_run` is the same as
+    /// stepping through it; and `push_run` of a run equals pushing its bytes one by
+    /// one at every fill level. (The `qmp_parse` fuzz target relies on this
+    /// instead of running a byte-at-a-time reference on every input.)
+    #[test]
+    fn plain_bytes_are_exactly_what_step_only_appends() {
+        let mut plain = 0;
+        for state in every_state() {
+            let before = format!("{state:?}");
+            for byte in 0..=u8::MAX {
+                let mut d = clone_state(&state);
+                if d.plain_run(&[byte]) == 0 {
+                    continue;
+                }
+                plain += 1;
+                let mut stepped = clone_state(&state);
+                stepped.step(byte);
+                d.push_run(&[byte]);
+                assert_eq!(
+                    format!("{d:?}"),
+                    format!("{stepped:?}"),
+                    "byte {byte:#04x} in state {before}"
+                );
+                let key = |d: &JsonStreamDecoder| (d.in_string, d.escape, d.in_scalar, d.depth);
+                assert_eq!(
+                    key(&stepped),
+                    key(&state),
+                    "byte {byte:#04x} changed state {before}"
+                );
+            }
+            for len in 1..=3 {
+                let run = vec![b'y'; len];
+                let mut whole = clone_state(&state);
+                whole.push_run(&run);
+                let mut single = clone_state(&state);
+                for b in &run {
+                    single.push_run(std::slice::from_ref(b));
+                }
+                assert_eq!(
+                    format!("{whole:?}"),
+                    format!("{single:?}"),
+                    "run of {len} in {before}"
+                );
+            }
+        }
+        // Strings, scalars and containers each have plain bytes: the test is not vacuous.
+        assert!(plain > 1000, "{plain}");
+    }
+
+    fn clone_state(d: &JsonStreamDecoder) -> JsonStreamDecoder {
+        JsonStreamDecoder {
+            buf: d.buf.clone(),
+            depth: d.depth,
+            in_string: d.in_string,
+            escape: d.escape,
+            in_scalar: d.in_scalar,
+            skipping: d.skipping,
+            limit: d.limit,
+            ready: VecDeque::new(),
+        }
+    }
+
     fn decode_all(d: &mut JsonStreamDecoder) -> Vec<Result<Value, String>> {
         std::iter::from_fn(|| d.next_value())
             .map(|r| r.map_err(|e| e.to_string()))
