@@ -425,6 +425,60 @@ fn wake_up_resumes_poll_mode_for_the_queues_that_did_not_kick() {
 }
 
 #[test]
+fn nested_wake_up_resumes_poll_mode_too() {
+    // The same wake-up as above with the context nested in an outer loop
+    // (here poll(2) on its fd): the dispatch that finishes the iteration the
+    // outer loop slept for begins B before A is served.
+    with_watchdog(60, || {
+        let TwoQueues {
+            ctx,
+            a,
+            pa,
+            pb,
+            seen,
+            ..
+        } = TwoQueues::new(None);
+        let mut nested = aio_poll::NestedContext::new(ctx).unwrap();
+        let consumed = a.consumed.load(Ordering::SeqCst);
+        let kicked = a.clone();
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            kicked.push();
+        });
+        let mut longest = Duration::ZERO;
+        while a.consumed.load(Ordering::SeqCst) <= consumed {
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&nested),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let start = std::time::Instant::now();
+            // SAFETY: one valid pollfd, for the duration of the call.
+            assert_eq!(unsafe { libc::poll(&mut pfd, 1, -1) }, 1);
+            longest = longest.max(start.elapsed());
+            nested.dispatch().unwrap();
+        }
+        kicker.join().unwrap();
+        assert!(
+            longest >= Duration::from_millis(100),
+            "the outer loop never slept"
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(true, false)],
+            "A served outside poll mode, B already suppressed"
+        );
+        assert!(nested.context().in_poll_mode());
+        assert_eq!(
+            Probe::get(&pa.begins),
+            Probe::get(&pa.ends),
+            "A not begun yet"
+        );
+        assert_eq!(Probe::get(&pb.begins), Probe::get(&pb.ends) + 1, "B begun");
+    });
+}
+
+#[test]
 fn wake_up_leaves_the_woken_poll_group_alone() {
     // A and B in one poll group (say a virtqueue's kick handler and its
     // completion handler): A's event counts for B too, so nothing is begun

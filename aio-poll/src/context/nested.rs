@@ -332,10 +332,15 @@ impl AioContext {
         let pending = self.nested.as_mut().and_then(|n| n.pending.take());
         let (mut it, resume) = match pending {
             Some(Pending::Sleeping(mut it)) => {
-                // The outer loop woke us: finish the iteration that slept.
+                // The outer loop woke us: finish the iteration that slept,
+                // re-entering poll mode first as a standalone loop does after
+                // a sleep that ended with events.
                 self.shared.notifier.clear_external();
                 it.timeout = Some(0);
                 let n = self.collect_events(&mut it);
+                if n > 0 && it.polling {
+                    self.resume_poll_mode(n);
+                }
                 self.accept_and_poll_only(&it);
                 self.finish_nested(it, n, progress, error);
                 return Step::Finished;
