@@ -171,20 +171,19 @@ impl JsonStreamDecoder {
     }
 
     /// How many leading bytes of `data` [`Self::step`] would only append to the
-    /// message, changing no state: the body of a string up to a quote, backslash or
-    /// `0xFF`; the rest of a top-level scalar up to a delimiter or `0xFF`; inside an
-    /// object or array, everything up to a bracket, quote or `0xFF`. `feed` appends
-    /// such runs in one piece (a string is found with `memchr`, the others with
-    /// a table lookup per byte) and steps through the rest byte by byte; the
-    /// result is the same as stepping through all of it.
+    /// message, changing no state: the body of a string up to a quote, backslash,
+    /// control character or `0xFF`; the rest of a top-level scalar up to a
+    /// delimiter or `0xFF`; inside an object or array, everything up to a bracket,
+    /// quote or `0xFF`. `feed` appends such runs in one piece (found with a table
+    /// lookup per byte) and steps through the rest byte by byte; the result is the
+    /// same as stepping through all of it.
     fn plain_run(&self, data: &[u8]) -> usize {
-        if self.in_string {
+        let stop = if self.in_string {
             if self.escape {
                 return 0;
             }
-            return memchr::memchr3(b'"', b'\\', 0xFF, data).unwrap_or(data.len());
-        }
-        let stop = if self.in_scalar {
+            &STRING_STOPS
+        } else if self.in_scalar {
             &SCALAR_STOPS
         } else if self.depth > 0 {
             &CONTAINER_STOPS
@@ -241,7 +240,7 @@ impl JsonStreamDecoder {
         if self.skipping {
             self.skipping = false;
         } else {
-            let result = serde_json::from_slice::<Value>(&self.buf).map_err(DecodeError::Parse);
+            let result = parse_value(&self.buf).map_err(DecodeError::Parse);
             self.ready.push_back(result);
         }
         // Keep a modest allocation around, drop big ones.
@@ -262,6 +261,15 @@ impl JsonStreamDecoder {
         }
         if self.in_string {
             self.push(byte);
+            if byte < 0x20 {
+                // JSON strings cannot hold a raw control character (QEMU's lexer
+                // fails on it too): the message is malformed. Report it now and
+                // start afresh after the byte, so that a stray quote costs the
+                // rest of its line, not every message after it.
+                self.finish();
+                self.reset_state();
+                return;
+            }
             if self.escape {
                 self.escape = false;
             } else if byte == b'\\' {
@@ -323,6 +331,89 @@ impl JsonStreamDecoder {
     }
 }
 
+/// Parses one JSON text into a [`Value`] as `serde_json::from_slice` does,
+/// except that an object naming a key twice is an error ("duplicate key"), as
+/// in QEMU's parser: `serde_json` would keep the last one, so that
+/// `{"execute": "query-status", "execute": "quit"}` would run `quit` past
+/// anything that looked at the first.
+pub fn parse_value(text: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let value = serde::de::DeserializeSeed::deserialize(UniqueKeys, &mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// A [`Value`] visitor refusing duplicate object keys (see [`parse_value`]).
+#[derive(Clone, Copy)]
+struct UniqueKeys;
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // Finite: serde_json's parser refuses what does not fit an f64.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(item) = seq.next_element_seed(self)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key '{key}'"
+                )));
+            }
+            let value = map.next_value_seed(self)?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
 const fn is_delimiter(byte: u8) -> bool {
     matches!(
         byte,
@@ -330,24 +421,37 @@ const fn is_delimiter(byte: u8) -> bool {
     )
 }
 
+/// Where a run of plain bytes is being looked for (see `plain_run`).
+#[derive(Clone, Copy)]
+enum RunKind {
+    String,
+    Scalar,
+    Container,
+}
+
+/// The bytes `step` treats specially inside a string: the closing quote, a
+/// backslash, a control character or the reset byte.
+static STRING_STOPS: [bool; 256] = byte_table(RunKind::String);
+
 /// The bytes `step` treats specially inside a top-level scalar: a delimiter
 /// or the reset byte.
-static SCALAR_STOPS: [bool; 256] = byte_table(false);
+static SCALAR_STOPS: [bool; 256] = byte_table(RunKind::Scalar);
 
 /// The bytes `step` treats specially inside an object or array: brackets, a
 /// quote or the reset byte.
-static CONTAINER_STOPS: [bool; 256] = byte_table(true);
+static CONTAINER_STOPS: [bool; 256] = byte_table(RunKind::Container);
 
-const fn byte_table(container: bool) -> [bool; 256] {
+const fn byte_table(kind: RunKind) -> [bool; 256] {
     let mut t = [false; 256];
     let mut i = 0;
     while i < 256 {
         let b = i as u8;
-        t[i] = if container {
-            matches!(b, b'{' | b'[' | b'}' | b']' | b'"' | 0xFF)
-        } else {
-            b == 0xFF || is_delimiter(b)
-        };
+        t[i] = b == 0xFF
+            || match kind {
+                RunKind::String => matches!(b, b'"' | b'\\' | 0x00..=0x1F),
+                RunKind::Scalar => is_delimiter(b),
+                RunKind::Container => matches!(b, b'{' | b'[' | b'}' | b']' | b'"'),
+            };
         i += 1;
     }
     t
@@ -804,6 +908,88 @@ mod tests {
         let got = decode_all(&mut d);
         assert_eq!(got.len(), 1);
         assert!(got[0].as_ref().unwrap_err().starts_with("JSON parse error"));
+    }
+
+    #[test]
+    fn a_stray_quote_costs_the_rest_of_its_line_only() {
+        // A string cannot hold a raw control character: the newline ends the
+        // malformed run (as QEMU's lexer does), so the next line is a request
+        // again instead of the inside of a string.
+        let line = b"{\"execute\":\"query-status\"}\n";
+        for chunk in [1, 7, 4096] {
+            let mut d = JsonStreamDecoder::new();
+            let mut text = b"\"".to_vec();
+            text.extend_from_slice(line);
+            text.extend_from_slice(line);
+            for c in text.chunks(chunk) {
+                d.feed(c);
+            }
+            let got = decode_all(&mut d);
+            assert_eq!(
+                got.last(),
+                Some(&Ok(json!({"execute": "query-status"}))),
+                "{got:?}"
+            );
+            assert!(d.is_idle());
+            assert!(
+                got.iter()
+                    .any(|r| r.as_ref().is_err_and(|e| e.contains("control character"))),
+                "{got:?}"
+            );
+        }
+        // Inside an object too; a tab is a control character as well.
+        let mut d = JsonStreamDecoder::new();
+        d.feed(b"{\"a\": \"x\ty\"}\n{\"b\": 1}\n");
+        let got = decode_all(&mut d);
+        assert!(got[0]
+            .as_ref()
+            .unwrap_err()
+            .starts_with("JSON parse error, control character"));
+        assert_eq!(got.last(), Some(&Ok(json!({"b": 1}))), "{got:?}");
+        // Escaped, they are fine.
+        let mut d = JsonStreamDecoder::new();
+        d.feed(b"\"x\\ty\\n\" ");
+        assert_eq!(decode_all(&mut d), vec![Ok(json!("x\ty\n"))]);
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let mut d = JsonStreamDecoder::new();
+        d.feed(
+            br#"{"execute": "query-status", "execute": "quit"}
+                {"execute": "x", "arguments": {"a": [{"b": 1, "b": 2}]}}
+                {"execute": "query-status", "arguments": {"a": {"b": 1}, "b": {"b": 2}}}"#,
+        );
+        let got = decode_all(&mut d);
+        assert_eq!(got.len(), 3, "{got:?}");
+        for e in &got[..2] {
+            let e = e.as_ref().unwrap_err();
+            assert!(e.starts_with("JSON parse error, duplicate key"), "{e}");
+        }
+        assert!(got[0].as_ref().unwrap_err().contains("'execute'"));
+        assert_eq!(
+            got[2],
+            Ok(json!({"execute": "query-status", "arguments": {"a": {"b": 1}, "b": {"b": 2}}}))
+        );
+        // Everything else parses as serde_json parses it.
+        for text in [
+            "1",
+            "-0",
+            "1.5e300",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "\"\\u00e9\"",
+            "null",
+            "[true, false, [], {}]",
+            "{\"\": 0}",
+        ] {
+            assert_eq!(
+                parse_value(text.as_bytes()).unwrap(),
+                serde_json::from_str::<Value>(text).unwrap(),
+                "{text}"
+            );
+        }
+        assert!(parse_value(b"[1] x").is_err(), "trailing characters");
     }
 
     #[test]
