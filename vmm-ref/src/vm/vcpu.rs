@@ -54,6 +54,10 @@ enum Command {
     Exit,
 }
 
+/// The control state shared by the control side ([`Vcpus`]) and the vCPU
+/// threads, under [`Control::ctl`]. The control side asks with `request_*` and
+/// waits for the acknowledgement counts; each vCPU thread asks
+/// [`Ctl::vcpu_step`] what to do next, with its own [`VcpuState`].
 struct Ctl {
     command: Command,
     /// Bumped by every reset; a vCPU that sees a new epoch re-applies its boot state.
@@ -63,14 +67,163 @@ struct Ctl {
     exited: usize,
 }
 
+/// One vCPU thread's own part of the control state.
+#[derive(Debug, Default)]
+struct VcpuState {
+    /// The reset epoch whose boot state this vCPU applied last.
+    epoch: u64,
+    /// The vCPU stopped running the guest on its own (halt, fatal exit): only a
+    /// reset (or exit) makes it go on.
+    parked: bool,
+    counted: bool,
+}
+
+/// What a vCPU thread does once the control state lets it go on.
+#[derive(Debug, PartialEq, Eq)]
+enum Go {
+    /// Run the guest; with `reset`, first re-apply the boot state entering there.
+    Run { reset: Option<BootEntry> },
+    /// Leave the thread.
+    Exit,
+}
+
+impl Ctl {
+    fn new(entry: BootEntry) -> Ctl {
+        Ctl {
+            command: Command::Run,
+            reset_epoch: 0,
+            entry,
+            paused: 0,
+            exited: 0,
+        }
+    }
+
+    /// Control side: asks every vCPU to stop running the guest. False once the
+    /// vCPUs are exiting.
+    fn request_pause(&mut self) -> bool {
+        if self.command == Command::Exit {
+            return false;
+        }
+        self.command = Command::Pause;
+        self.paused = 0;
+        true
+    }
+
+    /// Control side: lets the vCPUs run again, with `reset` re-applying their
+    /// boot state first. No effect once the vCPUs are exiting.
+    fn request_run(&mut self, reset: Option<BootEntry>) {
+        if self.command == Command::Exit {
+            return;
+        }
+        if let Some(entry) = reset {
+            self.reset_epoch += 1;
+            self.entry = entry;
+        }
+        self.command = Command::Run;
+    }
+
+    /// Control side: asks every vCPU thread to exit.
+    fn request_exit(&mut self) {
+        self.command = Command::Exit;
+    }
+
+    /// vCPU threads that acknowledged the pause request.
+    fn paused(&self) -> usize {
+        self.paused
+    }
+
+    /// vCPU side: what the vCPU with state `me` does next; `None`: wait for the
+    /// control state to change.
+    fn vcpu_step(&mut self, me: &mut VcpuState) -> Option<Go> {
+        match self.command {
+            Command::Exit => {
+                self.exited += 1;
+                Some(Go::Exit)
+            }
+            Command::Pause if !me.counted => {
+                me.counted = true;
+                self.paused += 1;
+                None
+            }
+            Command::Run if !me.parked || self.reset_epoch != me.epoch => {
+                me.counted = false;
+                let reset = (self.reset_epoch != me.epoch).then(|| {
+                    me.epoch = self.reset_epoch;
+                    me.parked = false;
+                    self.entry
+                });
+                Some(Go::Run { reset })
+            }
+            _ => None,
+        }
+    }
+}
+
 struct Control {
     ctl: Mutex<Ctl>,
     cv: Condvar,
 }
 
 impl Control {
+    fn new(entry: BootEntry) -> Control {
+        Control {
+            ctl: Mutex::new(Ctl::new(entry)),
+            cv: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// vCPU side: blocks until the vCPU with state `me` may go on.
+    fn next(&self, me: &mut VcpuState) -> Go {
+        let mut ctl = self.lock();
+        loop {
+            let acks = (ctl.paused, ctl.exited);
+            let go = ctl.vcpu_step(me);
+            if (ctl.paused, ctl.exited) != acks {
+                // The control side may be waiting for this acknowledgement.
+                self.cv.notify_all();
+            }
+            if let Some(go) = go {
+                return go;
+            }
+            ctl = self.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Control side: waits until `done` counts `n` vCPU threads, calling `kick`
+    /// (which takes them out of `KVM_RUN`) every [`KICK_INTERVAL`].
+    fn wait_for(
+        &self,
+        n: usize,
+        what: &'static str,
+        done: impl Fn(&Ctl) -> usize,
+        kick: impl Fn(),
+    ) -> Result<(), VcpuError> {
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        let mut ctl = self.lock();
+        loop {
+            let acked = done(&ctl);
+            if acked >= n {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VcpuError::Timeout {
+                    what,
+                    pending: n - acked,
+                });
+            }
+            drop(ctl);
+            kick();
+            ctl = self.lock();
+            ctl = self
+                .cv
+                .wait_timeout(ctl, KICK_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 }
 
@@ -111,16 +264,7 @@ impl Vcpus {
         entry: BootEntry,
     ) -> Result<Vcpus, VcpuError> {
         install_kick_handler()?;
-        let control = Arc::new(Control {
-            ctl: Mutex::new(Ctl {
-                command: Command::Run,
-                reset_epoch: 0,
-                entry,
-                paused: 0,
-                exited: 0,
-            }),
-            cv: Condvar::new(),
-        });
+        let control = Arc::new(Control::new(entry));
         for (fd, setup) in &vcpus {
             setup.apply(fd, entry, true).map_err(VcpuError::Setup)?;
         }
@@ -183,64 +327,28 @@ impl Vcpus {
 
     fn wait_for(&self, what: &'static str, done: impl Fn(&Ctl) -> usize) -> Result<(), VcpuError> {
         let n = self.threads.len();
-        let deadline = Instant::now() + ACK_TIMEOUT;
-        let mut ctl = self.control.lock();
-        loop {
-            let acked = done(&ctl);
-            if acked >= n {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(VcpuError::Timeout {
-                    what,
-                    pending: n - acked,
-                });
-            }
-            drop(ctl);
-            self.kick_all();
-            ctl = self.control.lock();
-            ctl = self
-                .control
-                .cv
-                .wait_timeout(ctl, KICK_INTERVAL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.control.wait_for(n, what, done, || self.kick_all())
     }
 
     /// Takes every vCPU out of `KVM_RUN` and parks it. Returns when all are parked.
     pub fn pause(&self) -> Result<(), VcpuError> {
-        {
-            let mut ctl = self.control.lock();
-            if ctl.command == Command::Exit {
-                return Ok(());
-            }
-            ctl.command = Command::Pause;
-            ctl.paused = 0;
+        if !self.control.lock().request_pause() {
+            return Ok(());
         }
-        self.wait_for("pause", |c| c.paused)
+        self.wait_for("pause", Ctl::paused)
     }
 
     /// Resumes paused vCPUs; with `reset_entry`, each vCPU first re-applies its boot
     /// state (the boot processor entering at that address).
     pub fn resume(&self, reset_entry: Option<BootEntry>) {
-        let mut ctl = self.control.lock();
-        if ctl.command == Command::Exit {
-            return;
-        }
-        if let Some(entry) = reset_entry {
-            ctl.reset_epoch += 1;
-            ctl.entry = entry;
-        }
-        ctl.command = Command::Run;
+        self.control.lock().request_run(reset_entry);
         self.control.cv.notify_all();
     }
 
     /// Stops and joins every vCPU thread. Idempotent.
     pub fn stop(&mut self) -> Result<(), VcpuError> {
         {
-            let mut ctl = self.control.lock();
-            ctl.command = Command::Exit;
+            self.control.lock().request_exit();
             self.control.cv.notify_all();
         }
         let result = self.wait_for("stop", |c| c.exited);
@@ -282,47 +390,24 @@ struct Runner {
 impl Runner {
     fn run(mut self) {
         let id = self.setup.id;
-        let mut epoch = 0;
-        let mut parked = false;
+        let mut me = VcpuState::default();
         loop {
-            let reset_entry = {
-                let mut ctl = self.control.lock();
-                let mut counted = false;
-                loop {
-                    match ctl.command {
-                        Command::Exit => {
-                            ctl.exited += 1;
-                            self.control.cv.notify_all();
-                            return;
-                        }
-                        Command::Pause if !counted => {
-                            counted = true;
-                            ctl.paused += 1;
-                            self.control.cv.notify_all();
-                        }
-                        Command::Run if !parked || ctl.reset_epoch != epoch => break,
-                        _ => {}
-                    }
-                    ctl = self.control.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-                }
-                (ctl.reset_epoch != epoch).then(|| {
-                    epoch = ctl.reset_epoch;
-                    ctl.entry
-                })
+            let reset = match self.control.next(&mut me) {
+                Go::Exit => return,
+                Go::Run { reset } => reset,
             };
-            if let Some(entry) = reset_entry {
-                parked = false;
+            if let Some(entry) = reset {
                 if let Err(e) = self.setup.apply(&self.fd, entry, false) {
                     self.ctx.stop.request(StopReason::VcpuError {
                         vcpu: id,
                         detail: format!("reset failed: {}", crate::error_chain(&e)),
                     });
-                    parked = true;
+                    me.parked = true;
                     continue;
                 }
             }
             if let Next::Park = self.run_once() {
-                parked = true;
+                me.parked = true;
             }
         }
     }
