@@ -58,12 +58,22 @@ enum Command {
 /// threads, under [`Control::ctl`]. The control side asks with `request_*` and
 /// waits for the acknowledgement counts; each vCPU thread asks
 /// [`Ctl::vcpu_step`] what to do next, with its own [`VcpuState`].
+///
+/// The counts describe where the threads are, not which requests they have
+/// seen: `idle` is the number of threads waiting in [`Control::next`] (not
+/// running the guest), and only each thread moves itself in and out of it. A
+/// pause is complete when every thread is idle or exited; as no thread leaves
+/// [`Control::next`] while the command is `Pause`, that holds until the next
+/// request, whatever the threads saw of the requests before it (a thread that
+/// slept through a resume and the next pause never ran the guest in between).
 struct Ctl {
     command: Command,
     /// Bumped by every reset; a vCPU that sees a new epoch re-applies its boot state.
     reset_epoch: u64,
     entry: BootEntry,
-    paused: usize,
+    /// vCPU threads waiting in [`Control::next`]: paused, or parked.
+    idle: usize,
+    /// vCPU threads that left (exit command, or a panic).
     exited: usize,
 }
 
@@ -75,7 +85,8 @@ struct VcpuState {
     /// The vCPU stopped running the guest on its own (halt, fatal exit): only a
     /// reset (or exit) makes it go on.
     parked: bool,
-    counted: bool,
+    /// This thread is counted in [`Ctl::idle`].
+    idle: bool,
 }
 
 /// What a vCPU thread does once the control state lets it go on.
@@ -93,7 +104,7 @@ impl Ctl {
             command: Command::Run,
             reset_epoch: 0,
             entry,
-            paused: 0,
+            idle: 0,
             exited: 0,
         }
     }
@@ -105,7 +116,6 @@ impl Ctl {
             return false;
         }
         self.command = Command::Pause;
-        self.paused = 0;
         true
     }
 
@@ -127,26 +137,18 @@ impl Ctl {
         self.command = Command::Exit;
     }
 
-    /// vCPU threads that acknowledged the pause request.
+    /// vCPU threads not running the guest: once the command is `Pause`, the
+    /// threads that acknowledged it.
     fn paused(&self) -> usize {
-        self.paused
+        self.idle + self.exited
     }
 
     /// vCPU side: what the vCPU with state `me` does next; `None`: wait for the
-    /// control state to change.
+    /// control state to change (the thread then counts as idle until it goes on).
     fn vcpu_step(&mut self, me: &mut VcpuState) -> Option<Go> {
-        match self.command {
-            Command::Exit => {
-                self.exited += 1;
-                Some(Go::Exit)
-            }
-            Command::Pause if !me.counted => {
-                me.counted = true;
-                self.paused += 1;
-                None
-            }
+        let go = match self.command {
+            Command::Exit => Some(Go::Exit),
             Command::Run if !me.parked || self.reset_epoch != me.epoch => {
-                me.counted = false;
                 let reset = (self.reset_epoch != me.epoch).then(|| {
                     me.epoch = self.reset_epoch;
                     me.parked = false;
@@ -154,8 +156,22 @@ impl Ctl {
                 });
                 Some(Go::Run { reset })
             }
-            _ => None,
+            // Paused, or parked until a reset.
+            Command::Run | Command::Pause => None,
+        };
+        let idle = go.is_none();
+        if idle != me.idle {
+            me.idle = idle;
+            if idle {
+                self.idle += 1;
+            } else {
+                self.idle -= 1;
+            }
         }
+        if go == Some(Go::Exit) {
+            self.exited += 1;
+        }
+        go
     }
 }
 
@@ -180,9 +196,9 @@ impl Control {
     fn next(&self, me: &mut VcpuState) -> Go {
         let mut ctl = self.lock();
         loop {
-            let acks = (ctl.paused, ctl.exited);
+            let acks = (ctl.idle, ctl.exited);
             let go = ctl.vcpu_step(me);
-            if (ctl.paused, ctl.exited) != acks {
+            if (ctl.idle, ctl.exited) != acks {
                 // The control side may be waiting for this acknowledgement.
                 self.cv.notify_all();
             }
@@ -331,11 +347,19 @@ impl Vcpus {
     }
 
     /// Takes every vCPU out of `KVM_RUN` and parks it. Returns when all are parked.
+    /// On failure the vCPUs run on (none is left paused behind an error).
+    ///
+    /// Callers serialise pause / resume / stop (the [`crate::vmm::Vmm`] does, with
+    /// its lifecycle lock): a resume ends every pause requested before it.
     pub fn pause(&self) -> Result<(), VcpuError> {
         if !self.control.lock().request_pause() {
             return Ok(());
         }
-        self.wait_for("pause", Ctl::paused)
+        let result = self.wait_for("pause", Ctl::paused);
+        if result.is_err() {
+            self.resume(None);
+        }
+        result
     }
 
     /// Resumes paused vCPUs; with `reset_entry`, each vCPU first re-applies its boot
@@ -537,4 +561,160 @@ enum Exit {
     Internal,
     FailEntry(u64, u32),
     Other(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use super::*;
+
+    const E0: BootEntry = BootEntry::Linux64 { rip: 0x10_0000 };
+    const E1: BootEntry = BootEntry::Linux64 { rip: 0x20_0000 };
+    const E2: BootEntry = BootEntry::Linux64 { rip: 0x30_0000 };
+
+    /// Two `system_reset`s back to back (pause, resume with a reset, pause
+    /// again) while the vCPU thread is not scheduled between the resume and the
+    /// second pause: it never sees the `Run` in between, and the second pause
+    /// must still count it.
+    #[test]
+    fn pause_again_before_the_vcpu_saw_the_resume() {
+        let mut ctl = Ctl::new(E0);
+        let mut vcpu = VcpuState::default();
+        assert_eq!(ctl.vcpu_step(&mut vcpu), Some(Go::Run { reset: None }));
+
+        assert!(ctl.request_pause());
+        assert_eq!(ctl.vcpu_step(&mut vcpu), None);
+        assert_eq!(ctl.paused(), 1);
+        ctl.request_run(Some(E1));
+
+        // The vCPU thread does not run here.
+        assert!(ctl.request_pause());
+        assert_eq!(ctl.paused(), 1, "the vCPU never left the control loop");
+        // Woken late (by the resume's notify or a kick), it goes on waiting and
+        // stays counted.
+        assert_eq!(ctl.vcpu_step(&mut vcpu), None);
+        assert_eq!(ctl.paused(), 1);
+
+        // It applies only the latest reset.
+        ctl.request_run(Some(E2));
+        assert_eq!(ctl.vcpu_step(&mut vcpu), Some(Go::Run { reset: Some(E2) }));
+        assert_eq!(ctl.paused(), 0);
+    }
+
+    /// A vCPU that parked itself (halt, fatal exit) is not running the guest: a
+    /// pause counts it at once (no wake-up needed: kicks do not interrupt a
+    /// condvar wait), however often the VM is paused and resumed without a reset.
+    #[test]
+    fn a_parked_vcpu_counts_as_paused_across_pause_resume_cycles() {
+        let mut ctl = Ctl::new(E0);
+        let mut vcpu = VcpuState::default();
+        assert_eq!(ctl.vcpu_step(&mut vcpu), Some(Go::Run { reset: None }));
+        vcpu.parked = true;
+        assert_eq!(ctl.vcpu_step(&mut vcpu), None);
+        for _ in 0..3 {
+            assert!(ctl.request_pause());
+            assert_eq!(ctl.paused(), 1);
+            assert_eq!(ctl.vcpu_step(&mut vcpu), None);
+            assert_eq!(ctl.paused(), 1);
+            ctl.request_run(None);
+            assert_eq!(ctl.vcpu_step(&mut vcpu), None, "still parked");
+        }
+        assert!(ctl.request_pause());
+        assert_eq!(ctl.paused(), 1);
+        ctl.request_run(Some(E1));
+        assert_eq!(ctl.vcpu_step(&mut vcpu), Some(Go::Run { reset: Some(E1) }));
+        assert!(!vcpu.parked);
+    }
+
+    /// Exit reaches paused, parked and running vCPUs; exited threads count as
+    /// paused, and no pause is requested once exiting.
+    #[test]
+    fn exit_from_any_state() {
+        let mut ctl = Ctl::new(E0);
+        let mut vcpus: [VcpuState; 3] = Default::default();
+        for v in &mut vcpus {
+            assert_eq!(ctl.vcpu_step(v), Some(Go::Run { reset: None }));
+        }
+        vcpus[1].parked = true;
+        assert_eq!(ctl.vcpu_step(&mut vcpus[1]), None);
+        assert!(ctl.request_pause());
+        assert_eq!(ctl.vcpu_step(&mut vcpus[0]), None);
+        assert_eq!(ctl.paused(), 2);
+        ctl.request_exit();
+        for v in &mut vcpus {
+            assert_eq!(ctl.vcpu_step(v), Some(Go::Exit));
+        }
+        assert_eq!(ctl.exited, 3);
+        assert_eq!(ctl.paused(), 3);
+        assert!(!ctl.request_pause());
+        ctl.request_run(Some(E1));
+        assert_eq!(ctl.command, Command::Exit);
+    }
+
+    /// Pause / resume-with-reset cycles against a fake vCPU thread (the real
+    /// condvar protocol; its "guest code" spins until kicked), every other one
+    /// right after the previous resume, the others once the vCPU applied the
+    /// reset: every pause is acknowledged, the vCPU is never in the guest while
+    /// the control side holds it paused, and it applies the resets in order.
+    #[test]
+    fn pause_resume_cycles_against_a_vcpu_thread() {
+        const CYCLES: u64 = 2000;
+        let entry = |i: u64| BootEntry::Linux64 { rip: 0x1000 * i };
+        let rip = |e: BootEntry| match e {
+            BootEntry::Linux64 { rip } | BootEntry::Pvh { rip, .. } => rip,
+        };
+        let control = Arc::new(Control::new(entry(0)));
+        let kicked = Arc::new(AtomicBool::new(false));
+        let in_guest = Arc::new(AtomicBool::new(false));
+        let applied = Arc::new(AtomicU64::new(0));
+        let vcpu = {
+            let (control, kicked, in_guest, applied) = (
+                control.clone(),
+                kicked.clone(),
+                in_guest.clone(),
+                applied.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut me = VcpuState::default();
+                while let Go::Run { reset } = control.next(&mut me) {
+                    if let Some(e) = reset {
+                        let before = applied.swap(rip(e), Ordering::SeqCst);
+                        assert!(before < rip(e), "reset {e:?} after {before:#x}");
+                    }
+                    in_guest.store(true, Ordering::SeqCst);
+                    while !kicked.swap(false, Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                    in_guest.store(false, Ordering::SeqCst);
+                }
+            })
+        };
+        let kick = || kicked.store(true, Ordering::SeqCst);
+        for i in 1..=CYCLES {
+            assert!(control.lock().request_pause());
+            control
+                .wait_for(1, "pause", Ctl::paused, kick)
+                .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
+            assert!(
+                !in_guest.load(Ordering::SeqCst),
+                "cycle {i}: paused in the guest"
+            );
+            control.lock().request_run(Some(entry(i)));
+            control.cv.notify_all();
+            if i % 2 == 0 || i == CYCLES {
+                let deadline = Instant::now() + ACK_TIMEOUT;
+                while applied.load(Ordering::SeqCst) != rip(entry(i)) {
+                    assert!(Instant::now() < deadline, "cycle {i}: reset not applied");
+                    std::thread::yield_now();
+                }
+            }
+        }
+        control.lock().request_exit();
+        control.cv.notify_all();
+        control
+            .wait_for(1, "stop", |c| c.exited, kick)
+            .expect("exit");
+        vcpu.join().unwrap();
+    }
 }
