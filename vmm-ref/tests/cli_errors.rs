@@ -206,6 +206,10 @@ fn configuration_errors_exit_2_before_any_vm() {
         .unwrap();
     let initrd = initrd.to_str().unwrap().to_owned();
     let regular = file("qmp.txt", b"");
+    let fifo = d.join("fifo.img");
+    mkfifo(&fifo);
+    let fifo = fifo.to_str().unwrap().to_owned();
+    let not_an_image = format!("--drive id=d0: '{fifo}' is not a regular file or block device");
     let long_cmdline = "a".repeat(100 * 1024);
     let k = f.kernel.as_str();
     let drive = |img: &str, extra: &str| format!("id=d0,file={img},iothread=io0{extra}");
@@ -256,6 +260,20 @@ fn configuration_errors_exit_2_before_any_vm() {
         (
             with_drive(k, drive(&disk1, "")),
             format!("--drive id=d0: '{disk1}' is 1 bytes long"),
+        ),
+        // A FIFO, however it is opened: read-only must not wait for a writer.
+        (
+            with_drive(k, drive(&fifo, ",readonly=on")),
+            not_an_image.clone(),
+        ),
+        (
+            with_drive(k, drive(&fifo, ",readonly=on,direct=on")),
+            not_an_image.clone(),
+        ),
+        (with_drive(k, drive(&fifo, "")), not_an_image.clone()),
+        (
+            with_drive(k, drive(&fifo, ",direct=on")),
+            not_an_image.clone(),
         ),
         (
             with_drive(k, drive(&f.disk, ",queue-size=2")),

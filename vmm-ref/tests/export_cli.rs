@@ -179,6 +179,30 @@ fn bad_options_exit_2_and_touch_nothing() {
         &["--drive", &format!("{drive},readonly=maybe")],
         "--drive id=d0: invalid value 'maybe' for 'readonly': expected on, off, true or false",
     );
+    // A FIFO as the image, read-only (which must not wait for a writer) or not.
+    let fifo = f.path("fifo.img");
+    mkfifo(Path::new(&fifo));
+    for (ro, direct) in [(true, false), (true, true), (false, false), (false, true)] {
+        let mut d = format!("id=d0,file={fifo}");
+        if ro {
+            d.push_str(",readonly=on");
+        }
+        if direct {
+            d.push_str(",direct=on");
+        }
+        expect_error(
+            &[
+                "--drive",
+                &d,
+                "--object",
+                "iothread,id=io0",
+                "--export",
+                &export(""),
+            ],
+            &format!("--drive id=d0: '{fifo}' is not a regular file or block device"),
+        );
+        assert!(!Path::new(&sock).exists(), "no socket left by {d}");
+    }
     // A writable export of a read-only drive.
     expect_error(
         &[

@@ -9,9 +9,9 @@ pub mod vhost_user;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use iothread_registry::{IoThreadParams, IoThreadVqMapping, Property};
 use serde::{Deserialize, Serialize};
 
 use crate::virtio::block::lock::{ImageLock, LockError, LockMode};
+use crate::virtio::block::raw::{is_not_an_image, open_image};
 use crate::vm::boot::{BootError, BootProtocol};
 use crate::vm::kernel::KernelInfo;
 use crate::vm::layout::{MAX_VCPUS, MAX_VIRTIO_DEVICES};
@@ -514,18 +515,20 @@ pub(crate) fn check_image_file(
     readonly: bool,
     direct: bool,
 ) -> Result<(), ConfigError> {
-    let mut o = OpenOptions::new();
-    o.read(true).write(!readonly);
-    if direct {
-        o.custom_flags(libc::O_DIRECT);
-    }
     let how = match (readonly, direct) {
         (true, false) => " read-only",
         (true, true) => " read-only with O_DIRECT (direct=on)",
         (false, false) => " for writing",
         (false, true) => " for writing with O_DIRECT (direct=on)",
     };
-    let handle = o.open(file).map_err(|source| {
+    // Never blocks (a FIFO opened read-only would wait for a writer).
+    let handle = open_image(file, readonly, direct).map_err(|source| {
+        if is_not_an_image(&source) {
+            return ConfigError::msg(
+                option,
+                format!("'{}' is not a regular file or block device", file.display()),
+            );
+        }
         ConfigError::option(
             option,
             InvalidOption::File {
@@ -535,22 +538,6 @@ pub(crate) fn check_image_file(
             },
         )
     })?;
-    let meta = handle.metadata().map_err(|source| {
-        ConfigError::option(
-            option,
-            InvalidOption::File {
-                path: file.to_owned(),
-                how,
-                source,
-            },
-        )
-    })?;
-    if !meta.is_file() && !meta.file_type().is_block_device() {
-        return Err(ConfigError::msg(
-            option,
-            format!("'{}' is not a regular file or block device", file.display()),
-        ));
-    }
     // The end offset is the size of block devices too (their st_size is 0).
     let size = (&handle).seek(SeekFrom::End(0)).map_err(|source| {
         ConfigError::option(

@@ -62,6 +62,22 @@ impl Drop for TempDir {
     }
 }
 
+/// Creates a FIFO (named pipe) at `path`: opening one read-only blocks
+/// until a writer comes, so it must be refused before any open can wait.
+pub fn mkfifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(
+        rc,
+        0,
+        "mkfifo {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Result of one run of the binary.
 #[derive(Debug)]
 pub struct Output {

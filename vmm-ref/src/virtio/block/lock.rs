@@ -22,9 +22,9 @@
 //! descriptor: they go away when it is dropped (or the process dies).
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
@@ -333,14 +333,11 @@ impl ImageLock {
             return Ok(None);
         }
         // Shared (read) locks need only read access; so does F_OFD_GETLK.
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| LockError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        // Never blocks in open (a FIFO read-only would wait for a writer).
+        let file = super::raw::open_image(path, true, false).map_err(|source| LockError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         let fd = file.as_raw_fd();
         for (byte, conflict) in perms.lock_bytes() {
             match ofd(fd, libc::F_OFD_SETLK, libc::F_RDLCK, byte) {

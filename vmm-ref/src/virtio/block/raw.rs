@@ -6,7 +6,7 @@
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -160,21 +160,64 @@ fn fs_type(file: &File) -> Option<libc::__fsword_t> {
     Some(st.f_type)
 }
 
+/// The error of [`open_image`] for a path that is neither a regular file
+/// nor a block device (a FIFO, a socket, a character device, a directory).
+#[derive(Debug, thiserror::Error)]
+#[error("not a regular file or block device")]
+pub struct NotAnImage;
+
+/// Whether `e` is [`open_image`]'s [`NotAnImage`].
+pub fn is_not_an_image(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<NotAnImage>())
+}
+
+/// Opens an image read-only or read-write, close-on-exec, with `O_DIRECT`
+/// if `direct`, without ever blocking in `open`: it opens with `O_NONBLOCK`
+/// (a FIFO opened read-only would otherwise wait for a writer forever),
+/// checks on the descriptor itself that it is a regular file or a block
+/// device (no window for the path to change in between), then replaces
+/// `O_NONBLOCK` with `O_DIRECT` if asked (so that a FIFO gets this error, not
+/// `O_DIRECT`'s `EINVAL`). Anything else fails with [`NotAnImage`]
+/// (`io::ErrorKind::InvalidInput`).
+pub fn open_image(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, NotAnImage));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor `file` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut flags = flags & !libc::O_NONBLOCK;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    // SAFETY: F_SETFL on a descriptor `file` owns, with integer status
+    // flags; no memory is passed. The kernel refuses O_DIRECT (EINVAL) where
+    // the file system cannot do it, as open(2) would.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 impl RawFile {
     /// Opens `path` read-only or read-write; with `direct`, also with
     /// `O_DIRECT` (used for every request whose offsets and lengths fit the
-    /// file system's direct-I/O alignment).
+    /// file system's direct-I/O alignment). Both through [`open_image`]:
+    /// never blocks, and anything but a regular file or a block device fails
+    /// with [`NotAnImage`].
     pub fn open(path: &Path, read_only: bool, direct: bool) -> io::Result<RawFile> {
-        let open = |flags: i32| {
-            OpenOptions::new()
-                .read(true)
-                .write(!read_only)
-                .custom_flags(flags | libc::O_CLOEXEC)
-                .open(path)
-        };
-        let buffered = open(0)?;
+        let buffered = open_image(path, read_only, false)?;
         let direct = if direct {
-            Some(open(libc::O_DIRECT)?)
+            Some(open_image(path, read_only, true)?)
         } else {
             None
         };
@@ -621,6 +664,92 @@ mod tests {
         let raw = RawFile::open(&path, false, false);
         std::fs::remove_file(&path).unwrap();
         Some(raw.unwrap())
+    }
+
+    /// A FIFO at `path` (removed by the caller).
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let _ = std::fs::remove_file(path);
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo: {}", io::Error::last_os_error());
+    }
+
+    /// Runs `f` on a thread and returns its result, or fails the test if it
+    /// is still blocked after 10 s (after opening the FIFO `fifo` for
+    /// writing, which lets a reader blocked in open(2) go).
+    fn without_blocking<T: Send + 'static>(
+        fifo: &Path,
+        what: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(v) => v,
+            Err(_) => {
+                let _writer = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(fifo);
+                let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
+                panic!("{what}: blocked in open(2) on a FIFO for 10 s");
+            }
+        }
+    }
+
+    /// A FIFO is not an image: every way of opening one (read-only or
+    /// read-write, buffered or O_DIRECT, and the lock's descriptor) fails at
+    /// once with `NotAnImage` instead of waiting in open(2) for a writer.
+    #[test]
+    fn fifos_are_refused_without_blocking_in_open() {
+        use crate::virtio::block::lock::{ImageLock, LockError, LockMode};
+        let fifo = PathBuf::from(format!("/tmp/vmm-ref-fifo-{}.img", std::process::id()));
+        mkfifo(&fifo);
+        for read_only in [true, false] {
+            for direct in [false, true] {
+                let what = format!("RawFile::open(read_only={read_only}, direct={direct})");
+                let p = fifo.clone();
+                let r = without_blocking(&fifo, &what, move || {
+                    RawFile::open(&p, read_only, direct).map(drop)
+                });
+                let e = r.expect_err(&what);
+                assert!(is_not_an_image(&e), "{what}: {e}");
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{what}");
+                assert_eq!(e.to_string(), "not a regular file or block device");
+            }
+        }
+        for read_only in [true, false] {
+            let p = fifo.clone();
+            let r = without_blocking(&fifo, "ImageLock::acquire", move || {
+                ImageLock::acquire(&p, read_only, LockMode::On).map(drop)
+            });
+            match r {
+                Err(LockError::Open { source, .. }) => {
+                    assert!(is_not_an_image(&source), "{source}")
+                }
+                other => panic!("ImageLock::acquire(read_only={read_only}): {other:?}"),
+            }
+        }
+        // Regular files and O_NONBLOCK cleared again.
+        let disk = temp_disk(4096, 0);
+        for direct in [false, true] {
+            match open_image(disk.as_path(), true, direct) {
+                Ok(f) => {
+                    // SAFETY: F_GETFL on an open descriptor; no memory is passed.
+                    let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+                    assert_eq!(fl & libc::O_NONBLOCK, 0, "direct={direct}");
+                    assert_eq!(fl & libc::O_DIRECT != 0, direct);
+                }
+                // O_DIRECT is not available on every file system.
+                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => panic!("open_image(direct={direct}): {e}"),
+            }
+        }
+        std::fs::remove_file(&fifo).unwrap();
     }
 
     #[test]
