@@ -3,11 +3,13 @@
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::ratelimit::RateLimiter;
 use crate::vm::stop::StopSignal;
 
 /// Ports 0x3f8..=0x3ff.
@@ -30,13 +32,27 @@ pub type SerialOut = Box<dyn Write + Send>;
 /// The serial port device.
 pub struct Serial {
     uart: Uart<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>,
+    /// Guest output that could not be written (a closed pipe, a full disk):
+    /// the byte is dropped (the guest is never blocked) and the error logged
+    /// at most once per [`OUTPUT_ERROR_PERIOD`], with the count in between.
+    output_errors: RateLimiter,
+    /// Bytes dropped that way since the device was created.
+    dropped: u64,
+    /// Output errors logged (for tests: one per period, not one per byte).
+    logged: u64,
 }
+
+/// At most one serial output error message per this period.
+const OUTPUT_ERROR_PERIOD: Duration = Duration::from_secs(10);
 
 impl Serial {
     /// A UART that signals `irq` and writes guest output to `out`.
     pub fn new(irq: EventFd, out: SerialOut) -> Self {
         Serial {
             uart: Uart::new(EventFdTrigger(irq), out),
+            output_errors: RateLimiter::new(1, OUTPUT_ERROR_PERIOD),
+            dropped: 0,
+            logged: 0,
         }
     }
 
@@ -117,8 +133,20 @@ impl BusDevice for Serial {
         };
         // `rep outsb` delivers several bytes for the same port.
         for v in data {
-            if let Err(e) = self.uart.write(o, *v) {
-                log::warn!("serial: {e}");
+            match self.uart.write(o, *v) {
+                Ok(()) => {}
+                Err(vm_superio::serial::Error::IOError(e)) => {
+                    self.dropped += 1;
+                    if let Some(suppressed) = self.output_errors.check() {
+                        self.logged += 1;
+                        let more = match suppressed {
+                            0 => String::new(),
+                            n => format!(" ({n} more output bytes dropped since the last message)"),
+                        };
+                        log::warn!("serial: guest output dropped: {e}{more}");
+                    }
+                }
+                Err(e) => log::warn!("serial: {e}"),
             }
         }
     }
@@ -151,6 +179,35 @@ mod tests {
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
         s.write(u64::MAX, &[1]);
+    }
+
+    /// A writer whose every write fails (stdout a closed pipe).
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::EPIPE))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Output to a closed pipe drops the bytes, still tells the guest the
+    /// transmitter is empty (it must not wait for it), and logs one message
+    /// per period, not one per byte.
+    #[test]
+    fn output_errors_are_logged_once_per_period() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(irq, Box::new(Broken));
+        for _ in 0..843 {
+            s.write(0, b"line\n");
+        }
+        s.write(0, &[b'x'; 64]);
+        assert_eq!(s.dropped, 843 * 5 + 64);
+        assert_eq!(s.logged, 1);
+        let mut lsr = [0u8; 1];
+        s.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0, "THR empty");
     }
 
     #[test]
