@@ -24,6 +24,9 @@
 //!   entirely is removed (its already received complete requests still run).
 //! * At most [`QmpServerConfig::max_clients`] connections; one more is accepted,
 //!   answered with a `GenericError` line ("too many QMP clients") and closed.
+//!   Before refusing, clients that hung up since the last `poll` (connect-and-close
+//!   probes accepted in the same batch) are removed, so they cannot cost a live
+//!   client its slot.
 //! * A client must finish capabilities negotiation within
 //!   [`QmpServerConfig::negotiation_timeout`] (default 10 s): clients that connect and
 //!   never send `qmp_capabilities` cannot hold every slot and lock management out.
@@ -355,24 +358,7 @@ impl Worker {
             // Client i is fds[2 + i]: clients are only added (accept) and removed
             // (retain) after this loop.
             for (i, pfd) in fds.iter().skip(2).enumerate() {
-                let revents = pfd.revents;
-                if revents == 0 {
-                    continue;
-                }
-                if revents & libc::POLLNVAL != 0 {
-                    self.clients[i].dead = true;
-                    continue;
-                }
-                if revents & libc::POLLHUP != 0 {
-                    self.clients[i].hung_up = true;
-                    self.clients[i].out.clear();
-                }
-                if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                    self.read_client(i, &mut buf);
-                }
-                if revents & (libc::POLLOUT | libc::POLLERR) != 0 {
-                    self.clients[i].flush();
-                }
+                self.service(i, pfd.revents, &mut buf);
             }
             for i in 0..self.clients.len() {
                 self.process_client(i);
@@ -385,15 +371,66 @@ impl Worker {
             for c in &mut self.clients {
                 c.flush();
             }
-            self.clients.retain(|c| {
-                let done = c.finished();
-                if done {
-                    log::debug!("qmp: client {} disconnected", c.id);
-                }
-                !done
-            });
+            self.remove_finished();
         }
         self.flush_before_stop();
+    }
+
+    /// Handles what `poll` reported for client `i`.
+    fn service(&mut self, i: usize, revents: i16, buf: &mut [u8]) {
+        if revents == 0 {
+            return;
+        }
+        if revents & libc::POLLNVAL != 0 {
+            self.clients[i].dead = true;
+            return;
+        }
+        if revents & libc::POLLHUP != 0 {
+            self.clients[i].hung_up = true;
+            self.clients[i].out.clear();
+        }
+        if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            self.read_client(i, buf);
+        }
+        if revents & (libc::POLLOUT | libc::POLLERR) != 0 {
+            self.clients[i].flush();
+        }
+    }
+
+    fn remove_finished(&mut self) {
+        self.clients.retain(|c| {
+            let done = c.finished();
+            if done {
+                log::debug!("qmp: client {} disconnected", c.id);
+            }
+            !done
+        });
+    }
+
+    /// With every slot taken, looks (without waiting) for clients that hung up
+    /// since the last `poll`, e.g. earlier connections of the same accept
+    /// batch that closed at once, and handles them as the main loop would
+    /// (their last requests still run), so that they do not cost a live
+    /// client its slot.
+    fn reap_hung_up(&mut self) {
+        let mut fds: Vec<libc::pollfd> = self
+            .clients
+            .iter()
+            .map(|c| pollfd(c.stream.as_raw_fd(), 0))
+            .collect();
+        if poll(&mut fds, 0).is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; READ_CHUNK];
+        for (i, pfd) in fds.iter().enumerate() {
+            // POLLHUP, POLLERR and POLLNVAL are reported without being asked for.
+            if pfd.revents != 0 {
+                self.service(i, pfd.revents, &mut buf);
+                self.process_client(i);
+                self.clients[i].flush();
+            }
+        }
+        self.remove_finished();
     }
 
     /// The `poll` timeout: until the earliest negotiation deadline (rounded up to
@@ -562,6 +599,9 @@ impl Worker {
     }
 
     fn add_client(&mut self, stream: UnixStream) {
+        if self.clients.len() >= self.config.max_clients {
+            self.reap_hung_up();
+        }
         if self.clients.len() >= self.config.max_clients {
             log::warn!(
                 "qmp: refusing a connection: {} clients connected",

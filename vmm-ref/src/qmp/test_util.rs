@@ -51,6 +51,9 @@ pub(crate) struct FakeMachine {
     pub(crate) quits: AtomicUsize,
     pub(crate) fail_reset: AtomicBool,
     pub(crate) panic_on_status: AtomicBool,
+    /// When set, the next `system_reset` waits for a message on it (holding up
+    /// the QMP worker thread, as a slow command would).
+    pub(crate) reset_gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     pub(crate) guards: Mutex<Vec<HolderGuard>>,
 }
 
@@ -73,6 +76,7 @@ impl FakeMachine {
             quits: AtomicUsize::new(0),
             fail_reset: AtomicBool::new(false),
             panic_on_status: AtomicBool::new(false),
+            reset_gate: Mutex::new(None),
             guards: Mutex::new(vec![guard]),
         })
     }
@@ -89,6 +93,14 @@ impl QmpMachine for FakeMachine {
     fn system_reset(&self) -> Result<(), String> {
         if self.fail_reset.load(Ordering::SeqCst) {
             return Err("reset refused by the fake machine".to_string());
+        }
+        let gate = self
+            .reset_gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(gate) = gate {
+            let _ = gate.recv_timeout(IO_TIMEOUT);
         }
         self.resets.fetch_add(1, Ordering::SeqCst);
         Ok(())

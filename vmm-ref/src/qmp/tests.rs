@@ -913,6 +913,36 @@ fn too_many_clients_are_refused() {
     assert_eq!(a.ok("query-status", None)["running"], true);
 }
 
+/// Connections that closed before the server accepted them (a burst of
+/// connect-and-close probes, queued behind a slow command) do not take the
+/// slots of the live clients queued after them.
+#[test]
+fn clients_that_closed_before_accept_do_not_hold_slots() {
+    let f = Fixture::with_config(QmpServerConfig {
+        max_clients: 4,
+        ..QmpServerConfig::default()
+    });
+    let mut a = f.client();
+    let (release, gate) = std::sync::mpsc::channel();
+    *f.machine.reset_gate.lock().unwrap() = Some(gate);
+    a.send_raw(b"{\"execute\": \"system_reset\"}\n");
+    // Give the worker time to take the command and block in it, so that the
+    // probes and `b` wait in the listen backlog and are accepted in one batch.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for _ in 0..8 {
+        drop(UnixStream::connect(f.server.path()).unwrap());
+    }
+    let (mut b, _greeting) = std::thread::scope(|s| {
+        let b = s.spawn(|| TestClient::connect(f.server.path()));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        release.send(()).unwrap();
+        b.join().unwrap()
+    });
+    assert_eq!(a.read_msg(), json!({"return": {}}));
+    assert_eq!(b.ok("qmp_capabilities", None), json!({}));
+    assert_eq!(b.ok("query-status", None)["running"], true);
+}
+
 /// Connects, expects one message and then EOF; returns the message.
 fn refused_with(path: &std::path::Path) -> Value {
     let mut s = UnixStream::connect(path).unwrap();
