@@ -61,8 +61,14 @@ pub enum DaemonError {
 #[non_exhaustive]
 pub enum ExportRequestError {
     /// The arguments do not describe a valid export.
-    #[error("invalid export options")]
-    Options(#[source] OptionsError),
+    #[error("invalid options for export '{id}'")]
+    Options {
+        /// The export (`id` of the arguments).
+        id: String,
+        /// What is wrong.
+        #[source]
+        source: OptionsError,
+    },
     /// No drive (block node) with this name (QEMU's message).
     #[error("Cannot find device= nor node-name={0}")]
     NoNode(String),
@@ -191,7 +197,10 @@ impl ExportDaemon {
     /// the IOThreads and the other exports, then starts the export (which
     /// acquires its IOThreads as `block-node <node-name>`).
     pub fn add_export(&self, args: BlockExportAddArgs) -> Result<(), ExportRequestError> {
-        let spec = args.into_spec().map_err(ExportRequestError::Options)?;
+        let id = args.id.clone();
+        let spec = args
+            .into_spec()
+            .map_err(|source| ExportRequestError::Options { id, source })?;
         let drive = self
             .inner
             .drives

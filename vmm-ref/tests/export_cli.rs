@@ -89,9 +89,19 @@ fn bad_options_exit_2_and_touch_nothing() {
             vec!["--export".into(), export(",bogus=1")],
             "--export id=e0: unknown option 'bogus'",
         ),
+        // The device model's limit (65..256 used to pass here and fail at
+        // start with status 1, naming "drive 'e0'").
+        (
+            vec!["--export".into(), export(",num-queues=65")],
+            "--export id=e0: parameter 'num-queues' must be between 1 and 64",
+        ),
+        (
+            vec!["--export".into(), export(",num-queues=256")],
+            "--export id=e0: parameter 'num-queues' must be between 1 and 64",
+        ),
         (
             vec!["--export".into(), export(",num-queues=0")],
-            "--export id=e0: parameter 'num-queues' must be between 1 and 256",
+            "--export id=e0: parameter 'num-queues' must be between 1 and 64",
         ),
         (
             vec!["--export".into(), export("").replace("io0", "io7")],
@@ -463,10 +473,21 @@ fn qmp_manages_exports_and_their_iothread_holders() {
             },
             "is the QMP monitor's",
         ),
+        (
+            {
+                let mut a = add_args("e1", &other, json!("io1"));
+                a["node-name"] = json!("d1");
+                a["num-queues"] = json!(65);
+                a
+            },
+            "invalid options for export 'e1': parameter 'num-queues' must be between 1 and 64",
+        ),
     ] {
         let (class, desc) = q.call("block-export-add", args.clone()).unwrap_err();
         assert_eq!(class, "GenericError", "{args}");
         assert!(desc.contains(want), "{args}: got {desc:?}, want {want:?}");
+        // Nothing started: the IOThread's only holder is still e0's drive.
+        assert_eq!(q.holders("io1"), holder, "{args}");
     }
     assert!(!Path::new(&other).exists());
     assert_eq!(

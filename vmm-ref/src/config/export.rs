@@ -310,7 +310,13 @@ mod tests {
                 vec![drive.clone()],
                 vec![exp(",num-queues=0")],
                 None,
-                "--export id=e0: parameter 'num-queues' must be between 1 and 256",
+                "--export id=e0: parameter 'num-queues' must be between 1 and 64",
+            ),
+            (
+                vec![drive.clone()],
+                vec![exp(",num-queues=65")],
+                None,
+                "--export id=e0: parameter 'num-queues' must be between 1 and 64",
             ),
             (
                 vec![drive.clone()],

@@ -195,9 +195,12 @@ impl ExportSpec {
     }
 }
 
-/// Largest `num-queues` (QEMU's VIRTIO_QUEUE_MAX for vhost-user-blk is 1024;
-/// one vring index fits in the protocol's 8-bit fd-message field: 256).
-pub const MAX_QUEUES: u16 = 256;
+/// Largest `num-queues`: the virtio-blk device model's limit
+/// ([`crate::virtio::block::MAX_QUEUES`]), which serves the export's queues
+/// and refuses more when the export starts. The protocol allows more (QEMU's
+/// VIRTIO_QUEUE_MAX for vhost-user-blk is 1024; one vring index fits in the
+/// protocol's 8-bit fd-message field: 256), the device model does not.
+pub const MAX_QUEUES: u16 = crate::virtio::block::MAX_QUEUES;
 
 /// QMP `SocketAddress` (only the `unix` variant).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -413,6 +416,8 @@ mod tests {
             "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s",
             "vhost-user-blk,id=e0,addr=unix:/s,iothread=io0",
             "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,num-queues=0",
+            "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,num-queues=65",
+            "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,num-queues=256",
             "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,num-queues=x",
             "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,bogus=1",
             "vhost-user-blk,id=e0,node-name=d0,addr=unix:/s,iothread=io0,writable=maybe",
@@ -464,6 +469,16 @@ mod tests {
         }))
         .unwrap();
         assert!(lbs.into_spec().is_err());
+        // More queues than the device model serves.
+        let many = BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": "/s"}, "iothread": "io0", "num-queues": 65
+        }))
+        .unwrap();
+        assert_eq!(
+            many.into_spec().unwrap_err().to_string(),
+            "parameter 'num-queues' must be between 1 and 64"
+        );
     }
 
     #[test]
