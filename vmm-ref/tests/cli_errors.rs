@@ -168,6 +168,26 @@ fn json_config_errors() {
         &["--config", c],
         "drives[0] (id=d0): invalid iothread-vq-mapping: missing vq 1 IOThread assignment",
     );
+    // Socket paths longer than sun_path, in the JSON form too.
+    let long_sock = socket_path_of_len(f.dir.path(), MAX_SOCKET_PATH + 1);
+    let too_long = format!(
+        "socket path is {} bytes long; the limit is {MAX_SOCKET_PATH}",
+        MAX_SOCKET_PATH + 1
+    );
+    write(format!(
+        r#"{{"kernel": "{}", "qmp": "unix:{long_sock}"}}"#,
+        f.kernel
+    ));
+    expect_error(&["--config", c], &format!("--config {c}: {too_long}"));
+    write(format!(
+        r#"{{"kernel": "{}", "chardevs": [{{"backend": "socket", "id": "c0", "path": "{long_sock}"}}],
+            "devices": [{{"driver": "vhost-user-blk", "id": "vu0", "chardev": "c0"}}]}}"#,
+        f.kernel
+    ));
+    expect_error(
+        &["--config", c],
+        &format!("--config {c}: chardevs[0] (id=c0): {too_long}"),
+    );
     write("{not json".into());
     expect_error(&["--config", c], &format!("--config {c}: "));
     // A clap error (with its usage lines), also status 2.
@@ -211,6 +231,12 @@ fn configuration_errors_exit_2_before_any_vm() {
     let fifo = fifo.to_str().unwrap().to_owned();
     let not_an_image = format!("--drive id=d0: '{fifo}' is not a regular file or block device");
     let long_cmdline = "a".repeat(100 * 1024);
+    // One byte more than sun_path holds (with its NUL), in a directory that exists.
+    let long_sock = socket_path_of_len(d, MAX_SOCKET_PATH + 1);
+    let too_long = format!(
+        "socket path is {} bytes long; the limit is {MAX_SOCKET_PATH}",
+        MAX_SOCKET_PATH + 1
+    );
     let k = f.kernel.as_str();
     let drive = |img: &str, extra: &str| format!("id=d0,file={img},iothread=io0{extra}");
     let with_drive = |kernel: &str, drive: String| -> Vec<String> {
@@ -302,6 +328,23 @@ fn configuration_errors_exit_2_before_any_vm() {
         (
             owned(&["--kernel", k, "--qmp", "unix:/nonexistent-dir/q.sock"]),
             "--qmp: directory '/nonexistent-dir' does not exist".into(),
+        ),
+        // Paths bind(2)/connect(2) cannot take (they used to fail once the VM
+        // was built, with status 1).
+        (
+            owned(&["--kernel", k, "--qmp", &format!("unix:{long_sock}")]),
+            format!("--qmp: {too_long}"),
+        ),
+        (
+            owned(&[
+                "--kernel",
+                k,
+                "--chardev",
+                &format!("socket,id=c0,path={long_sock}"),
+                "--device",
+                "vhost-user-blk,id=vu0,chardev=c0",
+            ]),
+            format!("--chardev id=c0: {too_long}"),
         ),
     ];
     for (args, message) in &cases {

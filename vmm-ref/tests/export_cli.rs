@@ -84,7 +84,39 @@ fn bad_options_exit_2_and_touch_nothing() {
     let export = |extra: &str| {
         format!("vhost-user-blk,id=e0,node-name=d0,addr=unix:{sock},iothread=io0{extra}")
     };
+    let long_sock = socket_path_of_len(f.dir.path(), MAX_SOCKET_PATH + 1);
+    let too_long = format!(
+        "socket path is {} bytes long; the limit is {MAX_SOCKET_PATH}",
+        MAX_SOCKET_PATH + 1
+    );
+    let export_too_long = format!("--export id=e0: {too_long}");
+    let qmp_too_long = format!("--qmp: {too_long}");
     let cases: Vec<(Vec<String>, &str)> = vec![
+        // Socket paths bind(2) cannot take (they used to fail at start with
+        // status 1).
+        (
+            vec!["--export".into(), export("").replace(&sock, &long_sock)],
+            export_too_long.as_str(),
+        ),
+        (
+            vec![
+                "--export".into(),
+                export("").replace(
+                    &format!("addr=unix:{sock}"),
+                    &format!("addr.path={long_sock}"),
+                ),
+            ],
+            export_too_long.as_str(),
+        ),
+        (
+            vec![
+                "--export".into(),
+                export(""),
+                "--qmp".into(),
+                format!("unix:{long_sock}"),
+            ],
+            qmp_too_long.as_str(),
+        ),
         (
             vec!["--export".into(), export(",bogus=1")],
             "--export id=e0: unknown option 'bogus'",
@@ -173,6 +205,10 @@ fn bad_options_exit_2_and_touch_nothing() {
         expect_error(&args, message);
         f.assert_disk_untouched();
         assert!(!Path::new(&sock).exists(), "no socket left by {args:?}");
+        assert!(
+            !Path::new(&long_sock).exists(),
+            "no socket left by {args:?}"
+        );
     }
     // Drive errors.
     let missing = f.path("missing.img");
@@ -440,6 +476,11 @@ fn qmp_manages_exports_and_their_iothread_holders() {
 
     // Refused additions leave nothing behind.
     let other = f.path("e1.sock");
+    let long_sock = socket_path_of_len(f.dir.path(), MAX_SOCKET_PATH + 1);
+    let long_sock_refused = format!(
+        "invalid options for export 'e1': socket path is {} bytes long; the limit is {MAX_SOCKET_PATH}",
+        MAX_SOCKET_PATH + 1
+    );
     for (args, want) in [
         (
             add_args("e0", &other, json!("io1")),
@@ -482,6 +523,14 @@ fn qmp_manages_exports_and_their_iothread_holders() {
             },
             "invalid options for export 'e1': parameter 'num-queues' must be between 1 and 64",
         ),
+        (
+            {
+                let mut a = add_args("e1", &long_sock, json!("io1"));
+                a["node-name"] = json!("d1");
+                a
+            },
+            long_sock_refused.as_str(),
+        ),
     ] {
         let (class, desc) = q.call("block-export-add", args.clone()).unwrap_err();
         assert_eq!(class, "GenericError", "{args}");
@@ -490,6 +539,7 @@ fn qmp_manages_exports_and_their_iothread_holders() {
         assert_eq!(q.holders("io1"), holder, "{args}");
     }
     assert!(!Path::new(&other).exists());
+    assert!(!Path::new(&long_sock).exists());
     assert_eq!(
         q.ok("query-block-exports", Value::Null)
             .as_array()

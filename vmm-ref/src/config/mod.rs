@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,11 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 pub const MAX_NUM_QUEUES: u16 = 64;
 /// Length of the virtio-blk GET_ID answer.
 pub const MAX_SERIAL_LEN: usize = 20;
+/// Longest Unix socket path: `sun_path` of `sockaddr_un` (108 bytes on
+/// Linux) less the NUL that ends it. bind(2) and connect(2) take no longer
+/// path.
+pub const MAX_SOCKET_PATH_LEN: usize =
+    std::mem::size_of::<libc::sockaddr_un>() - std::mem::size_of::<libc::sa_family_t>() - 1;
 
 /// A byte count, written `256M`, `1G`, `4096` (or a JSON number of bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,7 +280,11 @@ impl TryFrom<String> for QmpAddr {
 
     fn try_from(s: String) -> Result<Self, String> {
         match s.strip_prefix("unix:") {
-            Some(p) if !p.is_empty() => Ok(QmpAddr::Unix(PathBuf::from(p))),
+            Some(p) if !p.is_empty() => {
+                let path = PathBuf::from(p);
+                check_sun_path(&path).map_err(|e| e.to_string())?;
+                Ok(QmpAddr::Unix(path))
+            }
             _ => Err(format!("expected unix:/path, got '{s}'")),
         }
     }
@@ -618,6 +628,35 @@ pub enum SocketPathError {
     /// A live server accepts connections on the path.
     #[error("socket '{0}' is in use by a running server")]
     InUse(PathBuf),
+    /// The path does not fit in `sun_path` (its length in bytes).
+    #[error("socket path is {0} bytes long; the limit is {MAX_SOCKET_PATH_LEN}")]
+    TooLong(usize),
+    /// The path is empty.
+    #[error("socket path is empty")]
+    Empty,
+    /// The path contains a NUL byte (`sun_path` is a C string).
+    #[error("socket path contains a NUL byte")]
+    Nul,
+}
+
+/// Checks that `path` fits in a `sockaddr_un` as bind(2) and connect(2) need
+/// it: not empty, no NUL byte, at most [`MAX_SOCKET_PATH_LEN`] bytes. Every
+/// socket path of the configuration (`--qmp`, an export's `addr`, `--chardev
+/// path=`) and of QMP (`block-export-add`'s `addr`) is checked with it when it
+/// is parsed, so that a path no socket can have is refused before anything
+/// is created.
+pub fn check_sun_path(path: &Path) -> Result<(), SocketPathError> {
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() {
+        return Err(SocketPathError::Empty);
+    }
+    if bytes.contains(&0) {
+        return Err(SocketPathError::Nul);
+    }
+    if bytes.len() > MAX_SOCKET_PATH_LEN {
+        return Err(SocketPathError::TooLong(bytes.len()));
+    }
+    Ok(())
 }
 
 /// Checks that a server may listen on `path`: its directory exists and
@@ -807,6 +846,53 @@ mod tests {
         assert!(serde_json::from_str::<VmConfig>(bad).is_err());
         let bad = r#"{"kernel": "k", "qmp": "tcp:1234"}"#;
         assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+    }
+
+    #[test]
+    fn socket_paths_must_fit_in_sun_path() {
+        assert_eq!(MAX_SOCKET_PATH_LEN, 107);
+        let dir = std::env::temp_dir().join(format!("vmm-ref-sunpath-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let of_len = |len: usize| {
+            let prefix = format!("{}/", dir.display());
+            assert!(prefix.len() < len, "{prefix} is too long already");
+            PathBuf::from(format!("{prefix}{}", "s".repeat(len - prefix.len())))
+        };
+        // The longest accepted path is one a socket can be bound to; one byte
+        // more is refused by bind(2) as by the check.
+        let longest = of_len(MAX_SOCKET_PATH_LEN);
+        check_sun_path(&longest).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&longest).unwrap());
+        let too_long = of_len(MAX_SOCKET_PATH_LEN + 1);
+        assert!(std::os::unix::net::UnixListener::bind(&too_long).is_err());
+        let e = check_sun_path(&too_long).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "socket path is 108 bytes long; the limit is 107"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(
+            check_sun_path(Path::new("")),
+            Err(SocketPathError::Empty)
+        ));
+        assert!(matches!(
+            check_sun_path(Path::new("/tmp/a\0b")),
+            Err(SocketPathError::Nul)
+        ));
+        // --qmp and the JSON "qmp" are checked when parsed.
+        let long = format!("unix:/{}", "q".repeat(200));
+        assert_eq!(
+            QmpAddr::try_from(long.clone()).unwrap_err(),
+            "socket path is 201 bytes long; the limit is 107"
+        );
+        let e = serde_json::from_str::<VmConfig>(&format!(r#"{{"kernel": "k", "qmp": "{long}"}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("socket path is 201 bytes long"), "{e}");
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel": "k", "qmp": "unix:/a\u0000b"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("socket path contains a NUL byte"), "{e}");
     }
 
     #[test]

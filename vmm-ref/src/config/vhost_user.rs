@@ -188,6 +188,8 @@ pub(crate) fn validate(
         if c.path.as_os_str().is_empty() {
             return Err(ConfigError::msg(label, "path must not be empty"));
         }
+        super::check_sun_path(&c.path)
+            .map_err(|e| ConfigError::option(label.clone(), InvalidOption::Socket(e)))?;
         // A client socket: the back-end creates it; only its directory must exist.
         if let Some(dir) = c.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.is_dir() {
@@ -410,6 +412,12 @@ mod tests {
         assert_eq!(
             e,
             "--chardev id=c0: directory '/nonexistent-dir' does not exist"
+        );
+        let long = [parse_chardev(&format!("socket,id=c0,path=/{}", "s".repeat(107))).unwrap()];
+        let e = chain(&validate(&long, &[], &Origin::Cli, &none, 0).unwrap_err());
+        assert_eq!(
+            e,
+            "--chardev id=c0: socket path is 108 bytes long; the limit is 107"
         );
         let many: Vec<DeviceConfig> = (0..2)
             .map(|i| dev(&format!("vu{i}"), &format!("c{i}")))

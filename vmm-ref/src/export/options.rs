@@ -9,6 +9,7 @@ use iothread_registry::{assign_vqs, IoThreadVqMapping};
 use serde::{Deserialize, Serialize};
 
 use crate::config::keyval::{KeyVals, OptionError as KeyValError};
+use crate::config::{check_sun_path, SocketPathError};
 use crate::virtio::block::lock::LockMode;
 
 /// The only export type implemented.
@@ -51,6 +52,9 @@ pub enum OptionsError {
     /// The `key=value` string itself (shared parser with `vmm-ref run`).
     #[error(transparent)]
     KeyVal(#[from] KeyValError),
+    /// The socket path does not fit in a `sockaddr_un`.
+    #[error(transparent)]
+    SocketPath(SocketPathError),
 }
 
 /// Which IOThreads serve the queues.
@@ -191,6 +195,7 @@ impl ExportSpec {
                 msg: "and node-name must not be empty".into(),
             });
         }
+        check_sun_path(&self.socket).map_err(OptionsError::SocketPath)?;
         Ok(self)
     }
 }
@@ -469,6 +474,17 @@ mod tests {
         }))
         .unwrap();
         assert!(lbs.into_spec().is_err());
+        // A socket path bind(2) cannot take, checked on both paths.
+        let long = format!("/{}", "s".repeat(107));
+        let a = BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": long}, "iothread": "io0"
+        }))
+        .unwrap();
+        let want = "socket path is 108 bytes long; the limit is 107";
+        assert_eq!(a.into_spec().unwrap_err().to_string(), want);
+        let cli = format!("vhost-user-blk,id=e0,node-name=d0,addr=unix:{long},iothread=io0");
+        assert_eq!(ExportSpec::parse_cli(&cli).unwrap_err().to_string(), want);
         // More queues than the device model serves.
         let many = BlockExportAddArgs::from_json(json!({
             "type": "vhost-user-blk", "id": "e0", "node-name": "d0",

@@ -78,6 +78,18 @@ pub fn mkfifo(path: &Path) {
     );
 }
 
+/// Longest Unix socket path: `sun_path` (108 bytes on Linux) less its NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// A path in `dir` (which must exist) of `len` bytes, for socket-path limits.
+pub fn socket_path_of_len(dir: &Path, len: usize) -> String {
+    let prefix = format!("{}/", dir.display());
+    assert!(prefix.len() < len, "{prefix} is too long already");
+    let p = format!("{prefix}{}", "s".repeat(len - prefix.len()));
+    assert_eq!(p.len(), len);
+    p
+}
+
 /// Result of one run of the binary.
 #[derive(Debug)]
 pub struct Output {
