@@ -358,3 +358,31 @@ fn configuration_errors_exit_2_before_any_vm() {
         "the regular file is left alone"
     );
 }
+
+/// `demo --bench-secs` takes what the test guest's `bench.secs=` takes (a
+/// positive count; `--bench-secs` is a u32): 0 used to boot the guest, which
+/// refused `bench.secs=0` and ran its default 2 s, and the demo then printed
+/// FAIL with status 1. `--help` gives the same range.
+#[test]
+fn demo_bench_secs_out_of_range_exits_2() {
+    let range = format!("1..={}", u32::MAX);
+    for bad in ["0", "4294967296", "-1"] {
+        let out = run_vmm(&["demo", &format!("--bench-secs={bad}")], T);
+        assert_eq!(out.status, Some(2), "{bad}: {out:?}");
+        assert!(out.stdout.is_empty(), "{bad}: nothing ran: {out:?}");
+        let first = out.stderr.lines().next().unwrap_or_default();
+        assert_eq!(
+            first,
+            format!("error: invalid value '{bad}' for '--bench-secs <N>': {bad} is not in {range}"),
+            "{out:?}"
+        );
+    }
+    let help = run_vmm(&["demo", "--help"], T);
+    assert_eq!(help.status, Some(0), "{help:?}");
+    let line = help
+        .stdout
+        .lines()
+        .find(|l| l.contains("--bench-secs"))
+        .unwrap_or_else(|| panic!("no --bench-secs in {help:?}"));
+    assert!(line.contains(&range), "{line:?} should give {range}");
+}

@@ -92,11 +92,24 @@ pub struct ExportArgs {
     pub qmp: Option<String>,
 }
 
+/// Smallest `demo --bench-secs`: the test guest refuses `bench.secs=0` (it
+/// takes any positive count, `bench.secs` being a u64; `--bench-secs` is a
+/// u32, so [`MAX_BENCH_SECS`] is the type's limit).
+pub const MIN_BENCH_SECS: u32 = 1;
+/// Largest `demo --bench-secs`.
+pub const MAX_BENCH_SECS: u32 = u32::MAX;
+
 /// Options of `demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Seconds of benchmark after the verify scenario.
-    #[arg(long, default_value_t = 2, value_name = "N")]
+    /// Seconds of benchmark after the verify scenario, 1..=4294967295.
+    #[arg(
+        long,
+        default_value_t = 2,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32)
+            .range(i64::from(MIN_BENCH_SECS)..=i64::from(MAX_BENCH_SECS))
+    )]
     pub bench_secs: u32,
 }
 
@@ -360,6 +373,27 @@ mod tests {
             Some(Command::Demo(DemoArgs { bench_secs: 2 }))
         ));
         assert!(Cli::try_parse_from(["vmm-ref", "--config", "c.json", "--kernel", "k"]).is_err());
+        // --bench-secs: what the test guest's bench.secs= takes, as --help says.
+        let range = format!("{MIN_BENCH_SECS}..={MAX_BENCH_SECS}");
+        for bad in ["0", "4294967296"] {
+            let e = Cli::try_parse_from(["vmm-ref", "demo", "--bench-secs", bad]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+            assert!(e.to_string().contains(&format!("is not in {range}")), "{e}");
+        }
+        let cli = Cli::try_parse_from(["vmm-ref", "demo", "--bench-secs", "4294967295"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Demo(DemoArgs {
+                bench_secs: MAX_BENCH_SECS
+            }))
+        ));
+        let mut demo = <Cli as clap::CommandFactory>::command();
+        let help = demo
+            .find_subcommand_mut("demo")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(help.contains(&range), "{help}");
         assert!(Cli::try_parse_from(["vmm-ref", "--bogus"]).is_err());
     }
 
