@@ -17,8 +17,8 @@ use crate::config::QmpAddr;
 use crate::export::{BlockExportAddArgs, BlockExportDelArgs};
 use crate::export_daemon::ExportDaemon;
 use crate::qmp::{
-    BlockExportInfo, BlockInfo, CommandError, ExportControl, QmpError, QmpMachine, QmpServer,
-    QmpServerConfig, RunStatus,
+    BlockExportInfo, BlockInfo, CommandError, ExportControl, QmpError, QmpListener, QmpMachine,
+    QmpServer, QmpServerConfig, RunStatus,
 };
 use crate::vm::stop::StopReason;
 use crate::vmm::{RunState, Vmm, VmmEvent};
@@ -91,13 +91,17 @@ fn server_config() -> QmpServerConfig {
     config
 }
 
-/// Starts the QMP monitor for `vmm` on `addr`, forwarding guest-initiated
-/// lifecycle events. Keep the returned server alive until the VMM has shut down
-/// (dropping it flushes queued replies and events and removes the socket).
-pub fn start_qmp(vmm: &Vmm, addr: &QmpAddr) -> Result<QmpServer, QmpError> {
+/// Creates the QMP socket at `addr` (before the VM: see [`QmpServer::bind`]).
+pub fn bind_qmp(addr: &QmpAddr) -> Result<QmpListener, QmpError> {
     let QmpAddr::Unix(path) = addr;
-    let server =
-        QmpServer::start_with_config(path, Arc::new(QmpAdapter(vmm.clone())), server_config())?;
+    QmpServer::bind(path, server_config())
+}
+
+/// Serves QMP for `vmm` on `listener`, forwarding guest-initiated lifecycle
+/// events. Keep the returned server alive until the VMM has shut down
+/// (dropping it flushes queued replies and events and removes the socket).
+pub fn serve_qmp(vmm: &Vmm, listener: QmpListener) -> Result<QmpServer, QmpError> {
+    let server = listener.serve(Arc::new(QmpAdapter(vmm.clone())))?;
     let events = server.events();
     vmm.add_event_listener(Box::new(move |ev| match ev {
         // Host-initiated events (quit, system_reset) are emitted by the dispatcher.

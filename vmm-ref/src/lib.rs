@@ -87,6 +87,10 @@ pub fn cli_main(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     match vmm::run(valid) {
         Ok(status) => status,
+        Err(e @ vmm::VmmError::QmpSocket(_)) => {
+            eprintln!("error: {}", error_chain(&e));
+            EXIT_CONFIG_ERROR
+        }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             EXIT_FAILURE

@@ -49,6 +49,10 @@ pub enum VmmError {
     /// Termination signals could not be set up.
     #[error("cannot set up signal handling")]
     Signals(#[source] crate::signals::SignalError),
+    /// The QMP socket could not be created (before the VM: a configuration
+    /// error, exit status 2).
+    #[error("--qmp")]
+    QmpSocket(#[source] crate::qmp::QmpError),
     /// The QMP monitor could not be started.
     #[error("cannot start the QMP monitor")]
     Qmp(#[source] crate::qmp::QmpError),
@@ -452,7 +456,13 @@ impl Vmm {
 
 /// Runs a VM until it stops; returns the process exit status.
 pub fn run(config: ValidConfig) -> Result<i32, VmmError> {
-    let qmp = config.vm.qmp.clone();
+    // Bound before the VM exists: a path the process cannot use is a
+    // configuration error, reported before any guest code runs.
+    let qmp = match config.vm.qmp.as_ref().map(crate::control::bind_qmp) {
+        Some(Err(e)) => return Err(VmmError::QmpSocket(e)),
+        Some(Ok(listener)) => Some(listener),
+        None => None,
+    };
     crate::signals::block_termination_signals().map_err(VmmError::Signals)?;
     let vmm = Vmm::start(config, VmmOptions::default())?;
     if let Err(e) = crate::signals::spawn_signal_thread(vmm.inner.stop.clone()) {
@@ -466,7 +476,7 @@ pub fn run(config: ValidConfig) -> Result<i32, VmmError> {
     ) {
         log::warn!("no serial input: cannot spawn the stdin thread: {e}");
     }
-    let qmp_server = match qmp.map(|addr| crate::control::start_qmp(&vmm, &addr)) {
+    let qmp_server = match qmp.map(|listener| crate::control::serve_qmp(&vmm, listener)) {
         Some(Err(e)) => {
             vmm.shutdown();
             return Err(VmmError::Qmp(e));

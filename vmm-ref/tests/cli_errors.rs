@@ -329,6 +329,13 @@ fn configuration_errors_exit_2_before_any_vm() {
             owned(&["--kernel", k, "--qmp", "unix:/nonexistent-dir/q.sock"]),
             "--qmp: directory '/nonexistent-dir' does not exist".into(),
         ),
+        // A directory no socket can be created in (sysfs): bind(2) fails
+        // before the VM is built (it used to fail after the guest ran, with
+        // status 1).
+        (
+            owned(&["--kernel", k, "--qmp", "unix:/sys/qmp.sock"]),
+            "--qmp: cannot create QMP socket \"/sys/qmp.sock\"".into(),
+        ),
         // Paths bind(2)/connect(2) cannot take (they used to fail once the VM
         // was built, with status 1).
         (

@@ -47,7 +47,7 @@ pub use error::{CommandError, ErrorClass, QmpError};
 #[allow(unused_imports)]
 pub use event::{Event, EventSender};
 #[allow(unused_imports)]
-pub use server::{QmpServer, QmpServerConfig, DEFAULT_NEGOTIATION_TIMEOUT};
+pub use server::{QmpListener, QmpServer, QmpServerConfig, DEFAULT_NEGOTIATION_TIMEOUT};
 #[allow(unused_imports)]
 pub use session::Session;
 

@@ -170,6 +170,15 @@ impl QmpServer {
         machine: Arc<dyn QmpMachine>,
         config: QmpServerConfig,
     ) -> Result<QmpServer, QmpError> {
+        Self::bind(path, config)?.serve(machine)
+    }
+
+    /// Creates the listening socket at `path` without serving it yet: a VMM
+    /// binds before it creates the machine, so that a path it cannot use fails
+    /// before any guest runs, and serves once the machine exists
+    /// ([`QmpListener::serve`]). Connections made in between wait in the
+    /// listen backlog and get their greeting when serving starts.
+    pub fn bind(path: &Path, config: QmpServerConfig) -> Result<QmpListener, QmpError> {
         prepare_path(path)?;
         let bind_err = |source| QmpError::Bind {
             path: path.to_path_buf(),
@@ -182,6 +191,73 @@ impl QmpServer {
             dev: meta.dev(),
             ino: meta.ino(),
         };
+        Ok(QmpListener {
+            bound: Some((listener, socket)),
+            config,
+        })
+    }
+    /// A handle to emit events to every negotiated client.
+    pub fn events(&self) -> EventSender {
+        self.events.clone()
+    }
+
+    /// The socket path.
+    #[allow(dead_code)] // for logs and tests
+    pub fn path(&self) -> &Path {
+        &self.socket.path
+    }
+}
+
+impl Drop for QmpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Err(e) = self.wake.write(1) {
+            log::warn!("qmp: cannot wake the server thread to stop it: {e}");
+        }
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if thread::current().id() == self.thread_id {
+            // Dropped from a command on the qmp thread itself (e.g. inside
+            // `QmpMachine::quit`): joining would wait for ourselves. The loop sees the
+            // stop flag when the command returns and cleans up on its own.
+            return;
+        }
+        if thread.join().is_err() {
+            log::error!("qmp: server thread panicked");
+        }
+        self.socket.remove_if_ours();
+    }
+}
+
+/// A QMP socket bound by [`QmpServer::bind`], not served yet. Dropping it
+/// removes the socket file.
+#[derive(Debug)]
+pub struct QmpListener {
+    /// `None` once served.
+    bound: Option<(UnixListener, SocketFile)>,
+    config: QmpServerConfig,
+}
+
+impl QmpListener {
+    /// The socket path.
+    #[allow(dead_code)] // for logs and tests
+    pub fn path(&self) -> &Path {
+        self.bound
+            .as_ref()
+            .map_or(Path::new(""), |(_, socket)| socket.path.as_path())
+    }
+
+    /// Serves QMP for `machine` on the bound socket, on a thread named `qmp`.
+    pub fn serve(mut self, machine: Arc<dyn QmpMachine>) -> Result<QmpServer, QmpError> {
+        // Always there: only `serve`, which takes `self`, and drop take it.
+        let Some((listener, socket)) = self.bound.take() else {
+            return Err(QmpError::Bind {
+                path: PathBuf::new(),
+                source: io::ErrorKind::NotConnected.into(),
+            });
+        };
+        let config = self.config.clone();
         let wake = match EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
@@ -227,38 +303,13 @@ impl QmpServer {
             thread: Some(thread),
         })
     }
-
-    /// A handle to emit events to every negotiated client.
-    pub fn events(&self) -> EventSender {
-        self.events.clone()
-    }
-
-    /// The socket path.
-    #[allow(dead_code)] // for logs and tests
-    pub fn path(&self) -> &Path {
-        &self.socket.path
-    }
 }
 
-impl Drop for QmpServer {
+impl Drop for QmpListener {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Err(e) = self.wake.write(1) {
-            log::warn!("qmp: cannot wake the server thread to stop it: {e}");
+        if let Some((_, socket)) = self.bound.take() {
+            socket.remove_if_ours();
         }
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        if thread::current().id() == self.thread_id {
-            // Dropped from a command on the qmp thread itself (e.g. inside
-            // `QmpMachine::quit`): joining would wait for ourselves. The loop sees the
-            // stop flag when the command returns and cleans up on its own.
-            return;
-        }
-        if thread.join().is_err() {
-            log::error!("qmp: server thread panicked");
-        }
-        self.socket.remove_if_ours();
     }
 }
 
