@@ -90,6 +90,10 @@ pub(crate) fn qapi_type_name(expected: &str) -> String {
         "integer"
     } else if has("bool") {
         "boolean"
+    } else if e == "string or map" || has("enum") {
+        // serde_json's expectation for an enum given anything but a string or
+        // an object; QAPI enums are strings.
+        "string"
     } else if has("struct") || has("map") {
         "object"
     } else if has("str") {
@@ -373,6 +377,10 @@ mod tests {
         );
         assert!(parse(json!({"id": "x", "kind": null})).is_err());
         assert_eq!(
+            parse(json!({"id": "x", "kind": 1})),
+            Err("Invalid parameter type for 'kind', expected: string".into())
+        );
+        assert_eq!(
             parse(json!({"id": null})),
             Err("Invalid parameter type for 'id', expected: string".into())
         );
@@ -390,6 +398,7 @@ mod tests {
         assert_eq!(qapi_type_name("a boolean"), "boolean");
         assert_eq!(qapi_type_name("a string"), "string");
         assert_eq!(qapi_type_name("struct Foo"), "object");
+        assert_eq!(qapi_type_name("string or map"), "string");
         assert_eq!(qapi_type_name("a sequence"), "array");
         assert_eq!(qapi_type_name("something"), "something");
     }

@@ -105,6 +105,9 @@ pub struct ObjectAddArgs {
     pub poll_weight: Option<i64>,
     /// `aio-max-batch`.
     pub aio_max_batch: Option<i64>,
+    /// `poll-algorithm` (extension, as on the command line): `weighted` or
+    /// `classic`.
+    pub poll_algorithm: Option<aio_poll::PollAlgorithm>,
 }
 
 /// `object-del` arguments.
@@ -521,6 +524,9 @@ impl Dispatcher {
             if let Some(v) = value {
                 *slot = v;
             }
+        }
+        if let Some(algorithm) = args.poll_algorithm {
+            params.poll.algorithm = algorithm;
         }
         self.registry()
             .create(&args.id, params)

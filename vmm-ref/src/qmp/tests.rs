@@ -388,6 +388,52 @@ fn qom_error_paths() {
 }
 
 #[test]
+fn object_add_takes_the_poll_algorithm_like_the_command_line() {
+    let f = Fixture::new();
+    let mut c = f.client();
+    let algorithm = |id: &str| f.machine.registry_ref().params(id).unwrap().poll.algorithm;
+    assert_eq!(
+        c.ok(
+            "object-add",
+            Some(json!({"qom-type": "iothread", "id": "io2", "poll-algorithm": "classic"}))
+        ),
+        json!({})
+    );
+    assert_eq!(algorithm("io2"), aio_poll::PollAlgorithm::Classic);
+    c.ok(
+        "object-add",
+        Some(json!({"qom-type": "iothread", "id": "io3", "poll-algorithm": "weighted"})),
+    );
+    assert_eq!(algorithm("io3"), aio_poll::PollAlgorithm::Weighted);
+    assert_eq!(
+        c.err(
+            "object-add",
+            Some(json!({"qom-type": "iothread", "id": "io4", "poll-algorithm": "fast"}))
+        )
+        .1,
+        "Parameter 'poll-algorithm' does not accept value 'fast'"
+    );
+    assert_eq!(
+        c.err(
+            "object-add",
+            Some(json!({"qom-type": "iothread", "id": "io4", "poll-algorithm": 1}))
+        )
+        .1,
+        "Invalid parameter type for 'poll-algorithm', expected: string"
+    );
+    assert!(!f.machine.registry_ref().contains("io4"));
+    // HMP's object_add, as the command line spells it.
+    assert_eq!(
+        c.ok(
+            "human-monitor-command",
+            Some(json!({"command-line": "object_add iothread,id=io5,poll-algorithm=classic"}))
+        ),
+        json!("")
+    );
+    assert_eq!(algorithm("io5"), aio_poll::PollAlgorithm::Classic);
+}
+
+#[test]
 fn object_add_and_del() {
     let f = Fixture::new();
     let mut c = f.client();
