@@ -2,7 +2,11 @@
 //! QEMU's `iothread-vq-mapping` (virtio-blk, QEMU 9.0): which IOThread serves which
 //! virtqueue.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::Result;
 
@@ -16,15 +20,58 @@ use crate::error::Result;
 /// assert_eq!(m[0].vqs.as_deref(), Some(&[0u16, 2][..]));
 /// assert_eq!(serde_json::to_string(&IoThreadVqMapping::new("io1")).unwrap(), r#"{"iothread":"io1"}"#);
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// Only the object form is accepted, as by QEMU's QAPI: serde's derived
+/// `Deserialize` would also take a sequence (`["io0", [0]]`), which no QMP client
+/// means.
+///
+/// ```
+/// use iothread_registry::IoThreadVqMapping;
+/// assert!(serde_json::from_str::<Vec<IoThreadVqMapping>>(r#"[["io0"]]"#).is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct IoThreadVqMapping {
     /// Id of the IOThread.
     pub iothread: String,
     /// Virtqueues served by this IOThread. `None` (or an empty list, which QEMU's QAPI
     /// also treats as absent) asks for round-robin assignment.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vqs: Option<Vec<u16>>,
+}
+
+/// The derived parts of [`IoThreadVqMapping`]'s `Deserialize`: member names,
+/// `deny_unknown_fields`, the optional `vqs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename = "IoThreadVqMapping")]
+struct MappingObject {
+    iothread: String,
+    #[serde(default)]
+    vqs: Option<Vec<u16>>,
+}
+
+impl<'de> Deserialize<'de> for IoThreadVqMapping {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct ObjectOnly;
+
+        impl<'de> Visitor<'de> for ObjectOnly {
+            type Value = IoThreadVqMapping;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("struct IoThreadVqMapping")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<IoThreadVqMapping, A::Error> {
+                let MappingObject { iothread, vqs } =
+                    MappingObject::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(IoThreadVqMapping { iothread, vqs })
+            }
+        }
+
+        deserializer.deserialize_map(ObjectOnly)
+    }
 }
 
 impl IoThreadVqMapping {
@@ -196,6 +243,41 @@ fn assign(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_object_form_deserializes() {
+        let parse =
+            |s: &str| serde_json::from_str::<IoThreadVqMapping>(s).map_err(|e| e.to_string());
+        assert_eq!(
+            parse(r#"{"iothread": "io0", "vqs": [1, 0]}"#),
+            Ok(IoThreadVqMapping::with_vqs("io0", [1, 0]))
+        );
+        assert_eq!(
+            parse(r#"{"iothread": "io0"}"#),
+            Ok(IoThreadVqMapping::new("io0"))
+        );
+        // A sequence is what serde's derive would also have taken.
+        for seq in [r#"["io0"]"#, r#"["io0", [0]]"#] {
+            let err = parse(seq).unwrap_err();
+            assert!(
+                err.starts_with("invalid type: sequence, expected struct IoThreadVqMapping"),
+                "{err}"
+            );
+        }
+        assert!(parse(r#""io0""#).is_err());
+        assert!(parse(r#"{"iothread": "io0", "vq": [0]}"#)
+            .unwrap_err()
+            .starts_with("unknown field `vq`"));
+        assert!(parse(r#"{"vqs": [0]}"#)
+            .unwrap_err()
+            .starts_with("missing field `iothread`"));
+        assert!(parse(r#"{"iothread": "io0", "vqs": [-1]}"#).is_err());
+        let round_trip = IoThreadVqMapping::with_vqs("io1", [2]);
+        assert_eq!(
+            parse(&serde_json::to_string(&round_trip).unwrap()),
+            Ok(round_trip)
+        );
+    }
 
     #[test]
     fn empty_vqs_list_counts_as_absent() {

@@ -58,7 +58,13 @@ pub enum OptionsError {
 }
 
 /// Which IOThreads serve the queues.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// In JSON: a string (one IOThread), a list of strings (round-robin) or a list
+/// of `{"iothread", "vqs"}` objects. Anything else is refused naming the forms
+/// (`expected an IOThread name, a list of IOThread names or a list of
+/// {"iothread": ..., "vqs": [...]} objects`); an object list's own errors
+/// (unknown member, missing `iothread`) are passed on as they are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum IoThreadChoice {
     /// One IOThread for every queue (`iothread=io0`).
@@ -68,6 +74,32 @@ pub enum IoThreadChoice {
     List(Vec<String>),
     /// QEMU's full `iothread-vq-mapping` list.
     Mapping(Vec<IoThreadVqMapping>),
+}
+
+impl<'de> Deserialize<'de> for IoThreadChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        use serde_json::Value;
+
+        const FORMS: &str = "expected an IOThread name, a list of IOThread names or a list of \
+                             {\"iothread\": ..., \"vqs\": [...]} objects";
+        match Value::deserialize(deserializer)? {
+            Value::String(id) => Ok(IoThreadChoice::Single(id)),
+            Value::Array(items) if items.iter().all(Value::is_string) => Ok(IoThreadChoice::List(
+                items
+                    .into_iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+            )),
+            Value::Array(items) if items.iter().all(Value::is_object) => items
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()
+                .map(IoThreadChoice::Mapping)
+                .map_err(D::Error::custom),
+            _ => Err(D::Error::custom(FORMS)),
+        }
+    }
 }
 
 impl IoThreadChoice {
@@ -455,6 +487,37 @@ mod tests {
             a.into_spec().unwrap().queue_iothreads(|_| true).unwrap(),
             vec!["io0", "io1"]
         );
+        // Neither a name nor a list of names nor a list of mapping objects.
+        for bad in [
+            json!([["io0"]]),
+            json!(["io0", {"iothread": "io1"}]),
+            json!(3),
+            json!({"iothread": "io0"}),
+        ] {
+            let err = BlockExportAddArgs::from_json(json!({
+                "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+                "addr": {"type": "unix", "path": "/s"}, "iothread": bad
+            }))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("expected an IOThread name, a list"),
+                "{err}"
+            );
+        }
+        let err = BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": "/s"}, "iothread": [{"iothread": "io0", "vq": [0]}]
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("unknown field `vq`"), "{err}");
+        // The mapping member takes objects only (serde's derive took ["io0"] too).
+        assert!(BlockExportAddArgs::from_json(json!({
+            "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
+            "addr": {"type": "unix", "path": "/s"}, "iothread-vq-mapping": [["io0"]]
+        }))
+        .is_err());
         // Unknown fields, both iothread forms, unsupported block size.
         assert!(BlockExportAddArgs::from_json(json!({
             "type": "vhost-user-blk", "id": "e0", "node-name": "d0",

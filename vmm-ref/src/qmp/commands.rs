@@ -236,7 +236,18 @@ impl Command {
             }
             "object-del" => Command::ObjectDel(parse_args(args)?),
             "query-block" => no_args(args).map(|()| Command::QueryBlock)?,
-            "x-drive-set-iothreads" => Command::XDriveSetIothreads(parse_args(args)?),
+            "x-drive-set-iothreads" => {
+                let args: DriveSetIothreadsArgs = parse_args(args)?;
+                // One name is the `iothread` member's job; the mapping is a list.
+                if let Some(IoThreadChoice::Single(_)) = args.iothread_vq_mapping {
+                    return Err(ArgError::InvalidType {
+                        name: "iothread-vq-mapping".into(),
+                        expected: "array".into(),
+                    }
+                    .into());
+                }
+                Command::XDriveSetIothreads(args)
+            }
             "block-export-add" => {
                 // As QEMU: the union discriminator first.
                 match args.as_ref().and_then(|a| a.get("type")) {

@@ -434,6 +434,41 @@ fn object_add_takes_the_poll_algorithm_like_the_command_line() {
 }
 
 #[test]
+fn drive_set_iothreads_takes_a_list_of_names_or_of_mapping_objects() {
+    let parse = |args: Value| {
+        let Value::Object(map) = args else { panic!() };
+        crate::qmp::commands::Command::parse("x-drive-set-iothreads", Some(map)).map_err(|e| e.desc)
+    };
+    assert!(parse(json!({"id": "d0", "iothread-vq-mapping": ["io0", "io1"]})).is_ok());
+    assert!(parse(json!({"id": "d0", "iothread-vq-mapping": [{"iothread": "io0"}]})).is_ok());
+    assert!(parse(json!({"id": "d0", "iothread": "io0"})).is_ok());
+    assert_eq!(
+        parse(json!({"id": "d0", "iothread-vq-mapping": "io0"})),
+        Err("Invalid parameter type for 'iothread-vq-mapping', expected: array".into())
+    );
+    let forms = "Parameter 'iothread-vq-mapping': expected an IOThread name, a list of \
+                 IOThread names or a list of {\"iothread\": ..., \"vqs\": [...]} objects";
+    for bad in [
+        json!([["io0"]]),
+        json!(["io0", {"iothread": "io1"}]),
+        json!(7),
+    ] {
+        assert_eq!(
+            parse(json!({"id": "d0", "iothread-vq-mapping": bad})),
+            Err(forms.into())
+        );
+    }
+    assert_eq!(
+        parse(json!({"id": "d0", "iothread-vq-mapping": [{"iothread": "io0", "vq": [1]}]})),
+        Err("Parameter 'iothread-vq-mapping.vq' is unexpected".into())
+    );
+    assert_eq!(
+        parse(json!({"id": "d0", "iothread-vq-mapping": [{"vqs": [1]}]})),
+        Err("Parameter 'iothread-vq-mapping.iothread' is missing".into())
+    );
+}
+
+#[test]
 fn object_add_and_del() {
     let f = Fixture::new();
     let mut c = f.client();
