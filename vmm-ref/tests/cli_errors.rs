@@ -100,6 +100,54 @@ fn drive_option_errors_name_the_option_and_leave_the_disk_alone() {
         "--drive id=d1: '",
     );
     f.assert_disk_untouched();
+    // ... and under other names: a hard link, a symlink, a relative path. The
+    // drive that was there first is named (not an image lock held by our own
+    // process).
+    let link = f.dir.join("hard.img");
+    std::fs::hard_link(&f.disk, &link).unwrap();
+    let sym = f.dir.join("sym.img");
+    std::os::unix::fs::symlink(&f.disk, &sym).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let relative = pathdiff(std::path::Path::new(&f.disk), &cwd);
+    for other in [link.to_str().unwrap(), sym.to_str().unwrap(), &relative] {
+        let d1 = format!("id=d1,file={other},iothread=io0");
+        expect_error(
+            &[
+                "--kernel", &f.kernel, "--object", io, "--drive", &d0, "--drive", &d1,
+            ],
+            &format!("--drive id=d1: '{other}' is already used by drive 'd0'"),
+        );
+        f.assert_disk_untouched();
+    }
+    // Read-only drives still share one image, under any name.
+    let r0 = format!("id=d0,file={},iothread=io0,readonly=on", f.disk);
+    let r1 = format!("id=d1,file={},iothread=io0,readonly=on", link.display());
+    let out = run_vmm(
+        &[
+            "--kernel", &f.kernel, "--object", io, "--drive", &r0, "--drive", &r1,
+        ],
+        T,
+    );
+    assert!(
+        !out.stderr.contains("already used"),
+        "read-only drives share: {out:?}"
+    );
+    f.assert_disk_untouched();
+}
+
+/// `target` relative to `base` (both absolute): `../..` up to the common
+/// prefix, then down.
+fn pathdiff(target: &std::path::Path, base: &std::path::Path) -> String {
+    let t: Vec<_> = target.components().collect();
+    let b: Vec<_> = base.components().collect();
+    let common = t.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut parts: Vec<String> = vec!["..".into(); b.len() - common];
+    parts.extend(
+        t[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("/")
 }
 
 #[test]

@@ -262,6 +262,25 @@ fn bad_options_exit_2_and_touch_nothing() {
         "--export id=e0: drive 'd0' is read-only: the export cannot be writable",
     );
     f.assert_disk_untouched();
+    // One image under two names (a hard link), both writable: the first drive is
+    // named, not an image lock held by this very process.
+    let link = f.path("hard.img");
+    std::fs::hard_link(&f.disk, &link).unwrap();
+    expect_error(
+        &[
+            "--drive",
+            &drive,
+            "--drive",
+            &format!("id=d1,file={link}"),
+            "--object",
+            "iothread,id=io0",
+            "--export",
+            &export(""),
+        ],
+        &format!("--drive id=d1: '{link}' is already used by drive 'd0'"),
+    );
+    f.assert_disk_untouched();
+    assert!(!Path::new(&sock).exists(), "no socket left");
 }
 
 /// A spawned `vmm-ref export` with its QMP monitor.

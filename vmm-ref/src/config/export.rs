@@ -16,7 +16,7 @@ use iothread_registry::IoThreadParams;
 use super::cli::{parse_object, ExportArgs};
 use super::{
     check_image_file, check_qmp, check_socket_path, lock_image, validate_objects, ConfigError,
-    InvalidOption, Origin, QmpAddr, SocketPathError,
+    ImageIdentity, InvalidOption, Origin, QmpAddr, SocketPathError,
 };
 use crate::export::{DriveSpec, ExportConfig, ExportSpec};
 use crate::virtio::block::backend::BlockEngine;
@@ -139,7 +139,7 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
     let (iothreads, object_ids) = validate_objects(&objects, &Origin::Cli)?;
 
     let mut drives: Vec<DriveSpec> = Vec::new();
-    let mut files: Vec<(PathBuf, bool, String)> = Vec::new();
+    let mut files: Vec<(ImageIdentity, bool, String)> = Vec::new();
     for raw in &args.drives {
         let d = DriveSpec::parse_cli(raw)
             .map_err(|e| ConfigError::option(label("--drive", raw), InvalidOption::Export(e)))?;
@@ -155,10 +155,10 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
                 .map_err(|msg| ConfigError::msg(lbl.clone(), format!("aio={aio}: {msg}")))?;
         }
         check_image_file(&lbl, &d.file, d.readonly, d.direct)?;
-        let canonical = std::fs::canonicalize(&d.file).unwrap_or_else(|_| d.file.clone());
+        let image = ImageIdentity::of(&d.file);
         if let Some((_, _, other)) = files
             .iter()
-            .find(|(p, ro, _)| *p == canonical && !(*ro && d.readonly))
+            .find(|(i, ro, _)| *i == image && !(*ro && d.readonly))
         {
             return Err(ConfigError::msg(
                 lbl,
@@ -168,7 +168,7 @@ pub fn validate(args: &ExportArgs) -> Result<ValidExportConfig, ConfigError> {
                 ),
             ));
         }
-        files.push((canonical, d.readonly, d.id.clone()));
+        files.push((image, d.readonly, d.id.clone()));
         drives.push(d);
     }
 

@@ -573,6 +573,36 @@ pub(crate) fn check_image_file(
 
 /// Locks an image the way a virtio-blk device of QEMU does (see
 /// [`crate::virtio::block::lock`]); a conflict is a configuration error.
+/// Which image a drive's `file` names, so that two spellings of one image (a
+/// hard link, a symlink, a relative and an absolute path, two device nodes of one
+/// disk) are one image: device and inode for files, the device number for block
+/// devices. The canonical path if the file cannot be examined (opening it then
+/// fails with its own message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ImageIdentity {
+    File { dev: u64, ino: u64 },
+    BlockDevice { rdev: u64 },
+    Path(PathBuf),
+}
+
+impl ImageIdentity {
+    pub(crate) fn of(path: &Path) -> ImageIdentity {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.file_type().is_block_device() => {
+                ImageIdentity::BlockDevice { rdev: m.rdev() }
+            }
+            Ok(m) => ImageIdentity::File {
+                dev: m.dev(),
+                ino: m.ino(),
+            },
+            Err(_) => ImageIdentity::Path(
+                std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+            ),
+        }
+    }
+}
+
 pub(crate) fn lock_image(
     option: &str,
     file: &Path,
@@ -726,7 +756,7 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
     }
     let mut drives = Vec::new();
     let mut drive_ids = HashSet::new();
-    let mut files: Vec<(PathBuf, bool, String)> = Vec::new();
+    let mut files: Vec<(ImageIdentity, bool, String)> = Vec::new();
     for (i, d) in vm.drives.iter().enumerate() {
         let label = origin.label(
             format!("--drive id={}", d.id),
@@ -769,10 +799,10 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
             iothread_registry::assign_vqs(&mapping, d.num_queues, |id| ids.contains(id))
                 .map_err(|e| ConfigError::option(label.clone(), InvalidOption::Mapping(e)))?;
         check_image(&label, d)?;
-        let canonical = std::fs::canonicalize(&d.file).unwrap_or_else(|_| d.file.clone());
+        let image = ImageIdentity::of(&d.file);
         if let Some((_, _, other)) = files
             .iter()
-            .find(|(p, ro, _)| *p == canonical && !(*ro && d.readonly))
+            .find(|(i, ro, _)| *i == image && !(*ro && d.readonly))
         {
             return Err(ConfigError::msg(
                 label,
@@ -782,7 +812,7 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
                 ),
             ));
         }
-        files.push((canonical, d.readonly, d.id.clone()));
+        files.push((image, d.readonly, d.id.clone()));
         // Last: the lock is held from here on (and released if a later check fails).
         let lock = lock_image(&label, &d.file, d.readonly, d.locking)?;
         drives.push(ValidDrive {
