@@ -4,7 +4,8 @@
 //! `--qmp unix:/path`.
 //!
 //! Event flow: the QMP dispatcher itself emits `RESET` after a successful
-//! `system_reset` and `SHUTDOWN` before `quit`; the VMM adds the events the
+//! `system_reset` and `SHUTDOWN` before `quit`; the VMM adds `STOP` and
+//! `RESUME` when `stop` and `cont` change its state, and the events the
 //! guest causes (`SHUTDOWN` with `"guest": true` when the guest leaves through
 //! the debug-exit port, the i8042 or a triple fault).
 
@@ -38,6 +39,14 @@ impl QmpMachine for QmpAdapter {
 
     fn system_reset(&self) -> Result<(), String> {
         self.0.system_reset().map_err(|e| crate::error_chain(&e))
+    }
+
+    fn stop(&self) -> Result<(), String> {
+        self.0.pause().map_err(|e| crate::error_chain(&e))
+    }
+
+    fn cont(&self) -> Result<(), String> {
+        self.0.resume().map_err(|e| crate::error_chain(&e))
     }
 
     fn quit(&self) {
@@ -113,6 +122,8 @@ pub fn serve_qmp(vmm: &Vmm, listener: QmpListener) -> Result<QmpServer, QmpError
             guest: true,
             reason,
         } => events.emit("RESET", json!({"guest": true, "reason": reason})),
+        VmmEvent::Stop => events.emit("STOP", serde_json::Value::Null),
+        VmmEvent::Resume => events.emit("RESUME", serde_json::Value::Null),
         _ => {}
     }));
     Ok(server)
@@ -120,6 +131,12 @@ pub fn serve_qmp(vmm: &Vmm, listener: QmpListener) -> Result<QmpServer, QmpError
 
 /// The `system_reset` error of the export daemon.
 pub const EXPORT_RESET_UNSUPPORTED: &str = "system_reset is not supported by the export daemon";
+
+/// The `stop` error of the export daemon (it runs no guest).
+pub const EXPORT_STOP_UNSUPPORTED: &str = "stop is not supported by the export daemon";
+
+/// The `cont` error of the export daemon (it runs no guest).
+pub const EXPORT_CONT_UNSUPPORTED: &str = "cont is not supported by the export daemon";
 
 /// [`QmpMachine`] (with block exports) over an [`ExportDaemon`]: status
 /// `running` until a stop is requested, no `system_reset`, `query-block` lists
@@ -137,6 +154,14 @@ impl QmpMachine for ExportQmpAdapter {
 
     fn system_reset(&self) -> Result<(), String> {
         Err(EXPORT_RESET_UNSUPPORTED.to_owned())
+    }
+
+    fn stop(&self) -> Result<(), String> {
+        Err(EXPORT_STOP_UNSUPPORTED.to_owned())
+    }
+
+    fn cont(&self) -> Result<(), String> {
+        Err(EXPORT_CONT_UNSUPPORTED.to_owned())
     }
 
     fn quit(&self) {

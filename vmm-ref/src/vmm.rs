@@ -84,7 +84,8 @@ pub enum VmmError {
 pub enum RunState {
     /// vCPUs are running.
     Running,
-    /// vCPUs are paused (during a reset).
+    /// vCPUs are paused: stopped by QMP `stop` (until `cont`), or during a
+    /// reset.
     Paused,
     /// The VM has stopped for good.
     Shutdown,
@@ -125,6 +126,10 @@ pub enum VmmEvent {
         /// ShutdownCause.
         reason: &'static str,
     },
+    /// The vCPUs were stopped ([`Vmm::pause`], QMP `STOP`).
+    Stop,
+    /// The vCPUs run again ([`Vmm::resume`], QMP `RESUME`).
+    Resume,
 }
 
 /// A callback receiving [`VmmEvent`]s (called on the thread that caused them).
@@ -157,8 +162,10 @@ struct Inner {
     vhost_user: Vec<VhostUserDrive>,
     serial: Arc<Mutex<Serial>>,
     state: Mutex<RunState>,
+    /// kvmclock when [`Vmm::pause`] stopped the vCPUs, for [`Vmm::resume`].
+    saved_clock: Mutex<Option<u64>>,
     listeners: Mutex<Vec<EventListener>>,
-    /// Serializes reset and shutdown.
+    /// Serializes pause, resume, reset and shutdown.
     lifecycle: Mutex<()>,
     config: ValidConfig,
 }
@@ -304,6 +311,7 @@ impl Vmm {
                 vhost_user,
                 serial,
                 state: Mutex::new(RunState::Running),
+                saved_clock: Mutex::new(None),
                 listeners: Mutex::new(Vec::new()),
                 lifecycle: Mutex::new(()),
                 config,
@@ -379,14 +387,77 @@ impl Vmm {
             .collect()
     }
 
-    /// QMP `system_reset`: pause the vCPUs, reset every device (their queues
-    /// stop; drives keep holding their IOThreads), reload the kernel and boot
-    /// structures, reset vCPU state, resume.
-    pub fn system_reset(&self) -> Result<(), VmmError> {
-        let _serialized = lock(&self.inner.lifecycle);
+    fn check_not_shut_down(&self) -> Result<(), VmmError> {
         if self.status() == RunState::Shutdown || self.inner.stop.reason().is_some() {
             return Err(VmmError::ShutDown);
         }
+        Ok(())
+    }
+
+    /// QMP `stop`: takes every vCPU out of the guest and keeps it out until
+    /// [`Vmm::resume`]. Devices go on completing the requests the guest already
+    /// queued (their IOThreads are not stopped); kvmclock is saved, so that the
+    /// guest's clock does not count the stop. A stopped VM stays stopped (no
+    /// second [`VmmEvent::Stop`]).
+    pub fn pause(&self) -> Result<(), VmmError> {
+        let _serialized = lock(&self.inner.lifecycle);
+        self.check_not_shut_down()?;
+        if self.status() == RunState::Paused {
+            return Ok(());
+        }
+        let vcpus = lock(&self.inner.vcpus);
+        let vcpus = vcpus.as_ref().ok_or(VmmError::ShutDown)?;
+        vcpus.pause().map_err(VmmError::Vcpu)?;
+        let clock = self
+            .inner
+            .vm
+            .save_clock()
+            .inspect_err(|e| {
+                log::warn!(
+                    "the guest's clock will count the stop: {}",
+                    crate::error_chain(e)
+                )
+            })
+            .ok();
+        *lock(&self.inner.saved_clock) = clock;
+        *lock(&self.inner.state) = RunState::Paused;
+        self.emit(&VmmEvent::Stop);
+        Ok(())
+    }
+
+    /// QMP `cont`: lets the vCPUs of a stopped VM run again, kvmclock set back
+    /// to where the stop left it (a reset while stopped is applied now). A
+    /// running VM is left alone (no [`VmmEvent::Resume`]).
+    pub fn resume(&self) -> Result<(), VmmError> {
+        let _serialized = lock(&self.inner.lifecycle);
+        self.check_not_shut_down()?;
+        if self.status() == RunState::Running {
+            return Ok(());
+        }
+        let vcpus = lock(&self.inner.vcpus);
+        let vcpus = vcpus.as_ref().ok_or(VmmError::ShutDown)?;
+        if let Some(clock) = lock(&self.inner.saved_clock).take() {
+            if let Err(e) = self.inner.vm.restore_clock(clock) {
+                log::warn!(
+                    "the guest's clock counts the stop: {}",
+                    crate::error_chain(&e)
+                );
+            }
+        }
+        vcpus.resume(None);
+        *lock(&self.inner.state) = RunState::Running;
+        self.emit(&VmmEvent::Resume);
+        Ok(())
+    }
+
+    /// QMP `system_reset`: pause the vCPUs, reset every device (their queues
+    /// stop; drives keep holding their IOThreads), reload the kernel and boot
+    /// structures, reset vCPU state, resume. A VM stopped by [`Vmm::pause`]
+    /// stays stopped: its vCPUs start from the reset state at [`Vmm::resume`].
+    pub fn system_reset(&self) -> Result<(), VmmError> {
+        let _serialized = lock(&self.inner.lifecycle);
+        self.check_not_shut_down()?;
+        let stopped = self.status() == RunState::Paused;
         let vcpus = lock(&self.inner.vcpus);
         let vcpus = vcpus.as_ref().ok_or(VmmError::ShutDown)?;
         vcpus.pause().map_err(VmmError::Vcpu)?;
@@ -409,8 +480,12 @@ impl Vmm {
                 return Err(e);
             }
         };
-        vcpus.resume(Some(entry));
-        *lock(&self.inner.state) = RunState::Running;
+        if stopped {
+            vcpus.reset_paused(entry);
+        } else {
+            vcpus.resume(Some(entry));
+            *lock(&self.inner.state) = RunState::Running;
+        }
         self.emit(&VmmEvent::Reset {
             guest: false,
             reason: "host-qmp-system-reset",

@@ -466,6 +466,15 @@ fn qmp_manages_exports_and_their_iothread_holders() {
             "system_reset is not supported by the export daemon".into()
         ))
     );
+    for cmd in ["stop", "cont"] {
+        assert_eq!(
+            q.call(cmd, Value::Null),
+            Err((
+                "GenericError".into(),
+                format!("{cmd} is not supported by the export daemon")
+            ))
+        );
+    }
 
     // Deleting the export releases the IOThreads and removes its socket.
     assert_eq!(q.ok("block-export-del", json!({"id": "e0"})), json!({}));

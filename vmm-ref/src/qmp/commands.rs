@@ -41,6 +41,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "query-block-exports",
     "human-monitor-command",
     "system_reset",
+    "stop",
+    "cont",
     "quit",
 ];
 
@@ -190,6 +192,10 @@ pub enum Command {
     HumanMonitorCommand(HmpArgs),
     /// `system_reset`.
     SystemReset,
+    /// `stop`: stop the vCPUs (`STOP` event when they were running).
+    Stop,
+    /// `cont`: run stopped vCPUs again (`RESUME` event when they were stopped).
+    Cont,
     /// `quit`.
     Quit,
 }
@@ -265,6 +271,8 @@ impl Command {
             "query-block-exports" => no_args(args).map(|()| Command::QueryBlockExports)?,
             "human-monitor-command" => Command::HumanMonitorCommand(parse_args(args)?),
             "system_reset" => no_args(args).map(|()| Command::SystemReset)?,
+            "stop" => no_args(args).map(|()| Command::Stop)?,
+            "cont" => no_args(args).map(|()| Command::Cont)?,
             "quit" => no_args(args).map(|()| Command::Quit)?,
             _ => {
                 return Err(CommandError::command_not_found(format!(
@@ -295,6 +303,8 @@ impl Command {
             Command::QueryBlockExports => "query-block-exports",
             Command::HumanMonitorCommand(_) => "human-monitor-command",
             Command::SystemReset => "system_reset",
+            Command::Stop => "stop",
+            Command::Cont => "cont",
             Command::Quit => "quit",
         }
     }
@@ -437,6 +447,16 @@ impl Dispatcher {
                 .system_reset()
                 .map(|()| Json::empty_object())
                 .map_err(CommandError::generic),
+            Command::Stop => self
+                .machine
+                .stop()
+                .map(|()| Json::empty_object())
+                .map_err(CommandError::generic),
+            Command::Cont => self
+                .machine
+                .cont()
+                .map(|()| Json::empty_object())
+                .map_err(CommandError::generic),
             // The machine is told to quit by the server after the reply and the
             // SHUTDOWN event (see `Command::follow_up`).
             Command::Quit => Ok(Json::empty_object()),
@@ -565,6 +585,8 @@ impl Dispatcher {
             ["help" | "?"] => HMP_HELP.to_string(),
             ["info"] | ["info", "help" | "?"] => HMP_INFO_HELP.to_string(),
             ["info", "iothreads"] => self.registry().info_iothreads(),
+            ["stop"] => self.hmp_via_qmp("stop", json!({}), |_| String::new()),
+            ["cont" | "c"] => self.hmp_via_qmp("cont", json!({}), |_| String::new()),
             ["info", "status"] => format!("VM status: {}\n", self.machine.status().name()),
             ["info", "version"] => {
                 let q = &self.version.qemu;
@@ -645,12 +667,14 @@ fn parse_object_spec(spec: &str) -> Result<Value, String> {
 }
 
 const HMP_HELP: &str = "\
+cont|c -- resume emulation
 help|? -- show this help
 info [subcommand] -- show various information about the system state
 object_add iothread,id=ID[,PROP=VALUE...] -- create an IOThread
 object_del id -- destroy an IOThread (refused while it has holders)
 qom-get path property -- print an IOThread property (path /objects/ID)
 qom-set path property value -- set an IOThread property (path /objects/ID)
+stop -- stop emulation
 ";
 
 const HMP_INFO_HELP: &str = "\

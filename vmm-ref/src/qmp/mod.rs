@@ -61,6 +61,20 @@ pub trait QmpMachine: Send + Sync {
     /// `RESET` event `{"guest": false, "reason": "host-qmp-system-reset"}`.
     fn system_reset(&self) -> Result<(), String>;
 
+    /// `stop`: stop the guest's vCPUs until `cont`. Stopping a stopped machine
+    /// succeeds and changes nothing. The machine emits `STOP` when its state
+    /// changes. The default, for machines without vCPUs, refuses.
+    fn stop(&self) -> Result<(), String> {
+        Err("stop is not supported by this machine (it runs no guest)".to_owned())
+    }
+
+    /// `cont`: let a stopped machine's vCPUs run again. Continuing a running
+    /// machine succeeds and changes nothing. The machine emits `RESUME` when its
+    /// state changes. The default, for machines without vCPUs, refuses.
+    fn cont(&self) -> Result<(), String> {
+        Err("cont is not supported by this machine (it runs no guest)".to_owned())
+    }
+
     /// Stop the VMM (`quit`). Called after the reply and the `SHUTDOWN` event were queued
     /// (and flushed as far as the clients read them). Must only *request* the shutdown:
     /// it runs on the `qmp` thread, so it must not wait for the [`QmpServer`] to stop.

@@ -82,12 +82,38 @@ impl FakeMachine {
     }
 }
 
+impl FakeMachine {
+    /// `stop`/`cont`: running <-> paused; refused once shut down.
+    fn set_running(&self, running: bool) -> Result<(), String> {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match *status {
+            RunStatus::Running | RunStatus::Paused => {
+                *status = if running {
+                    RunStatus::Running
+                } else {
+                    RunStatus::Paused
+                };
+                Ok(())
+            }
+            other => Err(format!("the fake machine is {}", other.name())),
+        }
+    }
+}
+
 impl QmpMachine for FakeMachine {
     fn status(&self) -> RunStatus {
         if self.panic_on_status.load(Ordering::SeqCst) {
             panic!("fake machine: status panics on purpose");
         }
         *self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stop(&self) -> Result<(), String> {
+        self.set_running(false)
+    }
+
+    fn cont(&self) -> Result<(), String> {
+        self.set_running(true)
     }
 
     fn system_reset(&self) -> Result<(), String> {

@@ -469,6 +469,42 @@ fn drive_set_iothreads_takes_a_list_of_names_or_of_mapping_objects() {
 }
 
 #[test]
+fn stop_and_cont_reach_the_machine_by_qmp_and_hmp() {
+    let f = Fixture::new();
+    let mut c = f.client();
+    let status = |c: &mut TestClient| c.ok("query-status", None);
+    assert_eq!(c.ok("stop", None), json!({}));
+    assert_eq!(
+        status(&mut c),
+        json!({"status": "paused", "running": false})
+    );
+    assert_eq!(c.ok("stop", None), json!({}), "stopping twice succeeds");
+    assert_eq!(c.ok("cont", None), json!({}));
+    assert_eq!(
+        status(&mut c),
+        json!({"status": "running", "running": true})
+    );
+    assert_eq!(
+        c.err("stop", Some(json!({"force": true}))).1,
+        "Parameter 'force' is unexpected"
+    );
+    let hmp = |c: &mut TestClient, line: &str| {
+        c.ok("human-monitor-command", Some(json!({"command-line": line})))
+    };
+    assert_eq!(hmp(&mut c, "stop"), json!(""));
+    assert_eq!(hmp(&mut c, "info status"), json!("VM status: paused\n"));
+    assert_eq!(hmp(&mut c, "c"), json!(""));
+    assert_eq!(hmp(&mut c, "info status"), json!("VM status: running\n"));
+    // The machine's refusal is the command's error.
+    *f.machine.status.lock().unwrap() = RunStatus::Shutdown;
+    assert_eq!(c.err("cont", None).1, "the fake machine is shutdown");
+    assert_eq!(
+        hmp(&mut c, "stop"),
+        json!("Error: the fake machine is shutdown\n")
+    );
+}
+
+#[test]
 fn object_add_and_del() {
     let f = Fixture::new();
     let mut c = f.client();

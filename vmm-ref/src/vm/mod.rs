@@ -160,6 +160,25 @@ impl Vm {
             .collect()
     }
 
+    /// The guest's kvmclock now (`KVM_GET_CLOCK`), in nanoseconds: saved when
+    /// the VM is stopped so that [`Vm::restore_clock`] can make the stop
+    /// invisible to the guest's clock (QEMU's and cloud-hypervisor's pause do
+    /// the same).
+    pub fn save_clock(&self) -> Result<u64, VmError> {
+        Ok(self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?.clock)
+    }
+
+    /// Sets the guest's kvmclock back to `clock` (`KVM_SET_CLOCK`). The flags
+    /// are zero: `KVM_CLOCK_REALTIME`, which `KVM_GET_CLOCK` may report, would
+    /// make KVM add the time that passed since.
+    pub fn restore_clock(&self, clock: u64) -> Result<(), VmError> {
+        let data = kvm_bindings::kvm_clock_data {
+            clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&data).map_err(ioctl("KVM_SET_CLOCK"))
+    }
+
     /// Routes writes of `evt` to guest interrupt `gsi` (KVM irqfd).
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd.register_irqfd(evt, gsi).map_err(ioctl("KVM_IRQFD"))
@@ -182,4 +201,38 @@ impl Vm {
 /// The TSC frequency the guest sees, in kHz (KVM_GET_TSC_KHZ on a vCPU).
 pub fn tsc_khz(vcpu: &VcpuFd) -> Option<u32> {
     vcpu.get_tsc_khz().ok().filter(|k| *k > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stop does not move the guest's clock: restored, kvmclock goes on
+    /// from where it was saved, not from where it would be now. Skipped
+    /// without /dev/kvm.
+    #[test]
+    fn a_restored_clock_does_not_count_the_stop() {
+        let vm = match Vm::new(16 << 20) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let stop = std::time::Duration::from_millis(300);
+        let saved = vm.save_clock().unwrap();
+        std::thread::sleep(stop);
+        let unrestored = vm.save_clock().unwrap();
+        assert!(
+            unrestored - saved >= stop.as_nanos() as u64,
+            "kvmclock runs while nothing restores it"
+        );
+        vm.restore_clock(saved).unwrap();
+        let after = vm.save_clock().unwrap();
+        assert!(
+            after >= saved && after - saved < 100_000_000,
+            "restored to {saved}, reads {after} ({} ms later)",
+            (after.saturating_sub(saved)) / 1_000_000
+        );
+    }
 }

@@ -126,10 +126,16 @@ impl Ctl {
             return;
         }
         if let Some(entry) = reset {
-            self.reset_epoch += 1;
-            self.entry = entry;
+            self.request_reset(entry);
         }
         self.command = Command::Run;
+    }
+
+    /// Control side: every vCPU re-applies its boot state (entering at `entry`)
+    /// before it next runs the guest; paused vCPUs stay paused.
+    fn request_reset(&mut self, entry: BootEntry) {
+        self.reset_epoch += 1;
+        self.entry = entry;
     }
 
     /// Control side: asks every vCPU thread to exit.
@@ -369,6 +375,14 @@ impl Vcpus {
         self.control.cv.notify_all();
     }
 
+    /// Resets paused vCPUs without resuming them: each re-applies its boot
+    /// state (the boot processor entering at `entry`) when a later
+    /// [`Vcpus::resume`] lets it run. A reset of a machine the operator
+    /// stopped leaves it stopped, as in QEMU.
+    pub fn reset_paused(&self, entry: BootEntry) {
+        self.control.lock().request_reset(entry);
+    }
+
     /// Stops and joins every vCPU thread. Idempotent.
     pub fn stop(&mut self) -> Result<(), VcpuError> {
         {
@@ -599,6 +613,36 @@ mod tests {
         // It applies only the latest reset.
         ctl.request_run(Some(E2));
         assert_eq!(ctl.vcpu_step(&mut vcpu), Some(Go::Run { reset: Some(E2) }));
+        assert_eq!(ctl.paused(), 0);
+    }
+
+    /// A reset of a stopped machine (QMP `stop`, then `system_reset`) leaves its
+    /// vCPUs paused, parked ones included; the next resume applies the reset.
+    #[test]
+    fn a_reset_while_paused_waits_for_the_resume() {
+        let mut ctl = Ctl::new(E0);
+        let mut running = VcpuState::default();
+        let mut parked = VcpuState::default();
+        assert_eq!(ctl.vcpu_step(&mut running), Some(Go::Run { reset: None }));
+        assert_eq!(ctl.vcpu_step(&mut parked), Some(Go::Run { reset: None }));
+        parked.parked = true;
+        assert!(ctl.request_pause());
+        assert_eq!(ctl.vcpu_step(&mut running), None);
+        assert_eq!(ctl.vcpu_step(&mut parked), None);
+        ctl.request_reset(E1);
+        assert_eq!(ctl.vcpu_step(&mut running), None, "still paused");
+        assert_eq!(ctl.vcpu_step(&mut parked), None, "still paused");
+        assert_eq!(ctl.paused(), 2);
+        ctl.request_reset(E2);
+        ctl.request_run(None);
+        assert_eq!(
+            ctl.vcpu_step(&mut running),
+            Some(Go::Run { reset: Some(E2) })
+        );
+        assert_eq!(
+            ctl.vcpu_step(&mut parked),
+            Some(Go::Run { reset: Some(E2) })
+        );
         assert_eq!(ctl.paused(), 0);
     }
 

@@ -263,6 +263,25 @@ pub fn echo_cmdline_then_halt_code() -> Vec<u8> {
     c
 }
 
+/// 64-bit code: prints "OK:" + the command line, then a line "T" after every
+/// busy loop of 2^16 iterations (~80 ms where CPL0 code is interpreted, as on
+/// the nested KVM of our CI machines; far less on hardware KVM), for ever: a
+/// guest whose progress shows on the console.
+pub fn echo_cmdline_then_tick_code() -> Vec<u8> {
+    let mut c = echo_cmdline_code(0);
+    // Drop the exit tail; dx is still the serial port.
+    c.truncate(c.len() - 13);
+    c.extend_from_slice(&[
+        0xb0, b'T', 0xee, // tick: mov al,'T'; out dx,al
+        0xb0, b'\n', 0xee, // mov al,'\n'; out dx,al
+        0xb9, 0x00, 0x00, 0x01, 0x00, // mov ecx, 1 << 16
+        0xff, 0xc9, // delay: dec ecx
+        0x75, 0xfc, // jnz delay
+        0xeb, 0xef, // jmp tick
+    ]);
+    c
+}
+
 /// A spawned vmm-ref whose stdout lines arrive on a channel.
 pub struct Running {
     pub child: std::process::Child,

@@ -96,6 +96,9 @@ STEPS = [
     ("human-monitor-command: unknown",
      {"execute": "human-monitor-command", "arguments": {"command-line": "frobnicate"}}),
     ("system_reset", {"execute": "system_reset"}),
+    ("stop", {"execute": "stop"}),
+    ("stop: already stopped", {"execute": "stop"}),
+    ("cont", {"execute": "cont"}),
     ("unknown command", {"execute": "query-cpus-fast", "id": "c1"}),
     ("missing argument", {"execute": "object-del", "arguments": {}}),
     ("wrong request member type", {"execute": 42, "id": 7}),
@@ -253,6 +256,14 @@ DESCRIPTIONS = {
                      "queues stop; drives keep holding their IOThreads) and the guest "
                      "restarts. Replies `{}`, then the "
                      "`RESET` event."),
+    "stop": ("stop", "Stops the guest: every vCPU leaves the guest and stays out until "
+             "`cont`; `query-status` says `paused`. Requests already queued complete on "
+             "their IOThreads; kvmclock is saved and restored at `cont`, so the guest's "
+             "clock does not count the stop. Replies `{}`, then the `STOP` event if the "
+             "guest was running (stopping a stopped machine succeeds without one)."),
+    "cont": ("cont", "Lets a stopped guest run again (a `system_reset` done while "
+             "stopped takes effect now). Replies `{}`, then the `RESUME` event if the "
+             "guest was stopped."),
     "quit": ("quit", "Stops vmm-ref. Replies `{}`, then the `SHUTDOWN` event, then the "
              "VMM exits and the socket goes away."),
 }
@@ -282,7 +293,7 @@ def main(path, origin):
             c.send(shown.encode() + b"\n")
         text, events = c.reply()
         lines = ["-> " + shown] + ["<- " + e for e in events] + ["<- " + text]
-        if title in ("system_reset", "quit"):
+        if title in ("system_reset", "stop", "cont", "quit"):
             # The event follows the reply.
             try:
                 lines.append("<- " + c.line())
