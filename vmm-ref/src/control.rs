@@ -113,11 +113,12 @@ pub fn serve_qmp(vmm: &Vmm, listener: QmpListener) -> Result<QmpServer, QmpError
     let server = listener.serve(Arc::new(QmpAdapter(vmm.clone())))?;
     let events = server.events();
     vmm.add_event_listener(Box::new(move |ev| match ev {
-        // Host-initiated events (quit, system_reset) are emitted by the dispatcher.
-        VmmEvent::Shutdown {
-            guest: true,
-            reason,
-        } => events.emit("SHUTDOWN", json!({"guest": true, "reason": reason})),
+        // The dispatcher emits the events of its own commands (quit,
+        // system_reset); the rest come from here: the guest's, a termination
+        // signal's (`host-signal`) and a failed vCPU's (`host-error`).
+        VmmEvent::Shutdown { guest, reason } if *reason != "host-qmp-quit" => {
+            events.emit("SHUTDOWN", json!({"guest": guest, "reason": reason}))
+        }
         VmmEvent::Reset {
             guest: true,
             reason,

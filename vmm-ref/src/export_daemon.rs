@@ -365,6 +365,9 @@ pub fn run(cfg: ValidExportConfig) -> Result<i32, DaemonError> {
     drop(out);
     let reason = daemon.stop_signal().wait();
     log::info!("export daemon stopping: {reason}");
+    if let StopReason::Signal { .. } = reason {
+        eprintln!("vmm-ref: {reason}");
+    }
     daemon.shutdown();
     // Dropped after the shutdown so that queued replies and events are flushed.
     drop(qmp_server);

@@ -38,22 +38,50 @@ pub fn block_termination_signals() -> Result<(), SignalError> {
 }
 
 /// Spawns the `signals` thread: the first termination signal requests
-/// `StopReason::Quit` (later ones are ignored; the shutdown is under way).
+/// [`StopReason::Signal`], naming the sender (the process that stops reports
+/// it once, with its stop reason); later ones are ignored, the shutdown is
+/// under way.
 pub fn spawn_signal_thread(stop: StopSignal) -> Result<(), SignalError> {
     let set = create_sigset(&SIGNALS).map_err(SignalError::Set)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is a valid sigset and `sig` a valid out-pointer.
-            let ret = unsafe { libc::sigwait(&set, &mut sig) };
-            if ret != 0 {
-                log::error!("sigwait failed: {}", std::io::Error::from_raw_os_error(ret));
+            // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `set` is a valid sigset and `info` a valid out-pointer.
+            let sig = unsafe { libc::sigwaitinfo(&set, &mut info) };
+            if sig < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("sigwaitinfo failed: {e}");
                 return;
             }
-            eprintln!("vmm-ref: terminating on signal {sig}");
-            stop.request(StopReason::Quit);
+            let reason = StopReason::Signal {
+                signal: sig,
+                sender: sender(&info),
+            };
+            if !stop.request(reason) {
+                log::info!("signal {sig} ignored: the VMM is already stopping");
+            }
         })
         .map(drop)
         .map_err(SignalError::Spawn)
+}
+
+/// `from pid N (comm)` for a signal a process sent with kill(2) or
+/// sigqueue(3); empty for one the kernel raised (SIGHUP of a closed terminal).
+fn sender(info: &libc::siginfo_t) -> String {
+    if info.si_code != libc::SI_USER && info.si_code != libc::SI_QUEUE {
+        return String::new();
+    }
+    // SAFETY: for SI_USER and SI_QUEUE the kernel filled the `kill` member
+    // of the union, whose first field is the sender's pid.
+    let pid = unsafe { info.si_pid() };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    match comm.trim() {
+        "" => format!("from pid {pid}"),
+        name => format!("from pid {pid} ({name})"),
+    }
 }

@@ -140,6 +140,7 @@ fn shutdown_cause(reason: &StopReason) -> &'static str {
         StopReason::DebugExit(_) | StopReason::SystemEvent { .. } => "guest-shutdown",
         StopReason::I8042Reset | StopReason::TripleFault { .. } => "guest-reset",
         StopReason::Quit => "host-qmp-quit",
+        StopReason::Signal { .. } => "host-signal",
         StopReason::VcpuError { .. } => "host-error",
     }
 }

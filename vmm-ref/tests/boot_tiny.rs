@@ -232,12 +232,36 @@ fn sigterm_is_a_clean_shutdown() {
     }
     let dir = TempDir::new("sigterm");
     let kernel = write_guest(&dir, &echo_cmdline_then_halt_code());
-    let vmm = Running::spawn(&["--kernel", &kernel]);
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", sock.display());
+    let stderr = dir.join("stderr");
+    let vmm = Running::spawn_with_stderr_to(&["--kernel", &kernel, "--qmp", &qmp_arg], &stderr);
     vmm.expect_line("OK:", RUN_TIMEOUT);
+    let mut qmp = Qmp::connect(&sock, RUN_TIMEOUT);
     // SAFETY: kill(2) with a valid pid and signal number touches no memory.
     let ret = unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
     assert_eq!(ret, 0);
+    let event = loop {
+        let msg = qmp.read();
+        if msg["event"] == "SHUTDOWN" {
+            break msg;
+        }
+    };
+    // QEMU's cause for a termination signal.
+    assert_eq!(
+        event["data"],
+        serde_json::json!({"guest": false, "reason": "host-signal"})
+    );
     assert_eq!(vmm.wait(RUN_TIMEOUT), Some(0));
+    // One message, naming the signal and who sent it (this test).
+    let stderr = std::fs::read_to_string(&stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line: {stderr:?}");
+    let want = format!(
+        "vmm-ref: terminating on signal 15 from pid {} (",
+        std::process::id()
+    );
+    assert!(lines[0].starts_with(&want), "{stderr:?}");
 }
 
 #[test]

@@ -27,8 +27,16 @@ pub enum StopReason {
         /// KVM_SYSTEM_EVENT_* type.
         kind: u32,
     },
-    /// The control plane (QMP `quit`, a signal) asked to stop.
+    /// The control plane (QMP `quit`) asked to stop.
     Quit,
+    /// A termination signal (SIGINT, SIGTERM, SIGHUP) asked to stop: a clean
+    /// shutdown, as QEMU's `host-signal`.
+    Signal {
+        /// The signal number.
+        signal: i32,
+        /// Who sent it (`from pid N (comm)`), empty if the kernel did not say.
+        sender: String,
+    },
     /// A vCPU failed (emulation failure, failed entry, unexpected exit...).
     VcpuError {
         /// The vCPU.
@@ -48,7 +56,7 @@ impl StopReason {
     pub fn exit_status(&self) -> i32 {
         match self {
             StopReason::DebugExit(v) => (*v).min(255) as i32,
-            StopReason::I8042Reset | StopReason::Quit => 0,
+            StopReason::I8042Reset | StopReason::Quit | StopReason::Signal { .. } => 0,
             StopReason::SystemEvent { kind, .. } => i32::from(*kind == KVM_SYSTEM_EVENT_CRASH),
             StopReason::TripleFault { .. } | StopReason::VcpuError { .. } => 1,
         }
@@ -56,7 +64,10 @@ impl StopReason {
 
     /// True for stops the guest asked for (as opposed to failures or `quit`).
     pub fn is_guest_initiated(&self) -> bool {
-        !matches!(self, StopReason::Quit | StopReason::VcpuError { .. })
+        !matches!(
+            self,
+            StopReason::Quit | StopReason::Signal { .. } | StopReason::VcpuError { .. }
+        )
     }
 }
 
@@ -74,6 +85,13 @@ impl fmt::Display for StopReason {
                 write!(f, "vCPU {vcpu} reported KVM system event {kind}")
             }
             StopReason::Quit => write!(f, "quit requested"),
+            StopReason::Signal { signal, sender } => {
+                write!(f, "terminating on signal {signal}")?;
+                if !sender.is_empty() {
+                    write!(f, " {sender}")?;
+                }
+                Ok(())
+            }
             StopReason::VcpuError { vcpu, detail } => write!(f, "vCPU {vcpu} failed: {detail}"),
         }
     }

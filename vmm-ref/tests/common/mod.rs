@@ -316,14 +316,24 @@ impl Running {
         stdin.flush().unwrap();
     }
 
+    /// Like [`Running::spawn`], with stderr written to the file `stderr`.
+    pub fn spawn_with_stderr_to(args: &[&str], stderr: &Path) -> Running {
+        let file = std::fs::File::create(stderr).expect("create the stderr file");
+        Self::spawn_full(args, Stdio::null(), &[], Stdio::from(file))
+    }
+
     fn spawn_with(args: &[&str], stdin: Stdio, env: &[(&str, &str)]) -> Running {
+        Self::spawn_full(args, stdin, env, Stdio::inherit())
+    }
+
+    fn spawn_full(args: &[&str], stdin: Stdio, env: &[(&str, &str)], stderr: Stdio) -> Running {
         use std::io::BufRead;
         let mut child = Command::new(VMM_REF)
             .args(args)
             .envs(env.iter().copied())
             .stdin(stdin)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn vmm-ref");
         let out = child.stdout.take().unwrap();

@@ -184,7 +184,9 @@ each terminated by `\\r\\n`). {origin}
 * Events: `{"timestamp": {"seconds": S, "microseconds": US}, "event": NAME,
   "data": {...}}`, sent to every client that finished negotiation. vmm-ref emits
   `RESET` and `SHUTDOWN` (`"guest": false` with reason `host-qmp-system-reset` /
-  `host-qmp-quit` when asked over QMP; `"guest": true` when the guest resets or stops).
+  `host-qmp-quit` when asked over QMP, `host-signal` on SIGINT/SIGTERM/SIGHUP,
+  `host-error` when a vCPU failed; `"guest": true` when the guest resets or stops),
+  `STOP` and `RESUME` (no `data`; after `stop` / `cont` changed the run state).
 """
 
 DESCRIPTIONS = {
