@@ -248,7 +248,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         "objects",
         true,
         3,
-        r#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"io2","poll-max-ns":0}}
+        r#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"io2","poll-max-ns":0,"poll-algorithm":"classic"}}
            {"execute":"object-del","arguments":{"id":"io2"}}{"execute":"object-del","arguments":{"id":"io0"}}
            {"execute":"object-add","arguments":{"qom-type":"memory-backend-ram","id":"m"}}"#,
     );
@@ -263,7 +263,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         "lifecycle",
         true,
         128,
-        r#"{"execute":"system_reset"}{"execute":"quit"}"#,
+        r#"{"execute":"stop"}{"execute":"cont"}{"execute":"system_reset"}{"execute":"quit"}"#,
     );
     add(
         "protocol_errors",
