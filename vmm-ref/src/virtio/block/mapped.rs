@@ -63,7 +63,7 @@ impl MappedImage {
     /// is empty, the SIGBUS guard cannot be installed, every guard slot is
     /// taken, or `mmap` fails: the caller then reads with `preadv`.
     pub fn new(file: &File) -> io::Result<MappedImage> {
-        let len = usize::try_from(file.metadata()?.len())
+        let len = usize::try_from(super::raw::image_size(file)?)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "image too large to map"))?;
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty image"));

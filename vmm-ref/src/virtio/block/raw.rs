@@ -171,6 +171,26 @@ pub fn is_not_an_image(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<NotAnImage>())
 }
 
+/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`, a block device's size in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// The size of an image in bytes: `st_size` for a regular file, the device's
+/// size for a block device (whose `st_size` is 0).
+pub fn image_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
+    // to `size`, alive for the call; the descriptor is owned by `file`.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
 /// Opens an image read-only or read-write, close-on-exec, with `O_DIRECT`
 /// if `direct`, without ever blocking in `open`: it opens with `O_NONBLOCK`
 /// (a FIFO opened read-only would otherwise wait for a writer forever),
@@ -292,9 +312,9 @@ impl RawFile {
         (self.mem_align, self.offset_align)
     }
 
-    /// Size in bytes.
+    /// Size in bytes (of a block device too).
     pub fn size(&self) -> io::Result<u64> {
-        Ok(self.buffered.metadata()?.len())
+        image_size(&self.buffered)
     }
 
     /// The buffered descriptor (always open).
@@ -664,6 +684,47 @@ mod tests {
         let raw = RawFile::open(&path, false, false);
         std::fs::remove_file(&path).unwrap();
         Some(raw.unwrap())
+    }
+
+    /// A block device's size is the device's, not its `st_size` (0): a loop
+    /// device over a 1 MiB + 4 KiB file, opened as the block device does and
+    /// mapped as `aio=auto` does. Skipped where `losetup` cannot attach one
+    /// (not root, no loop driver).
+    #[test]
+    fn block_devices_have_their_real_size() {
+        let disk = temp_disk((1 << 20) + 4096, 0x5a);
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(disk.as_path())
+            .output();
+        let dev = match out {
+            Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap().trim().to_owned(),
+            other => {
+                eprintln!("skipped: cannot attach a loop device: {other:?}");
+                return;
+            }
+        };
+        let detach = || {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &dev])
+                .status();
+        };
+        let result = std::panic::catch_unwind(|| {
+            assert!(std::fs::metadata(&dev)
+                .unwrap()
+                .file_type()
+                .is_block_device());
+            let raw = RawFile::open(Path::new(&dev), true, false).unwrap();
+            assert_eq!(raw.size().unwrap(), (1 << 20) + 4096);
+            let file = File::open(&dev).unwrap();
+            assert_eq!(image_size(&file).unwrap(), (1 << 20) + 4096);
+            let mapped = MappedImage::new(&file).unwrap();
+            assert_eq!(mapped.len(), (1 << 20) + 4096);
+        });
+        detach();
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
     }
 
     /// A FIFO at `path` (removed by the caller).
