@@ -369,6 +369,14 @@ pub fn run(cfg: ValidExportConfig) -> Result<i32, DaemonError> {
         eprintln!("vmm-ref: {reason}");
     }
     daemon.shutdown();
+    // `quit`'s SHUTDOWN is the dispatcher's; a signal's is sent here, as
+    // `vmm-ref run` does.
+    if let (StopReason::Signal { .. }, Some(server)) = (&reason, &qmp_server) {
+        server.events().emit(
+            "SHUTDOWN",
+            serde_json::json!({"guest": false, "reason": "host-signal"}),
+        );
+    }
     // Dropped after the shutdown so that queued replies and events are flushed.
     drop(qmp_server);
     Ok(0)

@@ -670,10 +670,13 @@ fn connected_front_end_blocks_safe_removal_and_sigterm_stops_cleanly() {
         json!([{"type": "block-node", "node-name": "d0"}])
     );
 
-    // SIGTERM: a clean stop, status 0, sockets removed.
+    // SIGTERM: a clean stop, status 0, sockets removed; QMP clients get
+    // SHUTDOWN `host-signal` first.
     let pid = d.proc.child.id() as libc::pid_t;
     // SAFETY: plain kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let ev = d.qmp.wait_event("SHUTDOWN");
+    assert_eq!(ev["data"], json!({"guest": false, "reason": "host-signal"}));
     let Daemon { proc, .. } = d;
     assert_eq!(proc.wait(T), Some(0));
     assert!(!Path::new(&sock).exists());

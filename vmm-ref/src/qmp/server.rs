@@ -584,6 +584,11 @@ impl Worker {
                     }
                 }
             }
+            // Events the machine emitted while the command ran (`STOP` after
+            // `stop`) go out now: after its reply, before the next command's.
+            // (Also keeps a flood of such commands from overflowing the
+            // event channel, which is drained once per poll otherwise.)
+            self.drain_events();
         }
     }
 

@@ -55,6 +55,9 @@ pub(crate) struct FakeMachine {
     /// the QMP worker thread, as a slow command would).
     pub(crate) reset_gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     pub(crate) guards: Mutex<Vec<HolderGuard>>,
+    /// When set, `stop` and `cont` emit `STOP` / `RESUME` through it while
+    /// they run, as the real machine does (not as a follow-up of the command).
+    pub(crate) events: Mutex<Option<crate::qmp::EventSender>>,
 }
 
 impl FakeMachine {
@@ -78,11 +81,23 @@ impl FakeMachine {
             panic_on_status: AtomicBool::new(false),
             reset_gate: Mutex::new(None),
             guards: Mutex::new(vec![guard]),
+            events: Mutex::new(None),
         })
     }
 }
 
 impl FakeMachine {
+    fn emit(&self, name: &str) {
+        if let Some(events) = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            events.emit(name, serde_json::Value::Null);
+        }
+    }
+
     /// `stop`/`cont`: running <-> paused; refused once shut down.
     fn set_running(&self, running: bool) -> Result<(), String> {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,11 +124,15 @@ impl QmpMachine for FakeMachine {
     }
 
     fn stop(&self) -> Result<(), String> {
-        self.set_running(false)
+        self.set_running(false)?;
+        self.emit("STOP");
+        Ok(())
     }
 
     fn cont(&self) -> Result<(), String> {
-        self.set_running(true)
+        self.set_running(true)?;
+        self.emit("RESUME");
+        Ok(())
     }
 
     fn system_reset(&self) -> Result<(), String> {

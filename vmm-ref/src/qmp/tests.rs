@@ -468,6 +468,63 @@ fn drive_set_iothreads_takes_a_list_of_names_or_of_mapping_objects() {
     );
 }
 
+/// Events a machine emits while a command runs follow that command's reply,
+/// before the next command's, however many commands one write carries; and a
+/// flood of them is not dropped (the event channel holds 4096).
+#[test]
+fn events_emitted_by_a_command_follow_its_reply() {
+    let f = Fixture::new();
+    *f.machine.events.lock().unwrap() = Some(f.server.events());
+    let mut c = f.client();
+    let mut watcher = f.client();
+    c.send_raw(
+        b"{\"execute\":\"stop\",\"id\":0}{\"execute\":\"query-status\",\"id\":1}\
+          {\"execute\":\"cont\",\"id\":2}{\"execute\":\"query-status\",\"id\":3}\n",
+    );
+    let order: Vec<Value> = (0..6)
+        .map(|_| {
+            let m = c.read_msg();
+            m.get("event").cloned().unwrap_or_else(|| m["id"].clone())
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            json!(0),
+            json!("STOP"),
+            json!(1),
+            json!(2),
+            json!("RESUME"),
+            json!(3)
+        ]
+    );
+    // 5000 stop/cont pairs in one write, then a query: every event arrives,
+    // at every client.
+    let mut flood = Vec::new();
+    for _ in 0..5000 {
+        flood.extend_from_slice(b"{\"execute\":\"stop\"}{\"execute\":\"cont\"}");
+    }
+    flood.extend_from_slice(b"{\"execute\":\"query-status\",\"id\":\"end\"}\n");
+    c.send_raw(&flood);
+    let mut events = 0;
+    loop {
+        let m = c.read_msg();
+        if m.get("event").is_some() {
+            events += 1;
+        } else if m["id"] == "end" {
+            break;
+        }
+    }
+    // The last RESUME follows the last cont's reply, before the query's.
+    assert_eq!(events, 10_000);
+    let mut seen = 0;
+    while seen < 10_002 {
+        let m = watcher.read_msg();
+        assert!(m.get("event").is_some(), "{m}");
+        seen += 1;
+    }
+}
+
 #[test]
 fn stop_and_cont_reach_the_machine_by_qmp_and_hmp() {
     let f = Fixture::new();
