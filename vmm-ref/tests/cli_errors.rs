@@ -323,6 +323,16 @@ fn configuration_errors_exit_2_before_any_vm() {
             owned(&["--kernel", "/dev/null"]),
             "--kernel: '/dev/null' is not a regular file".into(),
         ),
+        // A FIFO kernel or initrd is refused at once (open(2) used to wait
+        // for a writer for ever).
+        (
+            owned(&["--kernel", &fifo]),
+            format!("--kernel: '{fifo}' is not a regular file"),
+        ),
+        (
+            owned(&["--kernel", k, "--initrd", &fifo]),
+            format!("--initrd: '{fifo}' is not a regular file"),
+        ),
         (
             owned(&["--kernel", k, "--boot", "pvh"]),
             "--boot: --boot pvh: the kernel has no PVH entry".into(),

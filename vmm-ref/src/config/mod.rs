@@ -9,7 +9,6 @@ pub mod vhost_user;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
@@ -489,7 +488,7 @@ fn check_initrd(
             },
         )
     };
-    let meta = File::open(path)
+    let meta = crate::vm::kernel::open_boot_file(path)
         .and_then(|f| f.metadata())
         .map_err(file_err)?;
     if meta.is_dir() {

@@ -3,7 +3,6 @@
 //! GDT and identity-mapped page tables. Pure functions over guest memory, so they
 //! are unit-tested without KVM.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -16,9 +15,11 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
 use serde::{Deserialize, Serialize};
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::cpu::BootEntry;
+use super::kernel::open_boot_file;
 use super::layout::*;
 
 /// e820 type of usable RAM.
@@ -159,7 +160,7 @@ pub fn load_kernel<F: Read + vm_memory::ReadVolatile + Seek>(
 
 /// Opens and loads the kernel file at `path`.
 pub fn load_kernel_file(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::KernelFile {
+    let mut file = open_boot_file(path).map_err(|source| BootError::KernelFile {
         path: path.to_owned(),
         source,
     })?;
@@ -201,7 +202,7 @@ pub fn load_initrd(
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(file_err)?;
+    let mut file = open_boot_file(path).map_err(file_err)?;
     let size = file.metadata().map_err(file_err)?.len();
     let addr = initrd_address(mem_size, kernel_end, size, initrd_addr_max)?;
     let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge {

@@ -141,13 +141,25 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// Opens a boot file (kernel, initrd) for reading without ever blocking in
+/// open(2): `O_NONBLOCK`, so that a FIFO is opened at once (and then refused
+/// as not a regular file) instead of waiting for a writer for ever. Reads of
+/// a regular file are unaffected by the flag.
+pub fn open_boot_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Opens `path` and checks that it is a loadable ELF64 x86 or bzImage kernel.
 pub fn probe(path: &Path) -> Result<KernelInfo, KernelError> {
     let read_err = |source| KernelError::Read {
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let mut file = open_boot_file(path).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
     if meta.is_dir() {
         // open(2) succeeds on a directory; say what read(2) would.
