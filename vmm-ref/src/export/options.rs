@@ -55,6 +55,9 @@ pub enum OptionsError {
     /// The socket path does not fit in a `sockaddr_un`.
     #[error(transparent)]
     SocketPath(SocketPathError),
+    /// The export id is not an identifier (QEMU: "Invalid block export id").
+    #[error("invalid block export id: {0}")]
+    InvalidId(iothread_registry::Error),
 }
 
 /// Which IOThreads serve the queues.
@@ -227,6 +230,8 @@ impl ExportSpec {
                 msg: "and node-name must not be empty".into(),
             });
         }
+        // Drive and IOThread ids follow the same rules.
+        iothread_registry::validate_id(&self.id).map_err(OptionsError::InvalidId)?;
         check_sun_path(&self.socket).map_err(OptionsError::SocketPath)?;
         Ok(self)
     }
@@ -548,6 +553,21 @@ mod tests {
         assert_eq!(a.into_spec().unwrap_err().to_string(), want);
         let cli = format!("vhost-user-blk,id=e0,node-name=d0,addr=unix:{long},iothread=io0");
         assert_eq!(ExportSpec::parse_cli(&cli).unwrap_err().to_string(), want);
+        // An export id that is not an identifier (QEMU refuses these too).
+        for bad in ["a b", "e0\n", "0e", "e/0"] {
+            let a = BlockExportAddArgs::from_json(json!({
+                "type": "vhost-user-blk", "id": bad, "node-name": "d0",
+                "addr": {"type": "unix", "path": "/s"}, "iothread": "io0"
+            }))
+            .unwrap();
+            let err = a.into_spec().unwrap_err().to_string();
+            assert!(
+                err.starts_with("invalid block export id: "),
+                "{bad:?}: {err}"
+            );
+        }
+        let cli = "vhost-user-blk,id=0e,node-name=d0,addr=unix:/s,iothread=io0";
+        assert!(ExportSpec::parse_cli(cli).is_err());
         // More queues than the device model serves.
         let many = BlockExportAddArgs::from_json(json!({
             "type": "vhost-user-blk", "id": "e0", "node-name": "d0",
