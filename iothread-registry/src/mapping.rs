@@ -45,8 +45,15 @@ pub struct IoThreadVqMapping {
 #[serde(deny_unknown_fields, rename = "IoThreadVqMapping")]
 struct MappingObject {
     iothread: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_list")]
     vqs: Option<Vec<u16>>,
+}
+
+/// `vqs` when present: a list (QAPI has no null for an optional member).
+fn present_list<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<u16>>, D::Error> {
+    Vec::<u16>::deserialize(d).map(Some)
 }
 
 impl<'de> Deserialize<'de> for IoThreadVqMapping {
@@ -272,6 +279,10 @@ mod tests {
             .unwrap_err()
             .starts_with("missing field `iothread`"));
         assert!(parse(r#"{"iothread": "io0", "vqs": [-1]}"#).is_err());
+        // Absent is round-robin; null is not absent.
+        assert!(parse(r#"{"iothread": "io0", "vqs": null}"#)
+            .unwrap_err()
+            .starts_with("invalid type: null, expected a sequence"));
         let round_trip = IoThreadVqMapping::with_vqs("io1", [2]);
         assert_eq!(
             parse(&serde_json::to_string(&round_trip).unwrap()),

@@ -230,10 +230,9 @@ impl<'de> de::Deserializer<'de> for MemberValue {
     type Error = serde_json::Error;
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
-        match self.0 {
-            Value::Null => visitor.visit_some(Value::Null),
-            other => other.deserialize_option(visitor),
-        }
+        // Present, whatever the value: the member's own type decides, still
+        // through this wrapper (an optional enum refuses serde's map form too).
+        visitor.visit_some(self)
     }
 
     forward_to_value! {
@@ -287,13 +286,23 @@ impl<'de> de::Deserializer<'de> for MemberValue {
         self.0.deserialize_struct(name, fields, visitor)
     }
 
+    /// QAPI enums are strings: serde's `{"variant": null}` form is refused.
     fn deserialize_enum<V: Visitor<'de>>(
         self,
         name: &'static str,
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        self.0.deserialize_enum(name, variants, visitor)
+        use serde::de::{Error, Unexpected};
+        let unexpected = match &self.0 {
+            Value::String(_) => return self.0.deserialize_enum(name, variants, visitor),
+            Value::Null => Unexpected::Unit,
+            Value::Bool(b) => Unexpected::Bool(*b),
+            Value::Number(_) => Unexpected::Other("number"),
+            Value::Array(_) => Unexpected::Seq,
+            Value::Object(_) => Unexpected::Map,
+        };
+        Err(serde_json::Error::invalid_type(unexpected, &"string"))
     }
 }
 
@@ -376,10 +385,18 @@ mod tests {
             Err("Invalid parameter type for 'list', expected: array".into())
         );
         assert!(parse(json!({"id": "x", "kind": null})).is_err());
-        assert_eq!(
-            parse(json!({"id": "x", "kind": 1})),
-            Err("Invalid parameter type for 'kind', expected: string".into())
-        );
+        // An enum is a string, not serde's {"variant": null}.
+        for bad in [
+            json!(1),
+            json!({"iothread": null}),
+            json!({}),
+            json!(["iothread"]),
+        ] {
+            assert_eq!(
+                parse(json!({"id": "x", "kind": bad})),
+                Err("Invalid parameter type for 'kind', expected: string".into())
+            );
+        }
         assert_eq!(
             parse(json!({"id": null})),
             Err("Invalid parameter type for 'id', expected: string".into())

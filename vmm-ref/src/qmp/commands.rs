@@ -140,7 +140,43 @@ pub struct DriveSetIothreadsArgs {
     /// One IOThread for every queue.
     pub iothread: Option<String>,
     /// Per-queue IOThreads.
-    pub iothread_vq_mapping: Option<IoThreadChoice>,
+    pub iothread_vq_mapping: Option<VqMappingList>,
+}
+
+/// `x-drive-set-iothreads`' `iothread-vq-mapping`: a list of IOThread names
+/// (round-robin) or of `{"iothread", "vqs"}` objects; one name is the
+/// `iothread` member's job. Anything but a list is "Invalid parameter type
+/// ..., expected: array"; a list of anything else names the two forms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VqMappingList(pub IoThreadChoice);
+
+/// The forms [`VqMappingList`] takes, as its error says.
+const VQ_MAPPING_LIST_FORMS: &str =
+    "expected a list of IOThread names or a list of {\"iothread\": ..., \"vqs\": [...]} objects";
+
+impl<'de> Deserialize<'de> for VqMappingList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, Unexpected};
+        let items = match Value::deserialize(deserializer)? {
+            Value::Array(items) => items,
+            Value::Null => return Err(D::Error::invalid_type(Unexpected::Unit, &"array")),
+            Value::Bool(b) => return Err(D::Error::invalid_type(Unexpected::Bool(b), &"array")),
+            Value::Number(_) => {
+                return Err(D::Error::invalid_type(
+                    Unexpected::Other("number"),
+                    &"array",
+                ))
+            }
+            Value::String(s) => return Err(D::Error::invalid_type(Unexpected::Str(&s), &"array")),
+            Value::Object(_) => return Err(D::Error::invalid_type(Unexpected::Map, &"array")),
+        };
+        if !(items.iter().all(Value::is_string) || items.iter().all(Value::is_object)) {
+            return Err(D::Error::custom(VQ_MAPPING_LIST_FORMS));
+        }
+        IoThreadChoice::deserialize(Value::Array(items))
+            .map(VqMappingList)
+            .map_err(D::Error::custom)
+    }
 }
 
 /// `human-monitor-command` arguments.
@@ -242,18 +278,7 @@ impl Command {
             }
             "object-del" => Command::ObjectDel(parse_args(args)?),
             "query-block" => no_args(args).map(|()| Command::QueryBlock)?,
-            "x-drive-set-iothreads" => {
-                let args: DriveSetIothreadsArgs = parse_args(args)?;
-                // One name is the `iothread` member's job; the mapping is a list.
-                if let Some(IoThreadChoice::Single(_)) = args.iothread_vq_mapping {
-                    return Err(ArgError::InvalidType {
-                        name: "iothread-vq-mapping".into(),
-                        expected: "array".into(),
-                    }
-                    .into());
-                }
-                Command::XDriveSetIothreads(args)
-            }
+            "x-drive-set-iothreads" => Command::XDriveSetIothreads(parse_args(args)?),
             "block-export-add" => {
                 // As QEMU: the union discriminator first.
                 match args.as_ref().and_then(|a| a.get("type")) {
@@ -420,7 +445,7 @@ impl Dispatcher {
                 let list = args
                     .iothread_vq_mapping
                     .as_ref()
-                    .map(IoThreadChoice::mapping);
+                    .map(|list| list.0.mapping());
                 let mapping = drive_mapping(args.iothread.as_deref(), list.as_deref())
                     .map_err(CommandError::generic)?;
                 self.machine

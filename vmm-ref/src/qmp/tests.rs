@@ -413,14 +413,21 @@ fn object_add_takes_the_poll_algorithm_like_the_command_line() {
         .1,
         "Parameter 'poll-algorithm' does not accept value 'fast'"
     );
-    assert_eq!(
-        c.err(
-            "object-add",
-            Some(json!({"qom-type": "iothread", "id": "io4", "poll-algorithm": 1}))
-        )
-        .1,
-        "Invalid parameter type for 'poll-algorithm', expected: string"
-    );
+    for bad in [
+        json!(1),
+        json!({"classic": null}),
+        json!(null),
+        json!(["classic"]),
+    ] {
+        assert_eq!(
+            c.err(
+                "object-add",
+                Some(json!({"qom-type": "iothread", "id": "io4", "poll-algorithm": bad}))
+            )
+            .1,
+            "Invalid parameter type for 'poll-algorithm', expected: string"
+        );
+    }
     assert!(!f.machine.registry_ref().contains("io4"));
     // HMP's object_add, as the command line spells it.
     assert_eq!(
@@ -442,16 +449,30 @@ fn drive_set_iothreads_takes_a_list_of_names_or_of_mapping_objects() {
     assert!(parse(json!({"id": "d0", "iothread-vq-mapping": ["io0", "io1"]})).is_ok());
     assert!(parse(json!({"id": "d0", "iothread-vq-mapping": [{"iothread": "io0"}]})).is_ok());
     assert!(parse(json!({"id": "d0", "iothread": "io0"})).is_ok());
-    assert_eq!(
-        parse(json!({"id": "d0", "iothread-vq-mapping": "io0"})),
-        Err("Invalid parameter type for 'iothread-vq-mapping', expected: array".into())
-    );
-    let forms = "Parameter 'iothread-vq-mapping': expected an IOThread name, a list of \
+    for bad in [
+        json!("io0"),
+        json!(null),
+        json!(7),
+        json!({"iothread": "io0"}),
+    ] {
+        assert_eq!(
+            parse(json!({"id": "d0", "iothread-vq-mapping": bad})),
+            Err("Invalid parameter type for 'iothread-vq-mapping', expected: array".into())
+        );
+    }
+    // vqs: a list when present.
+    assert!(parse(json!({
+        "id": "d0",
+        "iothread-vq-mapping": [{"iothread": "io0", "vqs": null}]
+    }))
+    .is_err());
+    let forms = "Parameter 'iothread-vq-mapping': expected a list of \
                  IOThread names or a list of {\"iothread\": ..., \"vqs\": [...]} objects";
     for bad in [
         json!([["io0"]]),
         json!(["io0", {"iothread": "io1"}]),
-        json!(7),
+        json!([null]),
+        json!([1]),
     ] {
         assert_eq!(
             parse(json!({"id": "d0", "iothread-vq-mapping": bad})),
