@@ -63,10 +63,18 @@ pub fn cli_main(args: impl IntoIterator<Item = OsString>) -> i32 {
     logger::init();
     let cli = match config::cli::Cli::try_parse_from(args) {
         Ok(c) => c,
-        Err(e) => {
-            // clap prints help/version to stdout (status 0) and errors to stderr (2).
+        Err(e) if !e.use_stderr() => {
+            // --help / --version: to stdout, status 0.
             let _ = e.print();
             return e.exit_code();
+        }
+        Err(e) => {
+            // A usage error: one line, like every configuration error (clap's
+            // own rendering adds a usage block and tips on further lines).
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see --help)");
+            return EXIT_CONFIG_ERROR;
         }
     };
     let run = match cli.command {
