@@ -95,6 +95,12 @@ pub fn spawn_stdin_forwarder(
                     Ok(0) => return,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // The terminal went away (hang-up): the end of input, as
+                    // EOF is; SIGHUP stops the VMM and says so.
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                        log::debug!("serial input: stdin hung up: {e}");
+                        return;
+                    }
                     Err(e) => {
                         log::warn!("serial input: cannot read stdin: {e}");
                         return;
