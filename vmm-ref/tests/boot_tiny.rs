@@ -264,6 +264,60 @@ fn sigterm_is_a_clean_shutdown() {
     assert!(lines[0].starts_with(&want), "{stderr:?}");
 }
 
+/// stdin a terminal that hangs up (reads fail with EIO): the end of the
+/// guest's input, not an error; a SIGTERM afterwards is the only message.
+#[test]
+fn a_terminal_hang_up_on_stdin_ends_input_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if !kvm_available("a_terminal_hang_up_on_stdin_ends_input_quietly") {
+        return;
+    }
+    let dir = TempDir::new("hangup");
+    let kernel = write_guest(&dir, &echo_cmdline_then_halt_code());
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the two ints; the name,
+    // termios and window-size pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // The child must not inherit the master: its copy would keep the
+    // terminal from hanging up.
+    for fd in [master, slave] {
+        // SAFETY: F_SETFD on a descriptor openpty just returned.
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(rc, 0);
+    }
+    // SAFETY: openpty just returned these descriptors; nothing else owns them.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let stderr = dir.join("stderr");
+    let vmm = Running::spawn_with_stdio(
+        &["--kernel", &kernel],
+        std::process::Stdio::from(slave),
+        std::process::Stdio::from(std::fs::File::create(&stderr).unwrap()),
+    );
+    vmm.expect_line("OK:", RUN_TIMEOUT);
+    drop(master);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill(2) with a valid pid and signal number touches no memory.
+    let rc = unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    assert_eq!(vmm.wait(RUN_TIMEOUT), Some(0));
+    let stderr = std::fs::read_to_string(&stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "only the signal's line: {stderr:?}");
+    assert!(
+        lines[0].starts_with("vmm-ref: terminating on signal 15"),
+        "{stderr:?}"
+    );
+}
+
 #[test]
 fn stdin_reaches_the_guest_serial_port() {
     if !kvm_available("stdin_reaches_the_guest_serial_port") {

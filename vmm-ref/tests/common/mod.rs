@@ -316,6 +316,11 @@ impl Running {
         stdin.flush().unwrap();
     }
 
+    /// Like [`Running::spawn`], with the given stdin and stderr.
+    pub fn spawn_with_stdio(args: &[&str], stdin: Stdio, stderr: Stdio) -> Running {
+        Self::spawn_full(args, stdin, &[], stderr)
+    }
+
     /// Like [`Running::spawn`], with stderr written to the file `stderr`.
     pub fn spawn_with_stderr_to(args: &[&str], stderr: &Path) -> Running {
         let file = std::fs::File::create(stderr).expect("create the stderr file");
