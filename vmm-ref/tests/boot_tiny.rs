@@ -241,12 +241,7 @@ fn sigterm_is_a_clean_shutdown() {
     // SAFETY: kill(2) with a valid pid and signal number touches no memory.
     let ret = unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
     assert_eq!(ret, 0);
-    let event = loop {
-        let msg = qmp.read();
-        if msg["event"] == "SHUTDOWN" {
-            break msg;
-        }
-    };
+    let event = qmp.wait_event("SHUTDOWN");
     // QEMU's cause for a termination signal.
     assert_eq!(
         event["data"],

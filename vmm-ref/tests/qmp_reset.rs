@@ -4,19 +4,18 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
 
-#[test]
-fn system_reset_reruns_the_guest_and_quit_exits() {
-    if !kvm_available("system_reset_reruns_the_guest_and_quit_exits") {
-        return;
-    }
-    let dir = TempDir::new("qmpreset");
-    let kernel = dir.join("halt.elf");
-    std::fs::write(&kernel, tiny_elf(&echo_cmdline_then_halt_code())).unwrap();
+/// Boots `code` with `--cmdline first`, `vcpus` vCPUs and a QMP socket;
+/// returns the directory (keep it alive), the VMM and the socket path.
+fn boot_with_qmp(tag: &str, code: &[u8], vcpus: &str) -> (TempDir, Running, PathBuf) {
+    let dir = TempDir::new(tag);
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, tiny_elf(code)).unwrap();
     let sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{}", sock.display());
     let vmm = Running::spawn(&[
@@ -24,9 +23,20 @@ fn system_reset_reruns_the_guest_and_quit_exits() {
         kernel.to_str().unwrap(),
         "--cmdline",
         "first",
+        "--vcpus",
+        vcpus,
         "--qmp",
         &qmp_arg,
     ]);
+    (dir, vmm, sock)
+}
+
+#[test]
+fn system_reset_reruns_the_guest_and_quit_exits() {
+    if !kvm_available("system_reset_reruns_the_guest_and_quit_exits") {
+        return;
+    }
+    let (_dir, vmm, sock) = boot_with_qmp("qmpreset", &echo_cmdline_then_halt_code(), "1");
     let t = Duration::from_secs(120);
     let line = vmm.expect_line("OK:", t);
     assert!(line.starts_with("OK:first tsc_khz="), "{line}");
@@ -61,21 +71,7 @@ fn system_reset_reruns_the_guest_and_quit_exits() {
 /// answered, so a vCPU may not have run between one reset's resume and the
 /// next reset's pause) all succeed promptly, and the guest runs after them.
 fn back_to_back_system_resets(vcpus: &str) {
-    let dir = TempDir::new("qmpresets");
-    let kernel = dir.join("halt.elf");
-    std::fs::write(&kernel, tiny_elf(&echo_cmdline_then_halt_code())).unwrap();
-    let sock = dir.join("qmp.sock");
-    let qmp_arg = format!("unix:{}", sock.display());
-    let vmm = Running::spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        "first",
-        "--vcpus",
-        vcpus,
-        "--qmp",
-        &qmp_arg,
-    ]);
+    let (_dir, vmm, sock) = boot_with_qmp("qmpresets", &echo_cmdline_then_halt_code(), vcpus);
     let t = Duration::from_secs(120);
     vmm.expect_line("OK:first", t);
     let mut qmp = Qmp::connect(&sock, t);
@@ -114,16 +110,6 @@ fn back_to_back_system_resets_two_vcpus() {
     }
 }
 
-/// Reads QMP messages until event `name` arrives (replies are skipped).
-fn wait_event(qmp: &mut Qmp, name: &str) -> serde_json::Value {
-    loop {
-        let msg = qmp.read();
-        if msg["event"] == name {
-            return msg;
-        }
-    }
-}
-
 /// `stop` takes the guest off its vCPUs until `cont` (a guest printing a line
 /// every few milliseconds prints nothing in between), a `system_reset` while
 /// stopped stays stopped and is applied by `cont`, and a stopped VM quits.
@@ -132,21 +118,7 @@ fn stop_and_cont_pause_and_resume_the_guest() {
     if !kvm_available("stop_and_cont_pause_and_resume_the_guest") {
         return;
     }
-    let dir = TempDir::new("qmpstop");
-    let kernel = dir.join("tick.elf");
-    std::fs::write(&kernel, tiny_elf(&echo_cmdline_then_tick_code())).unwrap();
-    let sock = dir.join("qmp.sock");
-    let qmp_arg = format!("unix:{}", sock.display());
-    let vmm = Running::spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        "first",
-        "--vcpus",
-        "2",
-        "--qmp",
-        &qmp_arg,
-    ]);
+    let (_dir, vmm, sock) = boot_with_qmp("qmpstop", &echo_cmdline_then_tick_code(), "2");
     let t = Duration::from_secs(120);
     vmm.expect_line("OK:first", t);
     vmm.expect_line("T", t);
@@ -164,20 +136,20 @@ fn stop_and_cont_pause_and_resume_the_guest() {
     let running = json!({"status": "running", "running": true});
 
     assert_eq!(qmp.execute("stop", json!(null)), json!({}));
-    assert!(wait_event(&mut qmp, "STOP").get("data").is_none());
+    assert!(qmp.wait_event("STOP").get("data").is_none());
     assert_eq!(qmp.execute("query-status", json!(null)), paused);
     quiet("stopped");
     assert_eq!(qmp.execute("stop", json!(null)), json!({}), "stop again");
     assert_eq!(qmp.execute("cont", json!(null)), json!({}));
-    wait_event(&mut qmp, "RESUME");
+    qmp.wait_event("RESUME");
     assert_eq!(qmp.execute("query-status", json!(null)), running);
     vmm.expect_line("T", t);
 
     // A reset while stopped: still stopped, and the guest starts over at cont.
     qmp.execute("stop", json!(null));
-    wait_event(&mut qmp, "STOP");
+    qmp.wait_event("STOP");
     assert_eq!(qmp.execute("system_reset", json!(null)), json!({}));
-    wait_event(&mut qmp, "RESET");
+    qmp.wait_event("RESET");
     assert_eq!(qmp.execute("query-status", json!(null)), paused);
     quiet("reset while stopped");
     qmp.execute("cont", json!(null));

@@ -9,7 +9,6 @@ pub mod vhost_user;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
@@ -20,7 +19,7 @@ use iothread_registry::{IoThreadParams, IoThreadVqMapping, Property};
 use serde::{Deserialize, Serialize};
 
 use crate::virtio::block::lock::{ImageLock, LockError, LockMode};
-use crate::virtio::block::raw::{is_not_an_image, open_image};
+use crate::virtio::block::raw::{image_size, is_not_an_image, open_image};
 use crate::vm::boot::{BootError, BootProtocol};
 use crate::vm::kernel::KernelInfo;
 use crate::vm::layout::{MAX_VCPUS, MAX_VIRTIO_DEVICES};
@@ -547,8 +546,7 @@ pub(crate) fn check_image_file(
             },
         )
     })?;
-    // The end offset is the size of block devices too (their st_size is 0).
-    let size = (&handle).seek(SeekFrom::End(0)).map_err(|source| {
+    let size = image_size(&handle).map_err(|source| {
         ConfigError::option(
             option,
             InvalidOption::File {
@@ -570,8 +568,6 @@ pub(crate) fn check_image_file(
     Ok(())
 }
 
-/// Locks an image the way a virtio-blk device of QEMU does (see
-/// [`crate::virtio::block::lock`]); a conflict is a configuration error.
 /// Which image a drive's `file` names, so that two spellings of one image (a
 /// hard link, a symlink, a relative and an absolute path, two device nodes of one
 /// disk) are one image: device and inode for files, the device number for block
@@ -602,6 +598,8 @@ impl ImageIdentity {
     }
 }
 
+/// Locks an image the way a virtio-blk device of QEMU does (see
+/// [`crate::virtio::block::lock`]); a conflict is a configuration error.
 pub(crate) fn lock_image(
     option: &str,
     file: &Path,

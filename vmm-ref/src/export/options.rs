@@ -88,24 +88,41 @@ impl<'de> Deserialize<'de> for IoThreadChoice {
                              {\"iothread\": ..., \"vqs\": [...]} objects";
         match Value::deserialize(deserializer)? {
             Value::String(id) => Ok(IoThreadChoice::Single(id)),
-            Value::Array(items) if items.iter().all(Value::is_string) => Ok(IoThreadChoice::List(
-                items
-                    .into_iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect(),
-            )),
-            Value::Array(items) if items.iter().all(Value::is_object) => items
-                .into_iter()
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()
-                .map(IoThreadChoice::Mapping)
-                .map_err(D::Error::custom),
+            Value::Array(items) => match IoThreadChoice::from_list(items) {
+                Some(choice) => choice.map_err(D::Error::custom),
+                None => Err(D::Error::custom(FORMS)),
+            },
             _ => Err(D::Error::custom(FORMS)),
         }
     }
 }
 
 impl IoThreadChoice {
+    /// A JSON list as [`IoThreadChoice::List`] (all strings) or
+    /// [`IoThreadChoice::Mapping`] (all objects, with their own errors);
+    /// `None` for any other list.
+    pub(crate) fn from_list(
+        items: Vec<serde_json::Value>,
+    ) -> Option<Result<IoThreadChoice, serde_json::Error>> {
+        use serde_json::Value;
+        if items.iter().all(Value::is_string) {
+            let ids = items.into_iter().filter_map(|v| match v {
+                Value::String(id) => Some(id),
+                _ => None,
+            });
+            return Some(Ok(IoThreadChoice::List(ids.collect())));
+        }
+        if items.iter().all(Value::is_object) {
+            let mapping = items.into_iter().map(serde_json::from_value);
+            return Some(
+                mapping
+                    .collect::<Result<_, _>>()
+                    .map(IoThreadChoice::Mapping),
+            );
+        }
+        None
+    }
+
     /// As an `iothread-vq-mapping` (a name or list of names: entries without `vqs`).
     pub fn mapping(&self) -> Vec<IoThreadVqMapping> {
         match self {

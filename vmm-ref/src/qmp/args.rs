@@ -146,6 +146,19 @@ fn from_member_error(name: &str, err: &serde_json::Error) -> ArgError {
     ArgError::Other(format!("Parameter '{name}': {msg}"))
 }
 
+/// What a JSON value is, for serde's "invalid type: X, expected Y" (serde_json
+/// keeps its own version private).
+pub(crate) fn unexpected(value: &Value) -> de::Unexpected<'_> {
+    match value {
+        Value::Null => de::Unexpected::Unit,
+        Value::Bool(b) => de::Unexpected::Bool(*b),
+        Value::Number(_) => de::Unexpected::Other("number"),
+        Value::String(s) => de::Unexpected::Str(s),
+        Value::Array(_) => de::Unexpected::Seq,
+        Value::Object(_) => de::Unexpected::Map,
+    }
+}
+
 /// Deserialise `args` (absent = `{}`) into `T`, with QEMU's messages.
 pub(crate) fn parse_args<T: DeserializeOwned>(
     args: Option<Map<String, Value>>,
@@ -293,16 +306,10 @@ impl<'de> de::Deserializer<'de> for MemberValue {
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        use serde::de::{Error, Unexpected};
-        let unexpected = match &self.0 {
-            Value::String(_) => return self.0.deserialize_enum(name, variants, visitor),
-            Value::Null => Unexpected::Unit,
-            Value::Bool(b) => Unexpected::Bool(*b),
-            Value::Number(_) => Unexpected::Other("number"),
-            Value::Array(_) => Unexpected::Seq,
-            Value::Object(_) => Unexpected::Map,
-        };
-        Err(serde_json::Error::invalid_type(unexpected, &"string"))
+        if let Value::String(_) = self.0 {
+            return self.0.deserialize_enum(name, variants, visitor);
+        }
+        Err(de::Error::invalid_type(unexpected(&self.0), &"string"))
     }
 }
 

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::drive_mapping;
 use crate::export::{BlockExportAddArgs, BlockExportDelArgs, IoThreadChoice};
-use crate::qmp::args::{parse_args, ArgError};
+use crate::qmp::args::{parse_args, unexpected, ArgError};
 use crate::qmp::error::CommandError;
 use crate::qmp::event::Event;
 use crate::qmp::protocol::{Json, VersionInfo};
@@ -156,26 +156,14 @@ const VQ_MAPPING_LIST_FORMS: &str =
 
 impl<'de> Deserialize<'de> for VqMappingList {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{Error, Unexpected};
-        let items = match Value::deserialize(deserializer)? {
-            Value::Array(items) => items,
-            Value::Null => return Err(D::Error::invalid_type(Unexpected::Unit, &"array")),
-            Value::Bool(b) => return Err(D::Error::invalid_type(Unexpected::Bool(b), &"array")),
-            Value::Number(_) => {
-                return Err(D::Error::invalid_type(
-                    Unexpected::Other("number"),
-                    &"array",
-                ))
-            }
-            Value::String(s) => return Err(D::Error::invalid_type(Unexpected::Str(&s), &"array")),
-            Value::Object(_) => return Err(D::Error::invalid_type(Unexpected::Map, &"array")),
-        };
-        if !(items.iter().all(Value::is_string) || items.iter().all(Value::is_object)) {
-            return Err(D::Error::custom(VQ_MAPPING_LIST_FORMS));
+        use serde::de::Error;
+        match Value::deserialize(deserializer)? {
+            Value::Array(items) => match IoThreadChoice::from_list(items) {
+                Some(choice) => choice.map(VqMappingList).map_err(D::Error::custom),
+                None => Err(D::Error::custom(VQ_MAPPING_LIST_FORMS)),
+            },
+            other => Err(D::Error::invalid_type(unexpected(&other), &"array")),
         }
-        IoThreadChoice::deserialize(Value::Array(items))
-            .map(VqMappingList)
-            .map_err(D::Error::custom)
     }
 }
 

@@ -430,6 +430,17 @@ impl Qmp {
         q
     }
 
+    /// Reads messages until event `name` arrives (replies before it are
+    /// skipped) and returns it.
+    pub fn wait_event(&mut self, name: &str) -> serde_json::Value {
+        loop {
+            let msg = self.read();
+            if msg["event"] == name {
+                return msg;
+            }
+        }
+    }
+
     /// Reads the next message.
     pub fn read(&mut self) -> serde_json::Value {
         use std::io::BufRead;
