@@ -151,6 +151,18 @@ impl Drive {
         })
     }
 
+    /// QMP `stop`: the drive's queues quiesce (in-flight requests complete,
+    /// new ones wait in the rings) and the image is flushed (see
+    /// [`BlockHandle::pause`]).
+    pub fn pause(&self) -> std::io::Result<()> {
+        self.handle.pause()
+    }
+
+    /// QMP `cont`: the queues run again (see [`BlockHandle::resume`]).
+    pub fn resume(&self) -> Result<(), BlockError> {
+        self.handle.resume()
+    }
+
     /// `x-drive-set-iothreads`: moves the drive's queues to the IOThreads of
     /// `mapping` (see [`BlockHandle::set_iothreads`]).
     pub fn set_iothreads(&self, mapping: &[IoThreadVqMapping]) -> Result<(), BlockError> {

@@ -396,10 +396,14 @@ impl Vmm {
     }
 
     /// QMP `stop`: takes every vCPU out of the guest and keeps it out until
-    /// [`Vmm::resume`]. Devices go on completing the requests the guest already
-    /// queued (their IOThreads are not stopped); kvmclock is saved, so that the
-    /// guest's clock does not count the stop. A stopped VM stays stopped (no
-    /// second [`VmmEvent::Stop`]).
+    /// [`Vmm::resume`]; then, as QEMU's `vm_stop` (drain all, flush all), every
+    /// drive's queues quiesce (requests in flight complete, requests queued
+    /// stay in the rings until `cont`) and its image is flushed, so that what
+    /// the guest was told is written is in the image while the VM is stopped
+    /// (a copy taken then is consistent). vhost-user drives keep their
+    /// back-ends' rings running. kvmclock is saved, so that the guest's clock
+    /// does not count the stop. A stopped VM stays stopped (no second
+    /// [`VmmEvent::Stop`]).
     pub fn pause(&self) -> Result<(), VmmError> {
         let _serialized = lock(&self.inner.lifecycle);
         self.check_not_shut_down()?;
@@ -421,6 +425,12 @@ impl Vmm {
             })
             .ok();
         *lock(&self.inner.saved_clock) = clock;
+        for d in &self.inner.drives {
+            if let Err(e) = d.pause() {
+                // The queues are quiesced; only the flush failed.
+                log::error!("drive '{}': flush at stop failed: {e}", d.id());
+            }
+        }
         *lock(&self.inner.state) = RunState::Paused;
         self.emit(&VmmEvent::Stop);
         Ok(())
@@ -443,6 +453,12 @@ impl Vmm {
                     "the guest's clock counts the stop: {}",
                     crate::error_chain(&e)
                 );
+            }
+        }
+        for d in &self.inner.drives {
+            if let Err(e) = d.resume() {
+                // The device says DEVICE_NEEDS_RESET; the guest can recover.
+                log::error!("drive '{}': {}", d.id(), crate::error_chain(&e));
             }
         }
         vcpus.resume(None);

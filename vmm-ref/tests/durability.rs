@@ -592,3 +592,107 @@ fn export_power_cut_check_detects_skipped_flushes() {
         );
     }
 }
+
+/// Runs the test guest's write benchmark (4 KiB random writes, no FLUSH)
+/// with `case` on a power-cut disk, stops the VM over QMP once the model has
+/// served `MIN_WRITES` writes, and cuts the power right after `STOP`.
+/// Returns the model's counters at the cut (`None` without FUSE).
+fn stop_then_cut(case: &Case, skip_flush: bool) -> Option<common::powercut::Stats> {
+    const MIN_WRITES: u64 = 200;
+    let name = format!("stop-{}", case.name);
+    let disk = match PowerCutDisk::new(&name, 64 << 20) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("SKIPPED: {e} -- {name}");
+            return None;
+        }
+    };
+    let dir = common::TempDir::new(&name);
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{}", sock.display());
+    let drive = format!("id=d0,file={},{}", disk.image().display(), case.drive);
+    let mut args = vec![
+        "--kernel",
+        env!("VMM_REF_GUEST_ELF"),
+        "--memory",
+        "256M",
+        "--cmdline",
+        "scenario=bench bench.secs=120 bench.rw=randwrite bench.qd=8",
+        "--drive",
+        &drive,
+        "--qmp",
+        &qmp_arg,
+    ];
+    for o in case.objects {
+        args.extend(["--object", o]);
+    }
+    let env: &[(&str, &str)] = if skip_flush {
+        &[(SKIP_FLUSH_ENV, "1")]
+    } else {
+        &[]
+    };
+    let vmm = common::Running::spawn_with_env(&args, env);
+    vmm.expect_line("bench: start", TIMEOUT);
+    let mut qmp = common::Qmp::connect(&sock, TIMEOUT);
+    let deadline = Instant::now() + TIMEOUT;
+    while disk.stats().writes < MIN_WRITES {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: the guest wrote {:?}",
+            disk.stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        qmp.execute("stop", serde_json::json!(null)),
+        serde_json::json!({})
+    );
+    qmp.wait_event("STOP");
+    let at_cut = disk.cut_power();
+    println!("{name}: stopped after {MIN_WRITES}+ writes; at the cut: {at_cut:?}");
+    assert!(at_cut.writes >= MIN_WRITES, "{name}: {at_cut:?}");
+    // A stopped VM quits (its last flush meets the cut: an error, logged).
+    qmp.execute("quit", serde_json::json!(null));
+    vmm.wait(TIMEOUT);
+    Some(at_cut)
+}
+
+/// QMP `stop` drains and flushes the drives, as QEMU's `vm_stop` does
+/// (`bdrv_drain_all` + `bdrv_flush_all`): a guest writing without FLUSH is
+/// stopped, and the power-cut model's volatile cache must then hold nothing,
+/// i.e. every write the guest was told is complete is durable, and so is a
+/// copy of the image taken while the VM is stopped. Before the flush at
+/// stop, the pages written since the last commit were lost.
+#[test]
+fn stop_leaves_no_unflushed_write() {
+    if !kvm_available("stop_leaves_no_unflushed_write") {
+        return;
+    }
+    for case in [&IO_URING_4Q, &THREADS_2Q] {
+        let Some(at_cut) = stop_then_cut(case, false) else {
+            return;
+        };
+        assert_eq!(
+            at_cut.lost_pages, 0,
+            "{}: pages written before the stop were not flushed: {at_cut:?}",
+            case.name
+        );
+        assert!(at_cut.fsyncs >= 1, "{}: {at_cut:?}", case.name);
+    }
+}
+
+/// The check above can fail: with the VMM's flushes turned into no-ops the
+/// cut finds written pages in the volatile cache.
+#[test]
+fn stop_check_detects_skipped_flushes() {
+    if !kvm_available("stop_check_detects_skipped_flushes") {
+        return;
+    }
+    let Some(at_cut) = stop_then_cut(&THREADS_2Q, true) else {
+        return;
+    };
+    assert!(
+        at_cut.lost_pages > 0,
+        "flushes were skipped, yet nothing was in the cache: {at_cut:?}"
+    );
+}

@@ -275,6 +275,9 @@ struct Attachment {
     iothreads: Option<VqAssignment>,
     /// The queues being served, while the driver has the device activated.
     active: Option<Active>,
+    /// The VM is stopped ([`BlockHandle::pause`]): the queues are quiesced
+    /// (no handler on any IOThread) until [`BlockHandle::resume`].
+    paused: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -331,6 +334,52 @@ impl BlockHandle {
         self.shared.file.fdatasync()
     }
 
+    /// QMP `stop`, as QEMU's `vm_stop` does for its block devices (drain all,
+    /// then flush all): every running queue quiesces (its handlers leave its
+    /// IOThread, so requests the driver queues are left in the ring; its
+    /// in-flight requests complete), then the image is flushed. When this
+    /// returns, the image holds every write the guest was told is complete and
+    /// none changes it until [`BlockHandle::resume`]. Idempotent.
+    pub fn pause(&self) -> io::Result<()> {
+        let s = &*self.shared;
+        let mut att = lock(&s.attachment);
+        if att.paused {
+            return Ok(());
+        }
+        att.paused = true;
+        let Attachment {
+            iothreads, active, ..
+        } = &mut *att;
+        if let (Some(assignment), Some(active)) = (iothreads.as_ref(), active.as_mut()) {
+            active.quiesce(&s.id, assignment);
+        }
+        drop(att);
+        self.flush()
+    }
+
+    /// QMP `cont`: the queues quiesced by [`BlockHandle::pause`] go back on
+    /// their IOThreads and first take what the driver queued meanwhile (a
+    /// reset while stopped left none: the driver activates the device again).
+    /// If a queue cannot be registered again the device is marked as needing
+    /// a reset (the guest sees `DEVICE_NEEDS_RESET`) and the error returned.
+    pub fn resume(&self) -> Result<(), BlockError> {
+        let s = &*self.shared;
+        let mut att = lock(&s.attachment);
+        if !att.paused {
+            return Ok(());
+        }
+        att.paused = false;
+        let Attachment {
+            iothreads, active, ..
+        } = &mut *att;
+        let (Some(assignment), Some(active)) = (iothreads.as_ref(), active.as_mut()) else {
+            return Ok(());
+        };
+        active.resume(&s.id, assignment).inspect_err(|_| {
+            active.interrupt.set_needs_reset();
+        })
+    }
+
     /// Moves the drive's queues to the IOThreads of `mapping` while it runs
     /// (`x-drive-set-iothreads`).
     ///
@@ -351,7 +400,14 @@ impl BlockHandle {
             source,
         };
         let mut att = lock(&s.attachment);
-        let Attachment { iothreads, active } = &mut *att;
+        let Attachment {
+            iothreads,
+            active,
+            paused,
+        } = &mut *att;
+        // While the VM is stopped the queues are quiesced already and stay
+        // so: only the holders move (the queues resume there at `cont`).
+        let mut active = if *paused { None } else { active.as_mut() };
         let assignment = iothreads
             .as_mut()
             .ok_or_else(|| BlockError::Detached { id: s.id.clone() })?;
@@ -360,12 +416,12 @@ impl BlockHandle {
         iothread_registry::assign_vqs(mapping, s.num_queues, |id| s.registry.contains(id))
             .map_err(mapping_err)?;
         let old_mapping = assignment.mapping().to_vec();
-        if let Some(active) = active.as_mut() {
+        if let Some(active) = &mut active {
             active.quiesce(&s.id, assignment);
         }
         let moved = assignment.remap(mapping).map_err(mapping_err);
         let mut result = moved;
-        if let Some(active) = active.as_mut() {
+        if let Some(active) = &mut active {
             if let Err(e) = active.resume(&s.id, assignment) {
                 // Could not start on the new IOThreads: go back to the old ones.
                 log::error!("drive '{}': {}", s.id, error_chain(&e));
@@ -673,6 +729,7 @@ impl Block {
             attachment: Mutex::new(Attachment {
                 iothreads: Some(assignment),
                 active: None,
+                paused: false,
             }),
         });
         Ok(Block {
@@ -895,6 +952,14 @@ impl VirtioDevice for Block {
                 id: self.cfg.id.clone(),
             }),
         };
+        if result.is_ok() && att.paused {
+            // Only a vCPU activates a drive, and none runs while the VM is
+            // stopped; should another caller do it, the queues still wait
+            // for `cont` like the others.
+            if let Some(assignment) = att.iothreads.as_ref() {
+                active.quiesce(&self.cfg.id, assignment);
+            }
+        }
         att.active = Some(active);
         match result {
             Ok(()) => {
@@ -1252,6 +1317,119 @@ mod tests {
                 for q in 0..NQ {
                     let used = super::testing::driver::Rings::of(q, QSIZE).used_idx(&gm);
                     assert!(used <= 5, "queue {q}: used {used}");
+                }
+            }
+        }
+    }
+
+    /// A 4 KiB write at `sector`, data at `buf`.
+    fn write_req(sector: u64, buf: u64) -> Req {
+        Req {
+            t: req_type::OUT,
+            sector,
+            buf,
+            len: 4096,
+            write: false,
+        }
+    }
+
+    #[test]
+    fn pause_completes_what_is_in_flight_and_takes_nothing_until_resume() {
+        for engine in [BlockEngine::IoUring, BlockEngine::Sync] {
+            let reg = registry();
+            let disk = temp_disk(DISK, 0);
+            let mut v = vm(Block::new(cfg(disk.as_path(), engine), reg.clone()).unwrap());
+            let gm = v.mem.memory();
+            bring_up(&mut v.t, &gm, WANT, NQ, QSIZE);
+            // Four writes per queue (12 of the 16 descriptors), kicked, and the VM stopped at once: when
+            // pause returns, every request taken has completed.
+            for q in 0..NQ {
+                let reqs: Vec<Req> = (0..4u64)
+                    .map(|k| {
+                        write_req(
+                            (u64::from(q) * 4 + k) * 8,
+                            0x20_0000 + (u64::from(q) * 4 + k) * 0x2000,
+                        )
+                    })
+                    .collect();
+                for r in &reqs {
+                    gm.write_slice(&[0x40 + q as u8; 4096], GuestAddress(r.buf))
+                        .unwrap();
+                }
+                post(&gm, q, QSIZE, &reqs, 0);
+                v.kicks[q as usize].write(1).unwrap();
+            }
+            v.handle.pause().unwrap();
+            let taken: Vec<u64> = v.handle.info().queues.iter().map(|q| q.requests).collect();
+            for q in 0..NQ {
+                let used = super::testing::driver::Rings::of(q, QSIZE).used_idx(&gm);
+                assert_eq!(
+                    u64::from(used),
+                    taken[q as usize],
+                    "{engine:?} queue {q}: taken, not completed"
+                );
+            }
+            // Requests queued while stopped stay in the ring: nothing is
+            // taken, nothing reaches the image.
+            let before = std::fs::read(disk.as_path()).unwrap();
+            let late = write_req(200 * 8, 0x70_0000);
+            gm.write_slice(&[0x77; 4096], GuestAddress(late.buf))
+                .unwrap();
+            post(&gm, 0, QSIZE, &[late], 4 * 3);
+            v.kicks[0].write(1).unwrap();
+            wr(&mut v.t, regs::QUEUE_NOTIFY, 0);
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert_eq!(
+                v.handle
+                    .info()
+                    .queues
+                    .iter()
+                    .map(|q| q.requests)
+                    .collect::<Vec<_>>(),
+                taken,
+                "{engine:?}: a request was taken while stopped"
+            );
+            assert!(
+                std::fs::read(disk.as_path()).unwrap() == before,
+                "{engine:?}: the image changed while stopped"
+            );
+            // A second stop is a no-op; the holders stay.
+            v.handle.pause().unwrap();
+            assert_eq!(reg.holders("io0").unwrap(), vec![holder()]);
+            // A re-mapping while stopped moves the holders, not the queues
+            // back into service.
+            v.handle.set_iothreads(&names(&["io1"])).unwrap();
+            assert!(reg.holders("io0").unwrap().is_empty());
+            assert_eq!(reg.holders("io1").unwrap(), vec![holder()]);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert_eq!(
+                v.handle
+                    .info()
+                    .queues
+                    .iter()
+                    .map(|q| q.requests)
+                    .collect::<Vec<_>>(),
+                taken,
+                "{engine:?}: a re-mapping while stopped restarted the queues"
+            );
+            // cont: the queues take what waited (every request of the
+            // first batch completes too, whatever pause caught in flight).
+            v.handle.resume().unwrap();
+            v.handle.resume().unwrap();
+            assert!(wait_used(&gm, 0, QSIZE, 5), "{engine:?}: the late write");
+            for q in 1..NQ {
+                assert!(wait_used(&gm, q, QSIZE, 4), "{engine:?}: queue {q}");
+            }
+            assert_eq!(status_of(&gm, &late), status::OK);
+            let img = std::fs::read(disk.as_path()).unwrap();
+            assert!(img[200 * 4096..201 * 4096].iter().all(|&b| b == 0x77));
+            for q in 0..NQ as usize {
+                for k in 0..4 {
+                    let at = (q * 4 + k) * 4096;
+                    assert!(
+                        img[at..at + 4096].iter().all(|&b| b == 0x40 + q as u8),
+                        "{engine:?} q{q} k{k}"
+                    );
                 }
             }
         }
