@@ -116,6 +116,17 @@ impl VhostUserDrive {
         }
     }
 
+    /// QMP `stop`: the back-end stops the rings (see
+    /// [`VhostUserBlkHandle::pause`]).
+    pub fn pause(&self) {
+        self.handle.pause();
+    }
+
+    /// QMP `cont`: the rings start again where they stood.
+    pub fn resume(&self) {
+        self.handle.resume();
+    }
+
     /// Device reset, as if the driver wrote 0 to the status register: the
     /// back-end stops the rings.
     pub fn reset(&self) {

@@ -400,8 +400,9 @@ impl Vmm {
     /// drive's queues quiesce (requests in flight complete, requests queued
     /// stay in the rings until `cont`) and its image is flushed, so that what
     /// the guest was told is written is in the image while the VM is stopped
-    /// (a copy taken then is consistent). vhost-user drives keep their
-    /// back-ends' rings running. kvmclock is saved, so that the guest's clock
+    /// (a copy taken then is consistent). vhost-user drives have their
+    /// back-ends stop the rings (`GET_VRING_BASE`), as QEMU's
+    /// `vhost_dev_stop`; they restart where they stood. kvmclock is saved, so that the guest's clock
     /// does not count the stop. A stopped VM stays stopped (no second
     /// [`VmmEvent::Stop`]).
     pub fn pause(&self) -> Result<(), VmmError> {
@@ -430,6 +431,9 @@ impl Vmm {
                 // The queues are quiesced; only the flush failed.
                 log::error!("drive '{}': flush at stop failed: {e}", d.id());
             }
+        }
+        for d in &self.inner.vhost_user {
+            d.pause();
         }
         *lock(&self.inner.state) = RunState::Paused;
         self.emit(&VmmEvent::Stop);
@@ -460,6 +464,9 @@ impl Vmm {
                 // The device says DEVICE_NEEDS_RESET; the guest can recover.
                 log::error!("drive '{}': {}", d.id(), crate::error_chain(&e));
             }
+        }
+        for d in &self.inner.vhost_user {
+            d.resume();
         }
         vcpus.resume(None);
         *lock(&self.inner.state) = RunState::Running;

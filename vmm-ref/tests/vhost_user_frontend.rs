@@ -428,6 +428,59 @@ fn kill_and_restart(kind: Kind, queues: u16) {
     check_blocks(&image, BLOCKS);
 }
 
+/// `durability` with the VM stopped and continued over QMP after block 255:
+/// the back-end's rings are stopped (`GET_VRING_BASE`) and started again
+/// where they stood; the guest finishes and passes, no connection is lost.
+fn stop_and_cont(kind: Kind, queues: u16) {
+    let test = format!("stop_cont_{kind:?}_{queues}q");
+    if !kvm_available(&test) || (kind == Kind::Qsd && !qsd_available(&test)) {
+        return;
+    }
+    let dir = TempDir::new(&test);
+    let image = new_image(&dir);
+    let socket = dir.join("vu.sock");
+    let qmp_sock = dir.join("qmp.sock");
+    let backend = Backend::start(kind, &image, &socket, queues);
+    const BLOCKS: u64 = 2048;
+    let cmdline = format!(
+        "scenario=durability verify.seed={SEED} durability.blocks={BLOCKS} durability.every=128"
+    );
+    let opts = format!("num-queues={queues}");
+    let qmp_arg = format!("unix:{}", qmp_sock.display());
+    let mut vmm = Vmm::spawn(&vmm_args(&cmdline, &socket, &opts, &["--qmp", &qmp_arg]));
+    vmm.expect_line("FLUSHED 255", RUN_TIMEOUT);
+    let mut qmp = Qmp::connect(&qmp_sock, RUN_TIMEOUT);
+    assert_eq!(qmp.execute("stop", json!(null)), json!({}));
+    qmp.wait_event("STOP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(qmp.execute("cont", json!(null)), json!({}));
+    qmp.wait_event("RESUME");
+    let status = vmm.wait(RUN_TIMEOUT);
+    let out = vmm.output();
+    let ctx = || format!("{out}\n--- back-end log:\n{}", backend.log());
+    assert!(
+        out.contains(&format!(
+            "RESULT durability PASS dev=0xd0000000 blocks={BLOCKS} flushes={BLOCKS} queues={queues}"
+        )),
+        "{}",
+        ctx()
+    );
+    assert_eq!(status, Some(0), "{}", ctx());
+    assert_eq!(vmm.count("lost the back-end"), 0, "{}", ctx());
+    drop(backend);
+    check_blocks(&image, BLOCKS);
+}
+
+#[test]
+fn our_export_stopped_and_continued_mid_run_4_queues() {
+    stop_and_cont(Kind::Ours, 4);
+}
+
+#[test]
+fn qemu_storage_daemon_stopped_and_continued_mid_run_1_queue() {
+    stop_and_cont(Kind::Qsd, 1);
+}
+
 #[test]
 fn our_export_killed_and_restarted_mid_run_4_queues() {
     kill_and_restart(Kind::Ours, 4);

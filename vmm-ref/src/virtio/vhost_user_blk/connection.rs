@@ -317,12 +317,13 @@ impl Connection {
     }
 
     /// Stops `rings` (disable, then `GET_VRING_BASE`, which the back-end
-    /// answers once it stopped processing the ring).
+    /// answers once it stopped processing the ring). Returns each ring's
+    /// base: the index of the next available entry the back-end would take.
     pub(super) fn stop(
         &mut self,
         watchdog: &Watchdog,
         rings: &[usize],
-    ) -> Result<(), VhostUserBlkError> {
+    ) -> Result<Vec<u32>, VhostUserBlkError> {
         let guard = watchdog
             .arm(self.fd, EXCHANGE_TIMEOUT)
             .map_err(VhostUserBlkError::Watchdog)?;
@@ -333,10 +334,11 @@ impl Connection {
                 self.fe.set_vring_enable(i, false),
             )?;
         }
+        let mut bases = Vec::with_capacity(rings.len());
         for &i in rings {
-            check(&guard, "GET_VRING_BASE", self.fe.get_vring_base(i))?;
+            bases.push(check(&guard, "GET_VRING_BASE", self.fe.get_vring_base(i))?);
         }
-        Ok(())
+        Ok(bases)
     }
 
     /// Writes `data` at `offset` of the back-end's configuration space.

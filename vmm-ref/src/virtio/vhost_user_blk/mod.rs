@@ -209,9 +209,42 @@ pub struct VhostUserBlkHandle {
     status: Arc<Status>,
     config: Arc<Mutex<Vec<u8>>>,
     features: u64,
+    commands: Sender<Command>,
+    wake: Arc<EventFd>,
 }
 
 impl VhostUserBlkHandle {
+    /// Sends a command that answers `()` to the device's thread and waits
+    /// for the answer (none if the thread is gone).
+    fn call(&self, make: impl FnOnce(Sender<()>) -> Command) {
+        let (tx, rx) = mpsc::channel();
+        if self.commands.send(make(tx)).is_err() {
+            return;
+        }
+        if let Err(e) = self.wake.write(1) {
+            log::error!(
+                "vhost-user-blk '{}': waking its thread: {e}",
+                self.params.id
+            );
+            return;
+        }
+        let _ = rx.recv();
+    }
+
+    /// QMP `stop`: the back-end stops the rings (disable, `GET_VRING_BASE`),
+    /// as QEMU stops a vhost device when the VM stops; they start again
+    /// where they stood at [`VhostUserBlkHandle::resume`]. Bounded by the
+    /// exchange timeout if the back-end does not answer (the connection is
+    /// then dropped, as for any failure).
+    pub fn pause(&self) {
+        self.call(Command::Pause);
+    }
+
+    /// QMP `cont`: the stopped rings start again.
+    pub fn resume(&self) {
+        self.call(Command::Resume);
+    }
+
     /// Current state.
     pub fn info(&self) -> VhostUserBlkInfo {
         let s = &self.status;
@@ -309,6 +342,7 @@ impl VhostUserBlk {
             conn: Some(conn),
             active: None,
             lost: false,
+            paused: false,
             inflight: None,
             next_attempt: None,
             outage_logged: false,
@@ -329,6 +363,8 @@ impl VhostUserBlk {
             status: Arc::clone(&status),
             config: Arc::clone(&config),
             features,
+            commands: tx.clone(),
+            wake: Arc::clone(&wake),
         };
         Ok((
             VhostUserBlk {
@@ -352,6 +388,8 @@ impl VhostUserBlk {
             status: Arc::clone(&self.status),
             config: Arc::clone(&self.config),
             features: self.features,
+            commands: self.commands.clone(),
+            wake: Arc::clone(&self.wake),
         }
     }
 

@@ -54,6 +54,9 @@ struct Script {
     close_on: Option<FrontendReq>,
     /// Never answer this request (nor read anything after it).
     hang_on: Option<FrontendReq>,
+    /// Entries taken from each ring while it ran: `GET_VRING_BASE` answers
+    /// the base it was started at plus this.
+    processed: u32,
 }
 
 /// One received message.
@@ -251,7 +254,7 @@ fn serve(mut stream: UnixStream, script: Script, log: &Mutex<Vec<Vec<Msg>>>, n: 
             }
             FrontendReq::GET_VRING_BASE => {
                 let s = VhostUserVringState::from_slice(&body).unwrap();
-                let num = bases.get(s.index as usize).copied().unwrap_or(0);
+                let num = bases.get(s.index as usize).copied().unwrap_or(0) + script.processed;
                 let out = VhostUserVringState::new(s.index, num);
                 reply(&mut stream, req, out.as_slice(), &[]);
             }
@@ -712,5 +715,86 @@ fn losing_the_backend_while_idle_is_logged_as_a_disconnect() {
     );
     // Reset and shutdown still work without a back-end.
     dev.reset();
+    dev.shutdown();
+}
+
+#[test]
+fn stop_and_cont_stop_the_rings_and_restart_them_where_they_stood() {
+    use FrontendReq as R;
+    let fake = Fake::start(vec![Script {
+        processed: 5,
+        ..Default::default()
+    }]);
+    let (mut dev, _call) = device(&fake, 2, None);
+    let guest = Guest::new(2);
+    dev.activate(guest.ctx(2, 2, ACKED)).unwrap();
+    let enables = |reqs: &[R]| reqs.iter().filter(|r| **r == R::SET_VRING_ENABLE).count();
+    wait_for("ring start", || enables(&fake.reqs(0)) == 2);
+    let h = dev.handle();
+    let n = fake.reqs(0).len();
+    h.pause();
+    assert_eq!(
+        fake.reqs(0)[n..],
+        [
+            R::SET_VRING_ENABLE,
+            R::SET_VRING_ENABLE,
+            R::GET_VRING_BASE,
+            R::GET_VRING_BASE
+        ]
+    );
+    fake.with_msgs(0, |m| {
+        assert_eq!(m[n].vring_state(), (0, 0), "disabled");
+        assert_eq!(m[n + 1].vring_state(), (1, 0), "disabled");
+    });
+    // Stopped twice: nothing more is sent.
+    h.pause();
+    assert_eq!(fake.reqs(0).len(), n + 4);
+    // cont: both rings start again at the base the back-end returned.
+    h.resume();
+    let restart = [
+        R::SET_FEATURES,
+        R::SET_MEM_TABLE,
+        R::SET_VRING_NUM,
+        R::SET_VRING_ADDR,
+        R::SET_VRING_BASE,
+        R::SET_VRING_CALL,
+        R::SET_VRING_KICK,
+        R::SET_VRING_NUM,
+        R::SET_VRING_ADDR,
+        R::SET_VRING_BASE,
+        R::SET_VRING_CALL,
+        R::SET_VRING_KICK,
+        R::SET_VRING_ENABLE,
+        R::SET_VRING_ENABLE,
+    ];
+    assert_eq!(fake.reqs(0)[n + 4..], restart);
+    fake.with_msgs(0, |m| {
+        let bases: Vec<(u32, u32)> = m[n + 4..]
+            .iter()
+            .filter(|m| m.req == R::SET_VRING_BASE)
+            .map(Msg::vring_state)
+            .collect();
+        assert_eq!(bases, [(0, 5), (1, 5)], "where the stop left the rings");
+    });
+    h.resume();
+    assert_eq!(fake.reqs(0).len(), n + 4 + restart.len(), "cont twice");
+    // A reset while stopped does not stop the stopped rings again; the
+    // device stays usable.
+    h.pause();
+    let m = fake.reqs(0).len();
+    dev.reset();
+    h.resume();
+    assert_eq!(
+        fake.reqs(0).len(),
+        m,
+        "reset or cont after a reset while stopped"
+    );
+    let info = h.info();
+    assert!(info.connected && !info.activated);
+    assert_eq!((info.disconnects, info.protocol_errors), (0, 0));
+    dev.activate(guest.ctx(2, 1, ACKED)).unwrap();
+    wait_for("ring start after the reset", || {
+        enables(&fake.reqs(0)[m..]) == 1
+    });
     dev.shutdown();
 }

@@ -75,6 +75,10 @@ pub(super) enum Command {
     SetConfig { offset: u32, data: Vec<u8> },
     /// VMM shutdown: stop the rings, close the connection, end the thread.
     Shutdown(Sender<()>),
+    /// QMP `stop`: stop the rings, keeping where each one stands.
+    Pause(Sender<()>),
+    /// QMP `cont`: start them again from there.
+    Resume(Sender<()>),
 }
 
 /// The thread's state.
@@ -85,6 +89,9 @@ pub(super) struct Worker {
     /// The rings stopped without `GET_VRING_BASE` (the back-end was lost):
     /// on the next start each resumes at its used index.
     pub lost: bool,
+    /// The VM is stopped: the rings stay stopped (also across a
+    /// reconnection) until `Resume`.
+    pub paused: bool,
     pub inflight: Option<Inflight>,
     pub next_attempt: Option<Instant>,
     /// An outage was logged; no more until the back-end is back.
@@ -223,6 +230,14 @@ impl Worker {
                 let _ = reply.send(());
             }
             Command::SetConfig { offset, data } => self.set_config(offset, &data),
+            Command::Pause(reply) => {
+                self.pause();
+                let _ = reply.send(());
+            }
+            Command::Resume(reply) => {
+                self.resume();
+                let _ = reply.send(());
+            }
             // Handled by the loop.
             Command::Shutdown(reply) => {
                 let _ = reply.send(());
@@ -373,7 +388,7 @@ impl Worker {
                 .enumerate()
                 .filter_map(|(i, r)| r.map(|_| i))
                 .collect();
-            if let Some(conn) = self.conn.as_mut() {
+            if let (Some(conn), false) = (self.conn.as_mut(), self.paused) {
                 if let Err(e) = conn.stop(&self.watchdog, &started) {
                     self.fail(&e);
                 }
@@ -385,6 +400,56 @@ impl Worker {
         self.lost = false;
         self.status.activated.store(false, Ordering::SeqCst);
         self.status.inflight.store(false, Ordering::SeqCst);
+    }
+
+    /// QMP `stop`, as QEMU's `vhost_dev_stop` at a VM stop: every started
+    /// ring is disabled and stopped (`GET_VRING_BASE`), and the base the
+    /// back-end returns is where the ring starts again at `Resume`. If the
+    /// back-end does not answer, the connection is dropped as for any
+    /// failure (the rings then restart at their used index).
+    fn pause(&mut self) {
+        if self.paused {
+            return;
+        }
+        self.paused = true;
+        let (Some(conn), Some(act)) = (self.conn.as_mut(), self.active.as_mut()) else {
+            return;
+        };
+        if self.lost {
+            return; // not started on this connection
+        }
+        let started: Vec<usize> = act
+            .rings
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.map(|_| i))
+            .collect();
+        match conn.stop(&self.watchdog, &started) {
+            Ok(bases) => {
+                for (i, base) in started.into_iter().zip(bases) {
+                    if let Some(Some(r)) = act.rings.get_mut(i) {
+                        // The protocol's 32-bit state carries a 16-bit index.
+                        r.next_avail = base as u16;
+                    }
+                }
+            }
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    /// QMP `cont`: the rings of the active device start again where the
+    /// stop left them (or at their used index after a lost connection).
+    fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        if self.active.is_none() || self.conn.is_none() {
+            return; // a reconnection starts them
+        }
+        if let Err(e) = self.start_rings() {
+            self.fail(&e);
+        }
     }
 
     fn set_config(&mut self, offset: u32, data: &[u8]) {
@@ -460,7 +525,7 @@ impl Worker {
             .active
             .as_ref()
             .map_or(0, |a| a.rings.iter().flatten().count());
-        if self.active.is_some() {
+        if self.active.is_some() && !self.paused {
             if let Err(e) = self.start_rings() {
                 self.fail(&e);
                 return;
