@@ -277,7 +277,8 @@ impl Vmm {
             vhost_user.push(dev);
         }
 
-        let vcpu_count = config.vm.vcpus;
+        // Validated: 1..=MAX_VCPUS.
+        let vcpu_count = u8::try_from(config.vm.vcpus).unwrap_or(crate::vm::layout::MAX_VCPUS);
         let vcpus = vm.create_vcpus(vcpu_count).map_err(VmmError::Vm)?;
         let tsc_khz = vcpus.first().and_then(|(fd, _)| vm::tsc_khz(fd));
         let slots: Vec<(u64, u32)> = drives

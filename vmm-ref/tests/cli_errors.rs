@@ -160,6 +160,14 @@ fn other_option_errors() {
     );
     expect_error(&["--kernel", k, "--memory", "1M"], "--memory: memory size");
     expect_error(&["--kernel", k, "--vcpus", "0"], "--vcpus: number of vCPUs");
+    // Every value out of range gets the same message (256 used to get the
+    // argument parser's "256 is not in 0..=255").
+    for n in ["33", "256", "100000"] {
+        expect_error(
+            &["--kernel", k, "--vcpus", n],
+            "--vcpus: number of vCPUs must be between 1 and 32",
+        );
+    }
     expect_error(
         &["--kernel", "/nonexistent/k"],
         "--kernel: cannot open '/nonexistent/k'",

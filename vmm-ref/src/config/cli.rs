@@ -54,7 +54,7 @@ pub struct RunArgs {
     pub memory: Option<String>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N")]
-    pub vcpus: Option<u8>,
+    pub vcpus: Option<u32>,
     /// `iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N][,poll-weight=N][,aio-max-batch=N][,poll-algorithm=weighted|classic]` (repeatable).
     #[arg(long = "object", value_name = "iothread,id=ID,...")]
     pub objects: Vec<String>,

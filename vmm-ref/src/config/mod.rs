@@ -84,7 +84,7 @@ impl From<ByteSize> for u64 {
 fn default_memory() -> ByteSize {
     ByteSize(DEFAULT_MEMORY)
 }
-fn default_vcpus() -> u8 {
+fn default_vcpus() -> u32 {
     1
 }
 fn default_num_queues() -> u16 {
@@ -114,8 +114,10 @@ pub struct VmConfig {
     #[serde(default = "default_memory")]
     pub memory: ByteSize,
     /// Number of vCPUs.
+    /// (Wider than the 32 allowed, so that every value out of range gets the
+    /// same message from the validation.)
     #[serde(default = "default_vcpus")]
-    pub vcpus: u8,
+    pub vcpus: u32,
     /// `--object` entries (IOThreads).
     #[serde(default)]
     pub objects: Vec<IoThreadObject>,
@@ -730,7 +732,7 @@ pub fn validate(vm: VmConfig, origin: &Origin) -> Result<ValidConfig, ConfigErro
             ),
         ));
     }
-    if vm.vcpus == 0 || vm.vcpus > MAX_VCPUS {
+    if vm.vcpus == 0 || vm.vcpus > u32::from(MAX_VCPUS) {
         return Err(ConfigError::msg(
             top("--vcpus", "vcpus"),
             format!("number of vCPUs must be between 1 and {MAX_VCPUS}"),
