@@ -393,46 +393,28 @@ fn qemu_storage_daemon_4_queues() {
     scenarios(Kind::Qsd, 4);
 }
 
-/// `durability` with the back-end killed and restarted after block 255.
-fn kill_and_restart(kind: Kind, queues: u16) {
-    let test = format!("kill_restart_{kind:?}_{queues}q");
-    if !kvm_available(&test) || (kind == Kind::Qsd && !qsd_available(&test)) {
-        return;
-    }
-    let dir = TempDir::new(&test);
-    let image = new_image(&dir);
-    let socket = dir.join("vu.sock");
-    let mut backend = Backend::start(kind, &image, &socket, queues);
-    const BLOCKS: u64 = 2048;
-    let cmdline = format!(
-        "scenario=durability verify.seed={SEED} durability.blocks={BLOCKS} durability.every=128"
-    );
-    let opts = format!("num-queues={queues},reconnect=1");
-    let mut vmm = Vmm::spawn(&vmm_args(&cmdline, &socket, &opts, &[]));
-    vmm.expect_line("FLUSHED 255", RUN_TIMEOUT);
-    backend.kill_and_restart();
-    let status = vmm.wait(RUN_TIMEOUT);
-    let out = vmm.output();
-    let ctx = || format!("{out}\n--- back-end log:\n{}", backend.log());
-    assert!(
-        out.contains(&format!(
-            "RESULT durability PASS dev=0xd0000000 blocks={BLOCKS} flushes={BLOCKS} queues={queues}"
-        )),
-        "{}",
-        ctx()
-    );
-    assert_eq!(status, Some(0), "{}", ctx());
-    assert_eq!(vmm.count("lost the back-end"), 1, "{}", ctx());
-    assert_eq!(vmm.count("reconnected to"), 1, "{}", ctx());
-    drop(backend);
-    check_blocks(&image, BLOCKS);
+/// What happens to a `durability` run after block 255.
+#[derive(Clone, Copy, Debug)]
+enum Interruption {
+    /// The back-end is killed and restarted (the device has `reconnect=1`).
+    KillAndRestart,
+    /// The VM is stopped and continued over QMP: the back-end's rings are
+    /// stopped (`GET_VRING_BASE`) and started again where they stood.
+    StopAndCont,
 }
 
-/// `durability` with the VM stopped and continued over QMP after block 255:
-/// the back-end's rings are stopped (`GET_VRING_BASE`) and started again
-/// where they stood; the guest finishes and passes, no connection is lost.
-fn stop_and_cont(kind: Kind, queues: u16) {
-    let test = format!("stop_cont_{kind:?}_{queues}q");
+/// `durability` against `kind` with `queues` queues, interrupted by `how`
+/// after block 255: the guest must finish and pass, vmm-ref exit 0, log the
+/// loss of the back-end `losses` times (and reconnect `reconnects` times,
+/// where given), and the image hold every block.
+fn interrupted_durability(
+    kind: Kind,
+    queues: u16,
+    how: Interruption,
+    losses: usize,
+    reconnects: Option<usize>,
+) {
+    let test = format!("{how:?}_{kind:?}_{queues}q");
     if !kvm_available(&test) || (kind == Kind::Qsd && !qsd_available(&test)) {
         return;
     }
@@ -440,21 +422,29 @@ fn stop_and_cont(kind: Kind, queues: u16) {
     let image = new_image(&dir);
     let socket = dir.join("vu.sock");
     let qmp_sock = dir.join("qmp.sock");
-    let backend = Backend::start(kind, &image, &socket, queues);
+    let mut backend = Backend::start(kind, &image, &socket, queues);
     const BLOCKS: u64 = 2048;
     let cmdline = format!(
         "scenario=durability verify.seed={SEED} durability.blocks={BLOCKS} durability.every=128"
     );
-    let opts = format!("num-queues={queues}");
     let qmp_arg = format!("unix:{}", qmp_sock.display());
-    let mut vmm = Vmm::spawn(&vmm_args(&cmdline, &socket, &opts, &["--qmp", &qmp_arg]));
+    let (opts, extra) = match how {
+        Interruption::KillAndRestart => (format!("num-queues={queues},reconnect=1"), vec![]),
+        Interruption::StopAndCont => (format!("num-queues={queues}"), vec!["--qmp", &qmp_arg]),
+    };
+    let mut vmm = Vmm::spawn(&vmm_args(&cmdline, &socket, &opts, &extra));
     vmm.expect_line("FLUSHED 255", RUN_TIMEOUT);
-    let mut qmp = Qmp::connect(&qmp_sock, RUN_TIMEOUT);
-    assert_eq!(qmp.execute("stop", json!(null)), json!({}));
-    qmp.wait_event("STOP");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(qmp.execute("cont", json!(null)), json!({}));
-    qmp.wait_event("RESUME");
+    match how {
+        Interruption::KillAndRestart => backend.kill_and_restart(),
+        Interruption::StopAndCont => {
+            let mut qmp = Qmp::connect(&qmp_sock, RUN_TIMEOUT);
+            assert_eq!(qmp.execute("stop", json!(null)), json!({}));
+            qmp.wait_event("STOP");
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(qmp.execute("cont", json!(null)), json!({}));
+            qmp.wait_event("RESUME");
+        }
+    }
     let status = vmm.wait(RUN_TIMEOUT);
     let out = vmm.output();
     let ctx = || format!("{out}\n--- back-end log:\n{}", backend.log());
@@ -466,9 +456,24 @@ fn stop_and_cont(kind: Kind, queues: u16) {
         ctx()
     );
     assert_eq!(status, Some(0), "{}", ctx());
-    assert_eq!(vmm.count("lost the back-end"), 0, "{}", ctx());
+    assert_eq!(vmm.count("lost the back-end"), losses, "{}", ctx());
+    if let Some(n) = reconnects {
+        assert_eq!(vmm.count("reconnected to"), n, "{}", ctx());
+    }
     drop(backend);
     check_blocks(&image, BLOCKS);
+}
+
+/// `durability` with the back-end killed and restarted after block 255:
+/// the loss is logged once and the reconnection once.
+fn kill_and_restart(kind: Kind, queues: u16) {
+    interrupted_durability(kind, queues, Interruption::KillAndRestart, 1, Some(1));
+}
+
+/// `durability` with the VM stopped and continued over QMP after block 255:
+/// no connection is lost.
+fn stop_and_cont(kind: Kind, queues: u16) {
+    interrupted_durability(kind, queues, Interruption::StopAndCont, 0, None);
 }
 
 #[test]

@@ -1333,6 +1333,11 @@ mod tests {
         }
     }
 
+    /// Requests taken from each queue's avail ring so far.
+    fn requests_taken(h: &BlockHandle) -> Vec<u64> {
+        h.info().queues.iter().map(|q| q.requests).collect()
+    }
+
     #[test]
     fn pause_completes_what_is_in_flight_and_takes_nothing_until_resume() {
         for engine in [BlockEngine::IoUring, BlockEngine::Sync] {
@@ -1360,7 +1365,7 @@ mod tests {
                 v.kicks[q as usize].write(1).unwrap();
             }
             v.handle.pause().unwrap();
-            let taken: Vec<u64> = v.handle.info().queues.iter().map(|q| q.requests).collect();
+            let taken = requests_taken(&v.handle);
             for q in 0..NQ {
                 let used = super::testing::driver::Rings::of(q, QSIZE).used_idx(&gm);
                 assert_eq!(
@@ -1380,12 +1385,7 @@ mod tests {
             wr(&mut v.t, regs::QUEUE_NOTIFY, 0);
             std::thread::sleep(std::time::Duration::from_millis(200));
             assert_eq!(
-                v.handle
-                    .info()
-                    .queues
-                    .iter()
-                    .map(|q| q.requests)
-                    .collect::<Vec<_>>(),
+                requests_taken(&v.handle),
                 taken,
                 "{engine:?}: a request was taken while stopped"
             );
@@ -1403,12 +1403,7 @@ mod tests {
             assert_eq!(reg.holders("io1").unwrap(), vec![holder()]);
             std::thread::sleep(std::time::Duration::from_millis(100));
             assert_eq!(
-                v.handle
-                    .info()
-                    .queues
-                    .iter()
-                    .map(|q| q.requests)
-                    .collect::<Vec<_>>(),
+                requests_taken(&v.handle),
                 taken,
                 "{engine:?}: a re-mapping while stopped restarted the queues"
             );

@@ -209,40 +209,51 @@ pub struct VhostUserBlkHandle {
     status: Arc<Status>,
     config: Arc<Mutex<Vec<u8>>>,
     features: u64,
-    commands: Sender<Command>,
+    commands: Commands,
+}
+
+/// The way to the device's thread: its command channel and the eventfd that
+/// wakes it (shared by the device model and its control-plane handles).
+#[derive(Clone)]
+struct Commands {
+    tx: Sender<Command>,
     wake: Arc<EventFd>,
 }
 
-impl VhostUserBlkHandle {
-    /// Sends a command that answers `()` to the device's thread and waits
-    /// for the answer (none if the thread is gone).
-    fn call(&self, make: impl FnOnce(Sender<()>) -> Command) {
-        let (tx, rx) = mpsc::channel();
-        if self.commands.send(make(tx)).is_err() {
-            return;
-        }
-        if let Err(e) = self.wake.write(1) {
-            log::error!(
-                "vhost-user-blk '{}': waking its thread: {e}",
-                self.params.id
-            );
-            return;
-        }
-        let _ = rx.recv();
+impl Commands {
+    fn send(&self, cmd: Command) -> Result<(), VhostUserBlkError> {
+        self.tx
+            .send(cmd)
+            .map_err(|_| VhostUserBlkError::WorkerGone)?;
+        self.wake.write(1).map_err(VhostUserBlkError::Spawn)
     }
 
+    /// Sends a command that answers `()` and waits for the answer.
+    fn call(&self, id: &str, make: impl FnOnce(Sender<()>) -> Command) {
+        let (tx, rx) = mpsc::channel();
+        match self.send(make(tx)) {
+            Ok(()) => {
+                // Err: the thread ended; nothing left to wait for.
+                let _ = rx.recv();
+            }
+            Err(e) => log::error!("vhost-user-blk '{id}': {e}"),
+        }
+    }
+}
+
+impl VhostUserBlkHandle {
     /// QMP `stop`: the back-end stops the rings (disable, `GET_VRING_BASE`),
     /// as QEMU stops a vhost device when the VM stops; they start again
     /// where they stood at [`VhostUserBlkHandle::resume`]. Bounded by the
     /// exchange timeout if the back-end does not answer (the connection is
     /// then dropped, as for any failure).
     pub fn pause(&self) {
-        self.call(Command::Pause);
+        self.commands.call(&self.params.id, Command::Pause);
     }
 
     /// QMP `cont`: the stopped rings start again.
     pub fn resume(&self) {
-        self.call(Command::Resume);
+        self.commands.call(&self.params.id, Command::Resume);
     }
 
     /// Current state.
@@ -273,8 +284,7 @@ pub struct VhostUserBlk {
     queue_sizes: Vec<u16>,
     features: u64,
     config: Arc<Mutex<Vec<u8>>>,
-    commands: Sender<Command>,
-    wake: Arc<EventFd>,
+    commands: Commands,
     thread: Option<JoinHandle<()>>,
     status: Arc<Status>,
 }
@@ -358,13 +368,13 @@ impl VhostUserBlk {
             .name(format!("vu-{}", params.id))
             .spawn(move || worker.run())
             .map_err(VhostUserBlkError::Spawn)?;
+        let commands = Commands { tx, wake };
         let handle = VhostUserBlkHandle {
             params: Arc::clone(&params),
             status: Arc::clone(&status),
             config: Arc::clone(&config),
             features,
-            commands: tx.clone(),
-            wake: Arc::clone(&wake),
+            commands: commands.clone(),
         };
         Ok((
             VhostUserBlk {
@@ -372,8 +382,7 @@ impl VhostUserBlk {
                 params,
                 features,
                 config,
-                commands: tx,
-                wake,
+                commands,
                 thread: Some(thread),
                 status,
             },
@@ -389,27 +398,16 @@ impl VhostUserBlk {
             config: Arc::clone(&self.config),
             features: self.features,
             commands: self.commands.clone(),
-            wake: Arc::clone(&self.wake),
         }
     }
 
     fn send(&self, cmd: Command) -> Result<(), VhostUserBlkError> {
-        self.commands
-            .send(cmd)
-            .map_err(|_| VhostUserBlkError::WorkerGone)?;
-        self.wake.write(1).map_err(VhostUserBlkError::Spawn)
+        self.commands.send(cmd)
     }
 
     /// Sends a command that answers `()` and waits for the answer.
     fn call(&self, make: impl FnOnce(Sender<()>) -> Command) {
-        let (tx, rx) = mpsc::channel();
-        match self.send(make(tx)) {
-            Ok(()) => {
-                // Err: the thread ended; nothing left to wait for.
-                let _ = rx.recv();
-            }
-            Err(e) => log::error!("vhost-user-blk '{}': {e}", self.params.id),
-        }
+        self.commands.call(&self.params.id, make);
     }
 
     fn stop_thread(&mut self) {

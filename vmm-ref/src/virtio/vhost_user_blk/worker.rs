@@ -65,6 +65,17 @@ pub(super) struct Activation {
     pub acked_features: u64,
 }
 
+impl Activation {
+    /// The queues whose rings the driver enabled.
+    fn started_rings(&self) -> Vec<usize> {
+        self.rings
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.map(|_| i))
+            .collect()
+    }
+}
+
 /// Requests from the device model.
 pub(super) enum Command {
     /// The driver set DRIVER_OK.
@@ -382,14 +393,8 @@ impl Worker {
 
     fn reset(&mut self) {
         if let Some(act) = self.active.take() {
-            let started: Vec<usize> = act
-                .rings
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| r.map(|_| i))
-                .collect();
             if let (Some(conn), false) = (self.conn.as_mut(), self.paused) {
-                if let Err(e) = conn.stop(&self.watchdog, &started) {
+                if let Err(e) = conn.stop(&self.watchdog, &act.started_rings()) {
                     self.fail(&e);
                 }
             }
@@ -418,12 +423,7 @@ impl Worker {
         if self.lost {
             return; // not started on this connection
         }
-        let started: Vec<usize> = act
-            .rings
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.map(|_| i))
-            .collect();
+        let started = act.started_rings();
         match conn.stop(&self.watchdog, &started) {
             Ok(bases) => {
                 for (i, base) in started.into_iter().zip(bases) {
