@@ -15,7 +15,7 @@ use crate::bus::BusDevice;
 use crate::config::{AioMode, ValidDrive};
 use crate::qmp::BlockInfo;
 use crate::virtio::block::backend::BlockEngine;
-use crate::virtio::block::{Block, BlockConfig, BlockError, BlockHandle};
+use crate::virtio::block::{Block, BlockConfig, BlockError, BlockHandle, BlockRole};
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::mmio::{MmioError, MmioTransport};
 use crate::vm::iobus::{IoBus, IoBusError};
@@ -133,6 +133,7 @@ impl Drive {
             engine: engine(c.aio),
             serial: c.serial.clone(),
             holder: Block::device_holder(&c.id),
+            role: BlockRole::Drive,
         };
         let block = Block::new(cfg, registry.clone()).map_err(DriveError::Block)?;
         let handle = block.handle();

@@ -99,7 +99,8 @@ fn a_front_end_shrinking_guest_memory_stops_its_ring_not_the_daemon() {
         format!("unix:{}", qmp.display()),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut daemon = Running::spawn(&args);
+    let log = dir.join("stderr");
+    let mut daemon = Running::spawn_with_stderr_to(&args, &log);
     daemon.expect_line("vmm-ref export: ready", T);
     let mut other = VuBlk::connect(&s1, 1, MEM, T).expect("front-end of e1");
     serves(&mut other, 8, 1);
@@ -117,6 +118,12 @@ fn a_front_end_shrinking_guest_memory_stops_its_ring_not_the_daemon() {
     shrink(&vu);
     vu.publish(0).unwrap();
     wait_ring_error(&vu, &mut daemon, "header in a lost page");
+    // The log names the export (not "drive 'e0'") and its queue.
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr.contains("export 'e0' queue 0: guest memory: pages lost"),
+        "{stderr}"
+    );
     assert_eq!(vu.completed(0), done, "the failed request is not completed");
     alive(&mut daemon, &qmp, "header in a lost page");
     serves(&mut other, 16, 4);

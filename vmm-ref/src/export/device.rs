@@ -1,7 +1,7 @@
 //! Opens an export's drive as the virtio-blk device model.
 
 use super::{ExportConfig, ExportError, MAX_QUEUE_SIZE};
-use crate::virtio::block::{Block, BlockConfig, BlockHandle};
+use crate::virtio::block::{Block, BlockConfig, BlockHandle, BlockRole};
 use crate::virtio::device::VirtioDevice;
 use iothread_registry::{IoThreadHolder, IoThreadRegistry, IoThreadVqMapping};
 
@@ -31,6 +31,7 @@ pub(super) fn open_block(
             engine: cfg.engine,
             serial: Some(cfg.id.clone()),
             holder: IoThreadHolder::block_node(cfg.node_name.clone()),
+            role: BlockRole::Export,
         },
         registry.clone(),
     )

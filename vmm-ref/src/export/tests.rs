@@ -1335,3 +1335,35 @@ fn serve_stream_waits_for_the_socket_front_end() {
     assert_eq!(status.connections, 2);
     still_serving(&f);
 }
+
+/// The device model's errors name the export, not a drive of that id.
+#[test]
+fn device_model_errors_name_the_export() {
+    let registry = IoThreadRegistry::new();
+    registry.create("io0", IoThreadParams::default()).unwrap();
+    let dir = TempDir::new("small");
+    let img = dir.0.join("small.img");
+    std::fs::write(&img, [0u8; 100]).unwrap();
+    let cfg = ExportConfig {
+        id: "es".into(),
+        node_name: "ds".into(),
+        socket: dir.0.join("s"),
+        num_queues: 1,
+        queue_iothreads: vec!["io0".into()],
+        file: img.clone(),
+        readonly: false,
+        direct: false,
+        engine: Default::default(),
+        locking: Default::default(),
+    };
+    let err = crate::error_chain(&Export::start(cfg, &registry).unwrap_err());
+    assert!(
+        err.contains(&format!(
+            "export 'es': image '{}' is smaller than 512 bytes",
+            img.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("drive"), "{err}");
+    assert!(registry.holders("io0").unwrap().is_empty());
+}

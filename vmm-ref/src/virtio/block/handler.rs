@@ -38,6 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{DiskBackend, DiskCompletion};
 use super::request::{parse_request, DiskLimits, Prepared, Request, VIRTIO_BLK_ID_BYTES};
+use super::DeviceName;
 use crate::sigbus::LossWatch;
 use crate::virtio::device::VirtioInterrupt;
 use crate::virtio::guest_warn;
@@ -58,6 +59,8 @@ pub struct QueueCounters {
 /// One queue's state, run on its IOThread.
 pub struct QueueWorker {
     index: u16,
+    /// The device, for messages.
+    name: DeviceName,
     queue: Queue,
     mem: Arc<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -84,6 +87,7 @@ impl QueueWorker {
     /// A worker for queue `index`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        name: DeviceName,
         index: u16,
         queue: Queue,
         mem: Arc<GuestMemoryMmap>,
@@ -95,6 +99,7 @@ impl QueueWorker {
     ) -> QueueWorker {
         QueueWorker {
             index,
+            name,
             queue,
             mem,
             interrupt,
@@ -159,7 +164,8 @@ impl QueueWorker {
     fn fail(&mut self, what: &str, e: &dyn std::fmt::Display) {
         if !self.broken {
             log::error!(
-                "virtio-blk queue {}: {what}: {e}; device needs reset",
+                "{} queue {}: {what}: {e}; device needs reset",
+                self.name,
                 self.index
             );
             self.broken = true;
@@ -329,7 +335,7 @@ impl QueueWorker {
             let req = match parsed {
                 Ok(r) => r,
                 Err(rej) => {
-                    guest_warn!("virtio-blk queue {}: {}", self.index, rej.error);
+                    guest_warn!("{} queue {}: {}", self.name, self.index, rej.error);
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
                     let used = rej.complete(&*mem);
                     added = true;
@@ -381,7 +387,8 @@ impl QueueWorker {
             let slot = usize::try_from(c.user_data).unwrap_or(usize::MAX);
             let Some(req) = self.inflight.get_mut(slot).and_then(Option::take) else {
                 log::error!(
-                    "virtio-blk queue {}: completion for unknown request {slot}",
+                    "{} queue {}: completion for unknown request {slot}",
+                    self.name,
                     self.index
                 );
                 continue;
@@ -433,7 +440,7 @@ impl QueueWorker {
         if needed {
             self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.interrupt.trigger_queue(self.index) {
-                log::error!("virtio-blk queue {}: interrupt failed: {e}", self.index);
+                log::error!("{} queue {}: interrupt failed: {e}", self.name, self.index);
             }
         }
     }
@@ -466,7 +473,7 @@ impl QueueWorker {
             let before = self.backend.in_flight();
             self.backend.flush_submissions();
             if let Err(e) = self.backend.wait() {
-                log::error!("virtio-blk queue {}: waiting for I/O: {e}", self.index);
+                log::error!("{} queue {}: waiting for I/O: {e}", self.name, self.index);
                 break;
             }
             self.complete_ready();
@@ -598,6 +605,7 @@ mod tests {
     use crate::virtio::block::sync_engine::SyncEngine;
     use crate::virtio::block::testing::driver::{post, status_of, Req, Rings};
     use crate::virtio::block::testing::{limits, open_raw, temp_disk, FaultyBackend};
+    use crate::virtio::block::BlockRole;
 
     const QSIZE: u16 = 16;
 
@@ -649,6 +657,7 @@ mod tests {
         };
         let intr = Arc::new(CountingInterrupt::default());
         let worker = QueueWorker::new(
+            DeviceName::new(BlockRole::Drive, "d0"),
             0,
             q,
             mem.clone(),

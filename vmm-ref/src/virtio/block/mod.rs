@@ -94,6 +94,57 @@ pub struct BlockConfig {
     /// Who the device is in `query-iothreads` while attached (see the module
     /// documentation): [`Block::device_holder`] for a guest drive.
     pub holder: IoThreadHolder,
+    /// What the device serves, for messages ("drive 'd0'", "export 'e0'").
+    pub role: BlockRole,
+}
+
+/// What a device model serves: a guest drive (`--drive`, `device_add`) or
+/// a block export (`--export`, `block-export-add`), whose device model has
+/// the export's id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BlockRole {
+    /// A guest drive.
+    #[default]
+    Drive,
+    /// A block export.
+    Export,
+}
+
+/// How errors and logs name a device model: `drive 'd0'` or `export 'e0'`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceName {
+    role: BlockRole,
+    id: String,
+}
+
+impl DeviceName {
+    /// The device `id` serving as `role`.
+    pub fn new(role: BlockRole, id: impl Into<String>) -> DeviceName {
+        DeviceName {
+            role,
+            id: id.into(),
+        }
+    }
+
+    /// The drive or export id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// What the device serves.
+    pub fn role(&self) -> BlockRole {
+        self.role
+    }
+}
+
+impl std::fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.role {
+            BlockRole::Drive => "drive",
+            BlockRole::Export => "export",
+        };
+        write!(f, "{what} '{}'", self.id)
+    }
 }
 
 /// Errors creating a block device.
@@ -101,43 +152,43 @@ pub struct BlockConfig {
 #[non_exhaustive]
 pub enum BlockError {
     /// `num-queues` out of range.
-    #[error("drive '{id}': num-queues {value} must be between 1 and {MAX_QUEUES}")]
+    #[error("{device}: num-queues {value} must be between 1 and {MAX_QUEUES}")]
     NumQueues {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Value.
         value: u16,
     },
     /// `queue-size` not a power of two in 4..=32768 (a request takes 3
     /// descriptors; QEMU: "must be > 2").
-    #[error("drive '{id}': queue-size {value} must be a power of two between 4 and 32768")]
+    #[error("{device}: queue-size {value} must be a power of two between 4 and 32768")]
     QueueSize {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Value.
         value: u16,
     },
     /// The IOThreads of the mapping cannot be held (the mapping is invalid, or
     /// an IOThread does not exist).
-    #[error("drive '{id}': invalid IOThread mapping")]
+    #[error("{device}: invalid IOThread mapping")]
     IoThreads {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Cause, with QEMU's `iothread-vq-mapping` message.
         #[source]
         source: iothread_registry::Error,
     },
     /// The device was shut down (detached): it holds no IOThreads any more.
-    #[error("drive '{id}' is detached")]
+    #[error("{device} is detached")]
     Detached {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
     },
     /// A queue notification eventfd could not be duplicated.
-    #[error("drive '{id}': cannot duplicate the notification eventfd of queue {queue}")]
+    #[error("{device}: cannot duplicate the notification eventfd of queue {queue}")]
     Kick {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Queue.
         queue: u16,
         /// Cause.
@@ -145,10 +196,10 @@ pub enum BlockError {
         source: io::Error,
     },
     /// The image cannot be opened.
-    #[error("drive '{id}': cannot open '{}'", path.display())]
+    #[error("{device}: cannot open '{}'", path.display())]
     Open {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Path.
         path: PathBuf,
         /// Cause.
@@ -156,27 +207,27 @@ pub enum BlockError {
         source: io::Error,
     },
     /// The image is smaller than one sector.
-    #[error("drive '{id}': image '{}' is smaller than 512 bytes", path.display())]
+    #[error("{device}: image '{}' is smaller than 512 bytes", path.display())]
     TooSmall {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Path.
         path: PathBuf,
     },
     /// The requested engine is unavailable.
-    #[error("drive '{id}': engine")]
+    #[error("{device}: engine")]
     Engine {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Cause.
         #[source]
         source: BackendError,
     },
     /// Using an IOThread failed (it stopped or panicked).
-    #[error("drive '{id}': IOThread '{iothread}'")]
+    #[error("{device}: IOThread '{iothread}'")]
     IoThread {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// IOThread id.
         iothread: String,
         /// Cause.
@@ -184,10 +235,10 @@ pub enum BlockError {
         source: iothread_registry::Error,
     },
     /// The backend's completion eventfd could not be duplicated for the IOThread.
-    #[error("drive '{id}': cannot duplicate the completion eventfd of queue {queue}")]
+    #[error("{device}: cannot duplicate the completion eventfd of queue {queue}")]
     CompletionFd {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Queue.
         queue: u16,
         /// Cause.
@@ -195,10 +246,10 @@ pub enum BlockError {
         source: io::Error,
     },
     /// Registering a queue handler on its IOThread failed.
-    #[error("drive '{id}': cannot register queue {queue} on IOThread '{iothread}'")]
+    #[error("{device}: cannot register queue {queue} on IOThread '{iothread}'")]
     Handler {
-        /// Drive id.
-        id: String,
+        /// The device.
+        device: DeviceName,
         /// Queue.
         queue: u16,
         /// IOThread id.
@@ -253,6 +304,8 @@ pub struct BlockInfo {
 
 struct Shared {
     id: String,
+    /// The id with its role, for messages.
+    name: DeviceName,
     file: Arc<RawFile>,
     capacity: u64,
     num_queues: u16,
@@ -351,7 +404,7 @@ impl BlockHandle {
             iothreads, active, ..
         } = &mut *att;
         if let (Some(assignment), Some(active)) = (iothreads.as_ref(), active.as_mut()) {
-            active.quiesce(&s.id, assignment);
+            active.quiesce(&s.name, assignment);
         }
         drop(att);
         self.flush()
@@ -375,7 +428,7 @@ impl BlockHandle {
         let (Some(assignment), Some(active)) = (iothreads.as_ref(), active.as_mut()) else {
             return Ok(());
         };
-        active.resume(&s.id, assignment).inspect_err(|_| {
+        active.resume(&s.name, assignment).inspect_err(|_| {
             active.interrupt.set_needs_reset();
         })
     }
@@ -396,7 +449,7 @@ impl BlockHandle {
     pub fn set_iothreads(&self, mapping: &[IoThreadVqMapping]) -> Result<(), BlockError> {
         let s = &*self.shared;
         let mapping_err = |source| BlockError::IoThreads {
-            id: s.id.clone(),
+            device: s.name.clone(),
             source,
         };
         let mut att = lock(&s.attachment);
@@ -408,29 +461,29 @@ impl BlockHandle {
         // While the VM is stopped the queues are quiesced already and stay
         // so: only the holders move (the queues resume there at `cont`).
         let mut active = if *paused { None } else { active.as_mut() };
-        let assignment = iothreads
-            .as_mut()
-            .ok_or_else(|| BlockError::Detached { id: s.id.clone() })?;
+        let assignment = iothreads.as_mut().ok_or_else(|| BlockError::Detached {
+            device: s.name.clone(),
+        })?;
         // Refuse a bad mapping before disturbing the queues (the move re-checks it
         // atomically, in case an IOThread disappears in between).
         iothread_registry::assign_vqs(mapping, s.num_queues, |id| s.registry.contains(id))
             .map_err(mapping_err)?;
         let old_mapping = assignment.mapping().to_vec();
         if let Some(active) = &mut active {
-            active.quiesce(&s.id, assignment);
+            active.quiesce(&s.name, assignment);
         }
         let moved = assignment.remap(mapping).map_err(mapping_err);
         let mut result = moved;
         if let Some(active) = &mut active {
-            if let Err(e) = active.resume(&s.id, assignment) {
+            if let Err(e) = active.resume(&s.name, assignment) {
                 // Could not start on the new IOThreads: go back to the old ones.
-                log::error!("drive '{}': {}", s.id, error_chain(&e));
-                active.quiesce(&s.id, assignment);
+                log::error!("{}: {}", s.name, error_chain(&e));
+                active.quiesce(&s.name, assignment);
                 let back = assignment.remap(&old_mapping).map_err(mapping_err);
-                if let Err(e2) = back.and_then(|()| active.resume(&s.id, assignment)) {
+                if let Err(e2) = back.and_then(|()| active.resume(&s.name, assignment)) {
                     log::error!(
-                        "drive '{}': cannot resume on the old IOThreads: {}",
-                        s.id,
+                        "{}: cannot resume on the old IOThreads: {}",
+                        s.name,
                         error_chain(&e2)
                     );
                     active.interrupt.set_needs_reset();
@@ -457,13 +510,15 @@ fn per_queue(assignment: &VqAssignment, num_queues: u16) -> Vec<String> {
 
 /// The guard of the IOThread serving `queue`.
 fn guard_for<'a>(
-    id: &str,
+    name: &DeviceName,
     assignment: &'a VqAssignment,
     queue: u16,
 ) -> Result<&'a HolderGuard, BlockError> {
     assignment
         .guard_for_queue(queue)
-        .ok_or_else(|| BlockError::Detached { id: id.to_owned() })
+        .ok_or_else(|| BlockError::Detached {
+            device: name.clone(),
+        })
 }
 
 struct ActiveQueue {
@@ -486,9 +541,14 @@ impl ActiveQueue {
     /// Registers the queue's handlers on `guard`'s IOThread; with `resume`, the
     /// queue is processed once there right away (requests the driver added while
     /// no handler ran, possibly without a notification).
-    fn register(&mut self, id: &str, guard: &HolderGuard, resume: bool) -> Result<(), BlockError> {
+    fn register(
+        &mut self,
+        name: &DeviceName,
+        guard: &HolderGuard,
+        resume: bool,
+    ) -> Result<(), BlockError> {
         let kick = self.kick.try_clone().map_err(|source| BlockError::Kick {
-            id: id.to_owned(),
+            device: name.clone(),
             queue: self.index,
             source,
         })?;
@@ -497,7 +557,7 @@ impl ActiveQueue {
             lock(&self.worker)
                 .completion_fd()
                 .map_err(|source| BlockError::CompletionFd {
-                    id: id.to_owned(),
+                    device: name.clone(),
                     queue: self.index,
                     source,
                 })?;
@@ -516,12 +576,12 @@ impl ActiveQueue {
                 Ok(ids)
             })
             .map_err(|source| BlockError::IoThread {
-                id: id.to_owned(),
+                device: name.clone(),
                 iothread: guard.iothread_id().to_owned(),
                 source,
             })?;
         self.handlers = registered.map_err(|source| BlockError::Handler {
-            id: id.to_owned(),
+            device: name.clone(),
             queue: self.index,
             iothread: guard.iothread_id().to_owned(),
             source,
@@ -531,7 +591,7 @@ impl ActiveQueue {
 
     /// Removes the queue's handlers from `guard`'s IOThread (after this returns
     /// none of them runs), leaves poll mode and completes the in-flight requests.
-    fn quiesce(&mut self, id: &str, guard: Option<&HolderGuard>) {
+    fn quiesce(&mut self, name: &DeviceName, guard: Option<&HolderGuard>) {
         let ids = std::mem::take(&mut self.handlers);
         if !ids.is_empty() {
             let removed = match guard {
@@ -546,7 +606,7 @@ impl ActiveQueue {
             };
             if let Err(e) = removed {
                 log::error!(
-                    "drive '{id}' queue {}: cannot remove handlers: {}",
+                    "{name} queue {}: cannot remove handlers: {}",
                     self.index,
                     error_chain(&e)
                 );
@@ -557,10 +617,7 @@ impl ActiveQueue {
         w.set_polling(false);
         let drained = w.drain();
         if drained > 0 {
-            log::debug!(
-                "drive '{id}' queue {}: drained {drained} requests",
-                self.index
-            );
+            log::debug!("{name} queue {}: drained {drained} requests", self.index);
         }
     }
 }
@@ -600,23 +657,23 @@ fn add_queue_handlers(
 
 impl Active {
     /// Quiesces every queue on its current IOThread.
-    fn quiesce(&mut self, id: &str, assignment: &VqAssignment) {
+    fn quiesce(&mut self, name: &DeviceName, assignment: &VqAssignment) {
         for q in &mut self.queues {
-            q.quiesce(id, assignment.guard_for_queue(q.index));
+            q.quiesce(name, assignment.guard_for_queue(q.index));
         }
     }
 
     /// Registers every queue on its IOThread in `assignment` and processes it
     /// once; on error the queues registered so far are quiesced again.
-    fn resume(&mut self, id: &str, assignment: &VqAssignment) -> Result<(), BlockError> {
+    fn resume(&mut self, name: &DeviceName, assignment: &VqAssignment) -> Result<(), BlockError> {
         for i in 0..self.queues.len() {
             let Some(q) = self.queues.get_mut(i) else {
                 break;
             };
             let registered =
-                guard_for(id, assignment, q.index).and_then(|g| q.register(id, g, true));
+                guard_for(name, assignment, q.index).and_then(|g| q.register(name, g, true));
             if let Err(e) = registered {
-                self.quiesce(id, assignment);
+                self.quiesce(name, assignment);
                 return Err(e);
             }
         }
@@ -642,27 +699,27 @@ impl Block {
     /// like QEMU's `iothread-vq-mapping`) until the device is shut down or
     /// dropped. No queue runs until the driver activates it.
     pub fn new(cfg: BlockConfig, registry: IoThreadRegistry) -> Result<Block, BlockError> {
-        let id = cfg.id.clone();
+        let name = DeviceName::new(cfg.role, cfg.id.clone());
         if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
             return Err(BlockError::NumQueues {
-                id,
+                device: name,
                 value: cfg.num_queues,
             });
         }
         if cfg.queue_size <= 2 || !cfg.queue_size.is_power_of_two() || cfg.queue_size > 32768 {
             return Err(BlockError::QueueSize {
-                id,
+                device: name,
                 value: cfg.queue_size,
             });
         }
         if cfg.engine == BlockEngine::IoUring {
             uring::IoUringEngine::probe().map_err(|source| BlockError::Engine {
-                id: id.clone(),
+                device: name.clone(),
                 source: BackendError::IoUringUnavailable(source),
             })?;
         }
         let open_err = |source| BlockError::Open {
-            id: id.clone(),
+            device: name.clone(),
             path: cfg.path.clone(),
             source,
         };
@@ -672,14 +729,13 @@ impl Block {
         let capacity_sectors = size >> SECTOR_SHIFT;
         if capacity_sectors == 0 {
             return Err(BlockError::TooSmall {
-                id,
+                device: name,
                 path: cfg.path.clone(),
             });
         }
         if size % 512 != 0 {
             log::warn!(
-                "drive '{}': image size {size} is not a multiple of 512; the last {} bytes are not visible",
-                cfg.id,
+                "{name}: image size {size} is not a multiple of 512; the last {} bytes are not visible",
                 size % 512
             );
         }
@@ -712,11 +768,12 @@ impl Block {
         let assignment = registry
             .acquire_vq_mapping(&cfg.iothreads, cfg.num_queues, cfg.holder.clone())
             .map_err(|source| BlockError::IoThreads {
-                id: id.clone(),
+                device: name.clone(),
                 source,
             })?;
         let shared = Arc::new(Shared {
             id: cfg.id.clone(),
+            name: name.clone(),
             file: file.clone(),
             capacity: capacity_sectors << SECTOR_SHIFT,
             num_queues: cfg.num_queues,
@@ -797,19 +854,19 @@ impl Block {
     ) -> Result<(), BlockError> {
         let mem = ctx.mem.memory().into_inner();
         let limits = self.limits(ctx.acked_features);
-        let id = self.cfg.id.as_str();
+        let name = &self.shared.name;
         let parts = ctx.queues.into_iter().zip(ctx.queue_evts).enumerate();
         for (i, (queue, kick)) in parts {
             let index = i as u16;
             if !virtio_queue::QueueT::ready(&queue) {
                 continue;
             }
-            let guard = guard_for(id, assignment, index)?;
+            let guard = guard_for(name, assignment, index)?;
             let size = virtio_queue::QueueT::size(&queue);
             let backend =
                 create_backend(self.file.clone(), self.cfg.engine, size).map_err(|source| {
                     BlockError::Engine {
-                        id: id.to_owned(),
+                        device: name.clone(),
                         source,
                     }
                 })?;
@@ -818,6 +875,7 @@ impl Block {
             }
             let counters = self.shared.counters.get(i).cloned().unwrap_or_default();
             let mut w = QueueWorker::new(
+                name.clone(),
                 index,
                 queue,
                 mem.clone(),
@@ -836,7 +894,7 @@ impl Block {
                 counters,
             });
             if let Some(q) = active.queues.last_mut() {
-                q.register(id, guard, false)?;
+                q.register(name, guard, false)?;
             }
         }
         Ok(())
@@ -857,10 +915,10 @@ impl Block {
                 .iothreads
                 .as_ref()
                 .and_then(|a| a.guard_for_queue(q.index));
-            q.quiesce(&self.cfg.id, guard);
+            q.quiesce(&self.shared.name, guard);
         }
         if let Err(e) = self.flush() {
-            log::error!("drive '{}': flush failed: {e}", self.cfg.id);
+            log::error!("{}: flush failed: {e}", self.shared.name);
         }
     }
 
@@ -871,8 +929,8 @@ impl Block {
         if let Some(assignment) = att.iothreads.take() {
             if let Err(e) = assignment.release() {
                 log::error!(
-                    "drive '{}': releasing its IOThreads: {}",
-                    self.cfg.id,
+                    "{}: releasing its IOThreads: {}",
+                    self.shared.name,
                     error_chain(&e)
                 );
             }
@@ -924,8 +982,8 @@ impl VirtioDevice for Block {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // `writeback` (CONFIG_WCE) is not offered: nothing is writable.
         crate::virtio::guest_warn!(
-            "virtio-blk '{}': write of {} bytes to read-only config offset {offset:#x} ignored",
-            self.cfg.id,
+            "virtio-blk {}: write of {} bytes to read-only config offset {offset:#x} ignored",
+            self.shared.name,
             data.len()
         );
     }
@@ -949,7 +1007,7 @@ impl VirtioDevice for Block {
         let result = match att.iothreads.as_ref() {
             Some(assignment) => self.start(ctx, assignment, &mut active),
             None => Err(BlockError::Detached {
-                id: self.cfg.id.clone(),
+                device: self.shared.name.clone(),
             }),
         };
         if result.is_ok() && att.paused {
@@ -957,7 +1015,7 @@ impl VirtioDevice for Block {
             // stopped; should another caller do it, the queues still wait
             // for `cont` like the others.
             if let Some(assignment) = att.iothreads.as_ref() {
-                active.quiesce(&self.cfg.id, assignment);
+                active.quiesce(&self.shared.name, assignment);
             }
         }
         att.active = Some(active);
@@ -1025,6 +1083,7 @@ mod tests {
             engine,
             serial: Some("serial-0".into()),
             holder: Block::device_holder("d0"),
+            role: BlockRole::Drive,
         }
     }
 
