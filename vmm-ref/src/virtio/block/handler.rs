@@ -1,7 +1,7 @@
 //! Per-queue request processing on an IOThread.
 //!
 //! A [`QueueWorker`] owns one virtqueue and its disk backend. Two aio-poll
-//! handlers drive it on the queue's IOThread:
+//! handlers (three with io_uring) drive it on the queue's IOThread:
 //! - [`QueueHandler`] on the queue's ioeventfd: `read()` drains the eventfd
 //!   and processes the avail ring; `poll()` is one load of `avail.idx`
 //!   compared with the last index consumed; `poll_begin()`/`poll_end()`
@@ -12,14 +12,20 @@
 //!   only: the ring's own fd, readable while completions wait): `poll()`
 //!   checks the completion ring without a syscall; both paths reap
 //!   completions, put them in the used ring and signal the guest when the
-//!   driver asked for it.
+//!   driver asked for it;
+//! - [`DeferTimerHandler`] on a timerfd that bounds a deferral (below).
 //!
 //! Guest notifications follow QEMU's `virtio_queue_set_notification`: see
 //! `QueueWorker::suppress_notifications` (with EVENT_IDX, `avail_event` is
 //! parked behind the avail index while the IOThread polls, so that the
 //! driver does not kick a thread that is watching the ring anyway) and
 //! `QueueWorker::enable_notifications` (`avail_event` = the avail index
-//! seen now, full fence, final check).
+//! seen now, full fence, final check). One extension beyond QEMU: while
+//! requests are in flight, a queue whose IOThread polls leaves them off
+//! instead of re-enabling them (`QueueWorker::defer_notifications`): the
+//! completion wakes the IOThread, which then takes what the driver added,
+//! and a timer re-enables them if the ring went [`DEFER_BOUND_NS`] without
+//! a look.
 //!
 //! Both handlers share the worker through an `Arc<Mutex<_>>` that is only
 //! ever contended while the device is being torn down.
@@ -28,13 +34,15 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use aio_poll::{AioContext, FdHandler, PollHandler, Readiness, SharedEventFd};
 use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::{DiskBackend, DiskCompletion};
 use super::request::{parse_request, DiskLimits, Prepared, Request, VIRTIO_BLK_ID_BYTES};
@@ -55,6 +63,18 @@ pub struct QueueCounters {
     /// Requests completed with a non-OK status or rejected.
     pub errors: AtomicU64,
 }
+
+/// How long a deferral of guest notifications may go without a look at the
+/// ring ([`QueueWorker::defer_notifications`]): the most a request the
+/// driver adds while the queue waits for its storage can wait to be seen.
+/// Short against a slow request it waits behind, long enough that its
+/// timer seldom fires while completions keep coming.
+pub const DEFER_BOUND_NS: u64 = 1_000_000;
+
+/// Fewest requests in flight for a deferral to start: with one, the driver
+/// is most likely waiting for it (synchronous I/O) and adds nothing
+/// meanwhile, so a deferral would only cost its timer.
+pub const DEFER_MIN_IN_FLIGHT: usize = 2;
 
 /// One queue's state, run on its IOThread.
 pub struct QueueWorker {
@@ -77,6 +97,21 @@ pub struct QueueWorker {
     parked: Option<u16>,
     /// Notifications were left disabled because the backend was full.
     stalled: bool,
+    /// Bounds a deferral (see [`QueueWorker::defer_notifications`]); `None`
+    /// if no timer could be created (then notifications are never deferred).
+    defer_timer: Option<DeferTimer>,
+    /// How long a deferral may go without a look at the ring, in ns
+    /// ([`DEFER_BOUND_NS`]; 0: never defer, as when polling is off).
+    defer_ns: u64,
+    /// Notifications are left off while requests are in flight.
+    deferred: bool,
+    /// When the ring was last looked at during the deferral.
+    last_look: Instant,
+    /// The timer is armed (its expiry may not have been read yet).
+    timer_pending: bool,
+    /// The last deferral reached its bound: notifications are re-enabled as
+    /// usual until the queue next enters poll mode.
+    defer_expired: bool,
     broken: bool,
     /// Notices guest memory lost under its mapping (SIGBUS).
     lost: LossWatch,
@@ -112,6 +147,14 @@ impl QueueWorker {
             polling: false,
             parked: None,
             stalled: false,
+            defer_timer: DeferTimer::new()
+                .inspect_err(|e| log::debug!("no deferral timer: {e}"))
+                .ok(),
+            defer_ns: 0,
+            deferred: false,
+            last_look: Instant::now(),
+            timer_pending: false,
+            defer_expired: false,
             broken: false,
             lost: LossWatch::default(),
             counters,
@@ -151,9 +194,53 @@ impl QueueWorker {
     }
 
     /// Whether the queue must be processed again after completions: new
-    /// requests wait, or notifications were left off while the backend was full.
+    /// requests wait, notifications were left off while the backend was
+    /// full, or they were deferred and nothing is in flight any more (they
+    /// must be re-enabled: no completion will come).
     pub fn needs_resume(&self) -> bool {
-        !self.broken && (self.stalled || self.avail_pending())
+        !self.broken
+            && (self.stalled
+                || (self.deferred && self.backend.in_flight() == 0)
+                || self.avail_pending())
+    }
+
+    /// Takes the IOThread's current `aio-max-batch`, and whether it polls
+    /// (`poll-max-ns` > 0: notifications may be deferred).
+    pub fn follow_params(&mut self, ctx: &AioContext) {
+        self.set_max_batch(ctx.aio_max_batch());
+        let polls = ctx.poll_params().max_ns > 0;
+        self.set_defer_ns(if polls { DEFER_BOUND_NS } else { 0 });
+    }
+
+    /// After completions were reaped: takes the requests that waited for
+    /// room or were added during a deferral, and re-enables notifications
+    /// when a deferral has nothing in flight any more. Checking the ring is
+    /// a look for the deferral's bound.
+    pub fn resume_after_completions(&mut self) {
+        if self.deferred {
+            self.last_look = Instant::now();
+        }
+        if self.needs_resume() {
+            self.process_queue();
+        }
+    }
+
+    /// How long a deferral of notifications may go without a look at the
+    /// ring, in ns (0 never defers them).
+    pub fn set_defer_ns(&mut self, ns: u64) {
+        self.defer_ns = ns;
+    }
+
+    /// Never defers notifications (the timer could not be registered).
+    pub fn disable_deferral(&mut self) {
+        self.end_deferral();
+        self.defer_timer = None;
+    }
+
+    /// A duplicate of the deferral timer's descriptor, for the IOThread's
+    /// context to own (the worker keeps its own to arm and disarm it).
+    pub fn defer_timer_fd(&self) -> std::io::Result<Option<OwnedFd>> {
+        self.defer_timer.as_ref().map(DeferTimer::dup).transpose()
     }
 
     /// Whether the backend has completions to reap (no syscall).
@@ -199,6 +286,9 @@ impl QueueWorker {
             if let Err(e) = self.suppress_notifications() {
                 return self.fail("disable notification", &e);
             }
+            if self.deferred {
+                self.last_look = Instant::now();
+            }
             self.take_requests();
             self.backend.flush_submissions();
             self.complete_ready();
@@ -210,6 +300,9 @@ impl QueueWorker {
                 // Polling re-checks by itself; a full backend resumes when
                 // completions free room (see `needs_resume`).
                 return;
+            }
+            if self.defer_notifications() {
+                return; // a completion (or the bound) brings us back
             }
             match self.enable_notifications() {
                 Ok(true) => continue, // more arrived while notifications were off
@@ -260,7 +353,7 @@ impl QueueWorker {
     /// ([`Self::enable_notifications`]).
     fn suppress_notifications(&mut self) -> Result<(), virtio_queue::Error> {
         if !self.queue.event_idx_enabled() {
-            if self.polling && self.parked.is_some() {
+            if (self.polling || self.deferred) && self.parked.is_some() {
                 return Ok(()); // set when polling began, kept since
             }
             self.store_le16(
@@ -273,6 +366,24 @@ impl QueueWorker {
             return Ok(());
         }
         if !self.polling {
+            return Ok(());
+        }
+        self.park()
+    }
+
+    /// Parks notifications while the queue is watched anyway (poll mode, or
+    /// a deferral): with EVENT_IDX `avail_event` one behind the avail index
+    /// seen now (see [`Self::suppress_notifications`]), without it
+    /// `VRING_USED_F_NO_NOTIFY`.
+    fn park(&mut self) -> Result<(), virtio_queue::Error> {
+        if !self.queue.event_idx_enabled() {
+            if self.parked.is_none() {
+                self.store_le16(
+                    GuestAddress(self.queue.used_ring()),
+                    VRING_USED_F_NO_NOTIFY as u16,
+                )?;
+                self.parked = Some(0);
+            }
             return Ok(());
         }
         let idx = self.queue.avail_idx(&*self.mem, Ordering::Relaxed)?;
@@ -297,6 +408,7 @@ impl QueueWorker {
     /// barrier, load `avail_event`). Returns whether requests are waiting:
     /// the caller must take them, the driver may not kick for them.
     fn enable_notifications(&mut self) -> Result<bool, virtio_queue::Error> {
+        self.end_deferral();
         self.parked = None;
         if self.queue.event_idx_enabled() {
             let idx = self.queue.avail_idx(&*self.mem, Ordering::Relaxed)?;
@@ -455,6 +567,8 @@ impl QueueWorker {
         }
         let r = if polling {
             self.polling = true;
+            self.end_deferral();
+            self.defer_expired = false;
             self.suppress_notifications()
         } else {
             self.polling = false;
@@ -463,6 +577,108 @@ impl QueueWorker {
         if let Err(e) = r {
             self.fail("notification suppression", &e);
         }
+    }
+
+    /// Leaves poll mode before the IOThread sleeps (`poll_end`): as
+    /// [`Self::set_polling`]`(false)`, except that with requests in flight
+    /// notifications may stay off ([`Self::defer_notifications`]).
+    pub fn leave_poll_mode(&mut self) {
+        if self.broken {
+            self.polling = false;
+            return;
+        }
+        self.polling = false;
+        if self.defer_notifications() {
+            return;
+        }
+        if let Err(e) = self.enable_notifications() {
+            self.fail("notification suppression", &e);
+        }
+    }
+
+    /// Leaves guest notifications off while requests are in flight, instead
+    /// of re-enabling them (an extension beyond QEMU). A completion wakes
+    /// the IOThread, whose completion handler then takes what the driver
+    /// added meanwhile ([`Self::needs_resume`]), so the driver need not kick
+    /// for it: with the IOThread asleep waiting for the storage, every
+    /// re-enable would otherwise cost the guest an exit for the first
+    /// request it adds after reaping a completion.
+    ///
+    /// Bounded: a deferral that goes `defer_ns` ([`DEFER_BOUND_NS`]) without
+    /// a look at the ring ends (the timer, [`Self::expire_deferral`]), and
+    /// notifications are then re-enabled as usual until the queue next
+    /// polls; so a request added behind slow ones (a long flush) waits at
+    /// most that long to be seen. The timer is armed when a deferral starts
+    /// if it is not armed already, and left alone when one ends: a look
+    /// costs a clock read, not a syscall. Only while the IOThread polls
+    /// (`poll-max-ns` > 0) and with a backend that signals completions
+    /// (io_uring). Returns whether notifications stay off.
+    fn defer_notifications(&mut self) -> bool {
+        if self.defer_ns == 0
+            || self.defer_expired
+            || self.backend.in_flight() < DEFER_MIN_IN_FLIGHT
+            || self.backend.completion_fd().is_none()
+        {
+            return false;
+        }
+        if self.deferred {
+            return true;
+        }
+        let Some(timer) = self.defer_timer.as_mut() else {
+            return false;
+        };
+        if !self.timer_pending {
+            if let Err(e) = timer.arm(self.defer_ns) {
+                log::debug!("{} queue {}: deferral timer: {e}", self.name, self.index);
+                return false;
+            }
+            self.timer_pending = true;
+        }
+        self.deferred = true;
+        self.last_look = Instant::now();
+        if let Err(e) = self.park() {
+            self.fail("disable notification", &e);
+        }
+        true
+    }
+
+    /// The deferral timer fired. A deferral that saw the ring less than
+    /// `defer_ns` ago goes on (the timer is re-armed for the rest); one that
+    /// did not ends: notifications are re-enabled, taking what the driver
+    /// added meanwhile.
+    pub fn expire_deferral(&mut self) {
+        let Some(timer) = self.defer_timer.as_mut() else {
+            return;
+        };
+        timer.consume();
+        self.timer_pending = false;
+        if !self.deferred {
+            return;
+        }
+        let idle = u64::try_from(self.last_look.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if idle < self.defer_ns {
+            match timer.arm(self.defer_ns - idle) {
+                Ok(()) => {
+                    self.timer_pending = true;
+                    return;
+                }
+                Err(e) => log::debug!("{} queue {}: deferral timer: {e}", self.name, self.index),
+            }
+        }
+        self.deferred = false;
+        self.defer_expired = true;
+        self.process_queue();
+    }
+
+    /// Whether notifications are deferred (tests, diagnostics).
+    pub fn notifications_deferred(&self) -> bool {
+        self.deferred
+    }
+
+    /// Ends a deferral (notifications are being re-enabled, or the queue
+    /// polls). The timer stays armed; if it fires, nothing is deferred.
+    fn end_deferral(&mut self) {
+        self.deferred = false;
     }
 
     /// Waits for every in-flight operation and completes it (device
@@ -527,7 +743,7 @@ impl FdHandler for QueueHandler {
             self.counters.notifications.fetch_add(1, Ordering::Relaxed);
         }
         let mut w = lock(&self.worker);
-        w.set_max_batch(ctx.aio_max_batch());
+        w.follow_params(ctx);
         w.process_queue();
     }
 }
@@ -539,7 +755,7 @@ impl PollHandler for QueueHandler {
 
     fn poll_ready(&mut self, ctx: &mut AioContext) {
         let mut w = lock(&self.worker);
-        w.set_max_batch(ctx.aio_max_batch());
+        w.follow_params(ctx);
         w.process_queue();
     }
 
@@ -548,7 +764,72 @@ impl PollHandler for QueueHandler {
     }
 
     fn poll_end(&mut self) {
-        lock(&self.worker).set_polling(false);
+        lock(&self.worker).leave_poll_mode();
+    }
+}
+
+/// The one-shot timer that bounds a deferral of notifications: a
+/// non-blocking `timerfd` (vmm-sys-util's, made non-blocking so that reading
+/// it after a disarm cannot block the IOThread).
+struct DeferTimer(TimerFd);
+
+impl DeferTimer {
+    fn new() -> std::io::Result<DeferTimer> {
+        let t = TimerFd::new().map_err(std::io::Error::from)?;
+        // SAFETY: F_GETFL/F_SETFL on a descriptor `t` owns; no memory is
+        // passed and the return values are checked.
+        let r = unsafe {
+            let flags = libc::fcntl(t.as_raw_fd(), libc::F_GETFL);
+            if flags < 0 {
+                flags
+            } else {
+                libc::fcntl(t.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
+            }
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(DeferTimer(t))
+    }
+
+    fn arm(&mut self, ns: u64) -> std::io::Result<()> {
+        self.0
+            .reset(Duration::from_nanos(ns), None)
+            .map_err(std::io::Error::from)
+    }
+
+    /// Reads the expiry count, so that the descriptor stops being readable
+    /// (EAGAIN when there is none: nothing to do).
+    fn consume(&mut self) {
+        let _ = self.0.wait();
+    }
+
+    fn dup(&self) -> std::io::Result<OwnedFd> {
+        // SAFETY: `self.0` owns the descriptor and keeps it open for this
+        // borrow, which ends as soon as the duplicate is made.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.0.as_raw_fd()) };
+        fd.try_clone_to_owned()
+    }
+}
+
+/// The handler on a queue's deferral timer (see
+/// [`QueueWorker::defer_notifications`]).
+pub struct DeferTimerHandler {
+    worker: Arc<Mutex<QueueWorker>>,
+}
+
+impl DeferTimerHandler {
+    /// A deferral timer handler for `worker`.
+    pub fn new(worker: Arc<Mutex<QueueWorker>>) -> Self {
+        DeferTimerHandler { worker }
+    }
+}
+
+impl FdHandler for DeferTimerHandler {
+    fn ready(&mut self, ctx: &mut AioContext, _ready: Readiness) {
+        let mut w = lock(&self.worker);
+        w.follow_params(ctx);
+        w.expire_deferral();
     }
 }
 
@@ -569,11 +850,8 @@ impl CompletionHandler {
             w.backend.ack_completion_event();
         }
         w.complete_ready();
-        // Completions freed room: take requests that waited for it.
-        if w.needs_resume() {
-            w.set_max_batch(ctx.aio_max_batch());
-            w.process_queue();
-        }
+        w.follow_params(ctx);
+        w.resume_after_completions();
     }
 }
 
@@ -986,5 +1264,277 @@ mod tests {
         assert_eq!(s.worker.in_flight(), 0);
         assert_eq!(s.worker.drain(), 0);
         assert!(s.worker.completion_fd().unwrap().is_none());
+    }
+
+    /// Operations complete only when the test releases them; the backend
+    /// has a completion descriptor, as io_uring does.
+    #[derive(Clone, Default)]
+    struct Held(Arc<Mutex<(Vec<u64>, Vec<u64>)>>);
+
+    impl Held {
+        /// Completes every operation submitted so far.
+        fn release_all(&self) {
+            let mut g = self.0.lock().unwrap();
+            let (held, done) = &mut *g;
+            done.append(held);
+        }
+        /// Completes the oldest operation.
+        fn release_one(&self) {
+            let mut g = self.0.lock().unwrap();
+            let (held, done) = &mut *g;
+            if !held.is_empty() {
+                done.push(held.remove(0));
+            }
+        }
+    }
+
+    struct HoldingBackend {
+        held: Held,
+        evt: EventFd,
+    }
+
+    impl DiskBackend for HoldingBackend {
+        fn engine(&self) -> crate::virtio::block::backend::EngineKind {
+            crate::virtio::block::backend::EngineKind::IoUring
+        }
+        fn has_capacity(&self) -> bool {
+            true
+        }
+        fn submit(&mut self, _op: crate::virtio::block::backend::DiskOp, user_data: u64) {
+            self.held.0.lock().unwrap().0.push(user_data);
+        }
+        fn flush_submissions(&mut self) {}
+        fn set_max_batch(&mut self, _n: usize) {}
+        fn has_completions(&mut self) -> bool {
+            !self.held.0.lock().unwrap().1.is_empty()
+        }
+        fn reap(&mut self, out: &mut Vec<DiskCompletion>) {
+            for user_data in self.held.0.lock().unwrap().1.drain(..) {
+                out.push(DiskCompletion {
+                    user_data,
+                    result: Ok(512),
+                });
+            }
+        }
+        fn wait(&mut self) -> std::io::Result<()> {
+            self.held.release_all();
+            Ok(())
+        }
+        fn in_flight(&self) -> usize {
+            let g = self.held.0.lock().unwrap();
+            g.0.len() + g.1.len()
+        }
+        fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+            Some(self.evt.as_raw_fd())
+        }
+    }
+
+    /// A worker on a [`HoldingBackend`] that may defer for `defer_ns`.
+    fn setup_held(event_idx: bool, defer_ns: u64) -> (Setup, Held) {
+        let mut s = setup(event_idx, false);
+        let held = Held::default();
+        s.worker.backend = Box::new(HoldingBackend {
+            held: held.clone(),
+            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        });
+        s.worker.set_defer_ns(defer_ns);
+        (s, held)
+    }
+
+    /// Whether the driver would kick after publishing `old..new`, with or
+    /// without EVENT_IDX.
+    fn kicks(s: &Setup, event_idx: bool, first: u16) -> bool {
+        if event_idx {
+            return publish_read(s, first);
+        }
+        publish_read(s, first);
+        let flags: u16 = s
+            .mem
+            .read_obj(GuestAddress(Rings::of(0, QSIZE).used))
+            .unwrap();
+        flags & VRING_USED_F_NO_NOTIFY as u16 == 0
+    }
+
+    /// What the completion handler does when the backend's descriptor fires.
+    fn on_completion(s: &mut Setup) {
+        s.worker.complete_ready();
+        s.worker.resume_after_completions();
+    }
+
+    /// Publishes two reads (descriptors 0..6) at once.
+    fn publish_two(s: &Setup) {
+        post(
+            &s.mem,
+            0,
+            QSIZE,
+            &[
+                req(req_type::IN, 0x20_0000, true),
+                req(req_type::IN, 0x21_0000, true),
+            ],
+            0,
+        );
+    }
+
+    #[test]
+    fn notifications_stay_off_while_requests_are_in_flight() {
+        for event_idx in [true, false] {
+            let (mut s, held) = setup_held(event_idx, 1_000_000_000);
+            let rings = Rings::of(0, QSIZE);
+            publish_two(&s);
+            s.worker.process_queue();
+            assert_eq!(s.worker.in_flight(), 2);
+            assert!(s.worker.notifications_deferred(), "{event_idx}");
+            // Added while those are in flight: no kick; they are taken when
+            // a completion wakes the IOThread.
+            assert!(!kicks(&s, event_idx, 6), "kick while deferred");
+            assert!(!kicks(&s, event_idx, 9), "kick while deferred");
+            held.release_one();
+            on_completion(&mut s);
+            assert_eq!(s.worker.queue.next_avail(), 4, "taken at the completion");
+            assert_eq!(rings.used_idx(&s.mem), 1);
+            assert!(s.worker.notifications_deferred());
+            assert!(!kicks(&s, event_idx, 12), "kick while deferred");
+            // Fewer than two in flight: re-enabled (the driver is likely
+            // waiting for the last one), with the final check.
+            held.release_all();
+            on_completion(&mut s);
+            assert_eq!(s.worker.queue.next_avail(), 5);
+            assert_eq!(rings.used_idx(&s.mem), 4);
+            assert_eq!(s.worker.in_flight(), 1);
+            assert!(!s.worker.notifications_deferred());
+            assert!(kicks(&s, event_idx, 0), "re-enabled");
+            held.release_all();
+            on_completion(&mut s);
+            assert_eq!(rings.used_idx(&s.mem), 5);
+            held.release_all();
+            on_completion(&mut s);
+            assert_eq!(rings.used_idx(&s.mem), 6);
+            assert_eq!(s.worker.in_flight(), 0);
+            assert!(!s.worker.needs_resume());
+        }
+    }
+
+    #[test]
+    fn leaving_poll_mode_with_requests_in_flight_defers() {
+        for event_idx in [true, false] {
+            let (mut s, held) = setup_held(event_idx, 1_000_000_000);
+            s.worker.set_polling(true);
+            publish_two(&s);
+            s.worker.process_queue();
+            s.worker.leave_poll_mode();
+            assert!(s.worker.notifications_deferred());
+            assert!(!kicks(&s, event_idx, 6), "kick after poll_end");
+            // Entering poll mode again ends the deferral (the ring is
+            // watched anyway); leaving with nothing in flight re-enables.
+            s.worker.set_polling(true);
+            assert!(!s.worker.notifications_deferred());
+            s.worker.process_queue();
+            held.release_all();
+            on_completion(&mut s);
+            assert_eq!(s.worker.in_flight(), 0);
+            s.worker.leave_poll_mode();
+            assert!(!s.worker.notifications_deferred());
+            assert!(kicks(&s, event_idx, 9), "{event_idx}");
+        }
+    }
+
+    #[test]
+    fn a_deferral_ends_within_its_bound() {
+        for event_idx in [true, false] {
+            const BOUND_MS: u64 = 20;
+            let (mut s, _held) = setup_held(event_idx, BOUND_MS * 1_000_000);
+            let timer = s.worker.defer_timer_fd().unwrap().expect("a timer");
+            // Requests that never complete (a hung device, say).
+            publish_two(&s);
+            let start = std::time::Instant::now();
+            s.worker.process_queue();
+            assert!(s.worker.notifications_deferred());
+            assert!(!kicks(&s, event_idx, 6));
+            // The timer fires after the bound.
+            let mut pfd = libc::pollfd {
+                fd: timer.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+            assert_eq!(n, 1, "the timer fired");
+            assert!(start.elapsed() >= Duration::from_millis(BOUND_MS - 1));
+            s.worker.expire_deferral();
+            // The request added meanwhile is taken, and notifications are
+            // back on: the next request kicks, and they stay on while the
+            // first ones still hang.
+            assert_eq!(s.worker.queue.next_avail(), 3);
+            assert!(!s.worker.notifications_deferred());
+            assert!(kicks(&s, event_idx, 9), "{event_idx}");
+            s.worker.process_queue();
+            assert!(!s.worker.notifications_deferred(), "deferred again");
+            // A timer read again after it was consumed does not block.
+            s.worker.expire_deferral();
+        }
+    }
+
+    /// Waits up to 5 s for `fd` to become readable; returns when it did.
+    fn wait_readable(fd: &OwnedFd) -> std::time::Instant {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(n, 1, "the timer fired");
+        std::time::Instant::now()
+    }
+
+    #[test]
+    fn a_look_at_the_ring_restarts_the_bound() {
+        const BOUND: Duration = Duration::from_millis(40);
+        let (mut s, held) = setup_held(true, BOUND.as_nanos() as u64);
+        let timer = s.worker.defer_timer_fd().unwrap().expect("a timer");
+        publish_two(&s);
+        s.worker.process_queue();
+        assert!(s.worker.notifications_deferred());
+        // Half-way, a completion: the IOThread looks at the ring.
+        std::thread::sleep(BOUND / 2);
+        held.release_one();
+        let look = std::time::Instant::now();
+        on_completion(&mut s);
+        assert!(s.worker.notifications_deferred(), "one is still in flight");
+        // The timer fires at the first deadline, but the deferral saw the
+        // ring since: it goes on, and ends one bound after that look.
+        wait_readable(&timer);
+        s.worker.expire_deferral();
+        assert!(s.worker.notifications_deferred(), "ended early");
+        let fired = wait_readable(&timer);
+        assert!(fired.duration_since(look) >= BOUND - Duration::from_millis(1));
+        s.worker.expire_deferral();
+        assert!(!s.worker.notifications_deferred());
+        assert!(publish_read(&s, 6), "re-enabled");
+    }
+
+    #[test]
+    fn no_deferral_without_a_polling_budget_two_in_flight_or_a_completion_fd() {
+        // poll-max-ns=0.
+        let (mut s, _held) = setup_held(true, 0);
+        publish_two(&s);
+        s.worker.process_queue();
+        assert_eq!(s.worker.in_flight(), 2);
+        assert!(!s.worker.notifications_deferred());
+        assert!(publish_read(&s, 6), "kicks with polling off");
+        // One request in flight (synchronous I/O): nothing to gain.
+        let (mut s, _held) = setup_held(true, 1_000_000_000);
+        assert!(publish_read(&s, 0));
+        s.worker.process_queue();
+        assert_eq!(s.worker.in_flight(), 1);
+        assert!(!s.worker.notifications_deferred());
+        assert!(publish_read(&s, 3), "kicks with one in flight");
+        // The synchronous engine: nothing stays in flight, nothing to wait for.
+        let mut s = setup(true, false);
+        s.worker.set_defer_ns(1_000_000_000);
+        assert!(publish_read(&s, 0));
+        s.worker.process_queue();
+        assert!(!s.worker.notifications_deferred());
+        assert!(publish_read(&s, 3));
     }
 }

@@ -48,7 +48,9 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::backend::{create_backend, resolve_engine, BackendError, BlockEngine, EngineKind};
-use self::handler::{CompletionHandler, QueueCounters, QueueHandler, QueueWorker};
+use self::handler::{
+    CompletionHandler, DeferTimerHandler, QueueCounters, QueueHandler, QueueWorker,
+};
 use self::raw::RawFile;
 use self::request::{DiskLimits, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES};
 use crate::virtio::device::{
@@ -562,15 +564,30 @@ impl ActiveQueue {
                     source,
                 })?;
         let ch = completion_fd.map(|fd| (fd, CompletionHandler::new(self.worker.clone())));
+        // The deferral timer only matters with completions to wake the loop.
+        let timer = match &ch {
+            Some(_) => {
+                let mut w = lock(&self.worker);
+                match w.defer_timer_fd() {
+                    Ok(fd) => fd.map(|fd| (fd, DeferTimerHandler::new(self.worker.clone()))),
+                    Err(e) => {
+                        log::debug!("{name} queue {}: no deferral timer: {e}", self.index);
+                        w.disable_deferral();
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let worker = self.worker.clone();
         // The worker's address: unique to the queue while its handlers exist.
         let group = Arc::as_ptr(&self.worker) as usize as u64;
         let registered = guard
             .call(move |aio| -> Result<Vec<HandlerId>, aio_poll::Error> {
-                let ids = add_queue_handlers(aio, qh, ch, group)?;
+                let ids = add_queue_handlers(aio, qh, ch, timer, group)?;
                 if resume {
                     let mut w = lock(&worker);
-                    w.set_max_batch(aio.aio_max_batch());
+                    w.follow_params(aio);
                     w.process_queue();
                 }
                 Ok(ids)
@@ -633,12 +650,16 @@ fn add_queue_handlers(
     aio: &mut aio_poll::AioContext,
     qh: QueueHandler,
     ch: Option<(std::os::fd::OwnedFd, CompletionHandler)>,
+    timer: Option<(std::os::fd::OwnedFd, DeferTimerHandler)>,
     group: u64,
 ) -> Result<Vec<HandlerId>, aio_poll::Error> {
     let mut ids = Vec::new();
     let added = (|| {
         if let Some((fd, ch)) = ch {
             ids.push(aio.add_polled_fd_handler(fd, Interest::READABLE, ch)?);
+        }
+        if let Some((fd, th)) = timer {
+            ids.push(aio.add_fd_handler(fd, Interest::READABLE, th)?);
         }
         ids.push(aio.add_polled_fd_handler(qh.kick(), Interest::READABLE, qh)?);
         for &id in &ids {
