@@ -65,7 +65,7 @@ pub struct QueueCounters {
 }
 
 /// How long a deferral of guest notifications may go without a look at the
-/// ring ([`QueueWorker::defer_notifications`]): the most a request the
+/// ring (`QueueWorker::defer_notifications`): the most a request the
 /// driver adds while the queue waits for its storage can wait to be seen.
 /// Short against a slow request it waits behind, long enough that its
 /// timer seldom fires while completions keep coming.
@@ -97,7 +97,7 @@ pub struct QueueWorker {
     parked: Option<u16>,
     /// Notifications were left disabled because the backend was full.
     stalled: bool,
-    /// Bounds a deferral (see [`QueueWorker::defer_notifications`]); `None`
+    /// Bounds a deferral (see `QueueWorker::defer_notifications`); `None`
     /// if no timer could be created (then notifications are never deferred).
     defer_timer: Option<DeferTimer>,
     /// How long a deferral may go without a look at the ring, in ns
@@ -581,7 +581,7 @@ impl QueueWorker {
 
     /// Leaves poll mode before the IOThread sleeps (`poll_end`): as
     /// [`Self::set_polling`]`(false)`, except that with requests in flight
-    /// notifications may stay off ([`Self::defer_notifications`]).
+    /// notifications may stay off (`Self::defer_notifications`).
     pub fn leave_poll_mode(&mut self) {
         if self.broken {
             self.polling = false;
@@ -813,7 +813,7 @@ impl DeferTimer {
 }
 
 /// The handler on a queue's deferral timer (see
-/// [`QueueWorker::defer_notifications`]).
+/// `QueueWorker::defer_notifications`).
 pub struct DeferTimerHandler {
     worker: Arc<Mutex<QueueWorker>>,
 }
