@@ -17,7 +17,7 @@ use iothread_registry::{IoThreadParams, IoThreadRegistry};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_ref::bus::BusDevice;
 use vmm_ref::virtio::block::backend::BlockEngine;
-use vmm_ref::virtio::block::{Block, BlockConfig};
+use vmm_ref::virtio::block::{Block, BlockConfig, BlockRole};
 use vmm_ref::virtio::mmio::MmioTransport;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -180,6 +180,7 @@ pub fn check(input: &Input) {
         engine: BlockEngine::Sync,
         serial: None,
         holder: Block::device_holder("fuzz"),
+        role: BlockRole::Drive,
     };
     let block = Block::new(cfg, f.registry.clone()).expect("block device");
     let evts = (0..NUM_QUEUES)
