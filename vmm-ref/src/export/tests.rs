@@ -819,6 +819,23 @@ fn wait_used(mem: &vm_memory::GuestMemoryMmap, used: u64, call: &EventFd, want: 
     });
 }
 
+/// The export `id` of node `node` on the image `img`: one queue on `io0`,
+/// its socket in `dir`.
+fn one_queue_export(id: &str, node: &str, dir: &TempDir, img: &std::path::Path) -> ExportConfig {
+    ExportConfig {
+        id: id.into(),
+        node_name: node.into(),
+        socket: dir.0.join("s"),
+        num_queues: 1,
+        queue_iothreads: vec!["io0".into()],
+        file: img.to_path_buf(),
+        readonly: false,
+        direct: false,
+        engine: Default::default(),
+        locking: Default::default(),
+    }
+}
+
 /// A virtio-blk write and read-back through the real device model, served
 /// on an IOThread, with guest memory and eventfds shared over vhost-user.
 #[test]
@@ -829,18 +846,7 @@ fn block_device_serves_requests_over_vhost_user() {
     let dir = TempDir::new("block");
     let img = dir.0.join("disk.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    let cfg = ExportConfig {
-        id: "eb".into(),
-        node_name: "db".into(),
-        socket: dir.0.join("s"),
-        num_queues: 1,
-        queue_iothreads: vec!["io0".into()],
-        file: img.clone(),
-        readonly: false,
-        direct: false,
-        engine: Default::default(),
-        locking: Default::default(),
-    };
+    let cfg = one_queue_export("eb", "db", &dir, &img);
     let export = Export::start(cfg, &registry).unwrap();
     assert_eq!(
         registry.holders("io0").unwrap(),
@@ -1344,18 +1350,7 @@ fn device_model_errors_name_the_export() {
     let dir = TempDir::new("small");
     let img = dir.0.join("small.img");
     std::fs::write(&img, [0u8; 100]).unwrap();
-    let cfg = ExportConfig {
-        id: "es".into(),
-        node_name: "ds".into(),
-        socket: dir.0.join("s"),
-        num_queues: 1,
-        queue_iothreads: vec!["io0".into()],
-        file: img.clone(),
-        readonly: false,
-        direct: false,
-        engine: Default::default(),
-        locking: Default::default(),
-    };
+    let cfg = one_queue_export("es", "ds", &dir, &img);
     let err = crate::error_chain(&Export::start(cfg, &registry).unwrap_err());
     assert!(
         err.contains(&format!(

@@ -216,13 +216,20 @@ impl QueueWorker {
     /// room or were added during a deferral, and re-enables notifications
     /// when a deferral has nothing in flight any more. Checking the ring is
     /// a look for the deferral's bound.
-    pub fn resume_after_completions(&mut self) {
+    pub fn resume_after_completions(&mut self, ctx: &AioContext) {
+        if self.completion_needs_resume() {
+            self.follow_params(ctx);
+            self.process_queue();
+        }
+    }
+
+    /// [`Self::needs_resume`] after completions, which counts as a look at
+    /// the ring for a deferral's bound.
+    fn completion_needs_resume(&mut self) -> bool {
         if self.deferred {
             self.last_look = Instant::now();
         }
-        if self.needs_resume() {
-            self.process_queue();
-        }
+        self.needs_resume()
     }
 
     /// How long a deferral of notifications may go without a look at the
@@ -352,23 +359,16 @@ impl QueueWorker {
     /// re-enables notifications with the final check
     /// ([`Self::enable_notifications`]).
     fn suppress_notifications(&mut self) -> Result<(), virtio_queue::Error> {
-        if !self.queue.event_idx_enabled() {
-            if (self.polling || self.deferred) && self.parked.is_some() {
-                return Ok(()); // set when polling began, kept since
-            }
-            self.store_le16(
-                GuestAddress(self.queue.used_ring()),
-                VRING_USED_F_NO_NOTIFY as u16,
-            )?;
-            if self.polling {
-                self.parked = Some(0);
-            }
-            return Ok(());
+        if self.polling {
+            return self.park();
         }
-        if !self.polling {
-            return Ok(());
+        if self.queue.event_idx_enabled() || (self.deferred && self.parked.is_some()) {
+            return Ok(()); // nothing to do, or parked when the deferral began
         }
-        self.park()
+        self.store_le16(
+            GuestAddress(self.queue.used_ring()),
+            VRING_USED_F_NO_NOTIFY as u16,
+        )
     }
 
     /// Parks notifications while the queue is watched anyway (poll mode, or
@@ -850,8 +850,7 @@ impl CompletionHandler {
             w.backend.ack_completion_event();
         }
         w.complete_ready();
-        w.follow_params(ctx);
-        w.resume_after_completions();
+        w.resume_after_completions(ctx);
     }
 }
 
@@ -1358,7 +1357,9 @@ mod tests {
     /// What the completion handler does when the backend's descriptor fires.
     fn on_completion(s: &mut Setup) {
         s.worker.complete_ready();
-        s.worker.resume_after_completions();
+        if s.worker.completion_needs_resume() {
+            s.worker.process_queue();
+        }
     }
 
     /// Publishes two reads (descriptors 0..6) at once.
@@ -1451,15 +1452,8 @@ mod tests {
             assert!(s.worker.notifications_deferred());
             assert!(!kicks(&s, event_idx, 6));
             // The timer fires after the bound.
-            let mut pfd = libc::pollfd {
-                fd: timer.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
-            assert_eq!(n, 1, "the timer fired");
-            assert!(start.elapsed() >= Duration::from_millis(BOUND_MS - 1));
+            let fired = wait_readable(&timer);
+            assert!(fired.duration_since(start) >= Duration::from_millis(BOUND_MS - 1));
             s.worker.expire_deferral();
             // The request added meanwhile is taken, and notifications are
             // back on: the next request kicks, and they stay on while the

@@ -305,8 +305,7 @@ pub struct BlockInfo {
 }
 
 struct Shared {
-    id: String,
-    /// The id with its role, for messages.
+    /// The id with its role (messages say "drive 'd0'").
     name: DeviceName,
     file: Arc<RawFile>,
     capacity: u64,
@@ -352,7 +351,7 @@ impl BlockHandle {
         let s = &self.shared;
         let iothreads = lock(&s.queue_iothreads).clone();
         BlockInfo {
-            id: s.id.clone(),
+            id: s.name.id().to_owned(),
             file: s.file.path().display().to_string(),
             read_only: s.file.read_only(),
             direct: s.file.is_direct(),
@@ -793,7 +792,6 @@ impl Block {
                 source,
             })?;
         let shared = Arc::new(Shared {
-            id: cfg.id.clone(),
             name: name.clone(),
             file: file.clone(),
             capacity: capacity_sectors << SECTOR_SHIFT,
