@@ -17,12 +17,12 @@
 //!
 //! Guest notifications follow QEMU's `virtio_queue_set_notification`: see
 //! `QueueWorker::suppress_notifications` (with EVENT_IDX, `avail_event` is
-//! parked behind the avail index while the IOThread polls, so that the
-//! driver does not kick a thread that is watching the ring anyway) and
+//! parked half the index space ahead of the avail index seen,
+//! [`PARK_AHEAD`], while the IOThread polls, so that the driver does not
+//! kick a thread that is watching the ring anyway, even in the middle of
+//! its batch; QEMU leaves it at the index seen) and
 //! `QueueWorker::enable_notifications` (`avail_event` = the avail index
-//! seen now, full fence, final check); parked, `avail_event` goes half the
-//! index space ahead ([`PARK_AHEAD`]), out of reach of a driver's batch
-//! (QEMU leaves it at the index seen). One extension beyond QEMU: while
+//! seen now, full fence, final check). One extension beyond QEMU: while
 //! requests are in flight, a queue whose IOThread polls leaves them off
 //! instead of re-enabling them (`QueueWorker::defer_notifications`): the
 //! completion wakes the IOThread, which then takes what the driver added,
@@ -99,8 +99,8 @@ pub struct QueueWorker {
     reaped: Vec<DiskCompletion>,
     polling: bool,
     /// While polling: notifications are suppressed (with EVENT_IDX: the
-    /// avail index `avail_event` was parked [`PARK_AHEAD`] past, see
-    /// `suppress_notifications`).
+    /// avail index seen when `avail_event` was parked [`PARK_AHEAD`] past
+    /// it, see `suppress_notifications`).
     parked: Option<u16>,
     /// Notifications were left disabled because the backend was full.
     stalled: bool,
